@@ -1,0 +1,429 @@
+"""The typer app: parse options, call the library, render. Errors become one stderr line + exit 2.
+
+TensorFlow is imported only inside the commands that train, so `--help`, `samples` and
+`report` start fast. Set GRADWATCH_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__
+from .errors import GradwatchError, Interrupted, NonFiniteStop, OptionError, one_line
+
+app = typer.Typer(
+    name="gradwatch",
+    help="Watch gradients while training a TensorFlow model, and see which clipping stops the loss from jumping.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class OnNonFinite(str, Enum):
+    skip = "skip"
+    stop = "stop"
+
+
+# --- options shared by run and compare (one definition each) -------------------------------------
+ModelArg = Annotated[Optional[str], typer.Argument(help="SavedModel folder or .keras file. Omit it to train a built-in sample.", show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data: .npz, .csv, .txt corpus, or a tf.data.Dataset.save folder.", show_default=False)]
+SampleOpt = Annotated[Optional[str], typer.Option("--sample", help="Built-in sample to train (see `gradwatch samples`); the default is ptb-small.", show_default=False)]
+EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="SavedModel function or signature to call (default: __call__, serve, serving_default).", show_default=False)]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="Output name, for endpoints that return a dict of several.", show_default=False)]
+XKeyOpt = Annotated[Optional[str], typer.Option("--x-key", help="Array of inputs in an .npz file.  [default: x]", show_default=False)]
+YKeyOpt = Annotated[Optional[str], typer.Option("--y-key", help="Array of targets in an .npz file.  [default: y]", show_default=False)]
+TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column of a .csv file.  [default: the last column]", show_default=False)]
+VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary for a .txt corpus, one word a line.  [default: the model's assets/vocab.txt]", show_default=False)]
+NumStepsOpt = Annotated[Optional[int], typer.Option("--num-steps", help="Window length for a .txt corpus.  [default: the model's input length]", show_default=False)]
+LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Keras loss: mse, mae, huber, binary_crossentropy, categorical_crossentropy, sparse_categorical_crossentropy.  [default: the model's own loss(inputs, targets)]", show_default=False)]
+FromLogitsOpt = Annotated[Optional[bool], typer.Option("--from-logits", help="The model outputs logits (crossentropy losses).", show_default=False)]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.  [default: 32, or the sample's]", show_default=False)]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Number of training steps.  [default: one epoch, or the sample's]", show_default=False)]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs (instead of --steps).", show_default=False)]
+ShuffleOpt = Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="Shuffle rows each epoch.  [default: shuffle arrays, keep a text corpus in order]", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the shuffle order and TF's random ops.  [default: 0]", show_default=False)]
+OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="sgd, momentum (0.9), adam, rmsprop or adagrad.  [default: sgd]", show_default=False)]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: 0.01, or the sample's]", show_default=False)]
+LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False)]
+DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
+OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights as they were and go on; stop: exit 3 after writing the rows so far.  [default: skip]", show_default=False)]
+FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps.  [default: 1]", show_default=False)]
+XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
+SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
+SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
+CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False)]
+FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv/json: the rows, on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout() -> Console:
+    # Piped or redirected output is read later in an editor or a log: don't wrap it at 80.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=160 if wide else None)
+
+
+def _version(value: bool):
+    if value:
+        print(f"gradwatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)] = False,
+):
+    """Watch gradients while training a TensorFlow model, and see which clipping stops the loss from jumping."""
+
+
+class Progress:
+    """A rich progress bar on stderr, shown only on a terminal and only once a run has taken
+    more than a couple of seconds."""
+
+    def __init__(self, quiet: bool, label: str):
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.started_at = time.perf_counter()
+        self.label = label
+        self.bar = None
+        self.task = None
+
+    def update(self, done: int, total: int, label: str | None = None):
+        if not self.enabled:
+            return
+        if self.bar is None:
+            if time.perf_counter() - self.started_at < 2.0:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           console=_stderr(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(escape(label or self.label), total=total)
+        self.bar.update(self.task, completed=done, total=total, description=escape(label or self.label))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _spec(**options):
+    from .session import RunSpec
+
+    options["on_nonfinite"] = options["on_nonfinite"].value if options.get("on_nonfinite") else None
+    return RunSpec(**options)
+
+
+def _say(quiet: bool, message: str):
+    if not quiet:
+        _stderr().print(escape(message))
+
+
+def _warn_skipped(trainer):
+    if trainer.skipped:
+        _stderr().print(escape(f"gradwatch: warning: no gradient reaches {', '.join(trainer.skipped)}; left out of training and norms"))
+
+
+def _emit_rows(rows, columns, fmt: Format):
+    from .records import rows_to_csv, rows_to_json
+
+    text = rows_to_csv(rows, columns) if fmt is Format.csv else rows_to_json(rows, columns)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@app.command()
+def run(
+    model: ModelArg = None,
+    data: DataOpt = None,
+    sample: SampleOpt = None,
+    clip: Annotated[str, typer.Option("--clip", help="Clipping strategy: none, value, norm, avg-norm or global.")] = "none",
+    norm: Annotated[Optional[float], typer.Option("--norm", help="Threshold of norm, avg-norm and global clipping.", show_default=False)] = None,
+    value: Annotated[Optional[float], typer.Option("--value", help="Threshold of value clipping: gradients are clipped to [-V, V].", show_default=False)] = None,
+    csv: CsvOpt = None,
+    format: FormatOpt = Format.table,
+    endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
+    target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
+    from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
+    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, lr: LrOpt = None,
+    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
+    fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
+    spike_window: SpikeWindowOpt = None, quiet: QuietOpt = False,
+):
+    """Train with one clipping strategy and record loss and gradient norms at every step."""
+    from .clipping import STRATEGIES, Clipping
+    from .records import COLUMNS, CsvSink
+
+    if clip not in STRATEGIES:
+        raise OptionError(f"unknown clipping strategy {clip!r}; choose one of {', '.join(STRATEGIES)}")
+    option = STRATEGIES[clip].option
+    clipping = Clipping(clip, {"norm": norm, "value": value}.get(option))
+    if option != "value" and value is not None or option != "norm" and norm is not None:
+        raise OptionError(f"--clip {clip} takes {'--' + option if option else 'no threshold'}; drop the other threshold option")
+    spec = _resolved(locals())
+    sink = CsvSink(csv, COLUMNS) if csv else None
+    try:
+        result = _train_one(spec, clipping, sink, quiet)
+    except BaseException:
+        if sink:
+            sink.discard()
+        raise
+    if sink:
+        sink.commit()
+    if format is Format.table:
+        from .report import run_table, run_verdict
+
+        console = _stdout()
+        console.print(run_table(result.summary, f"gradwatch run: {_describe(spec)}, clip {clipping.label}"))
+        console.print(escape(run_verdict(result.summary, clipping.strategy, _threshold_text(clipping))))
+    else:
+        _emit_rows(result.rows, COLUMNS, format)
+
+
+def _threshold_text(clipping) -> str:
+    from .clipping import format_threshold
+
+    return format_threshold(clipping.threshold)
+
+
+def _describe(spec) -> str:
+    from .session import describe
+
+    return describe(spec)
+
+
+def _resolved(params: dict):
+    from .session import RunSpec, resolve
+
+    names = RunSpec.__dataclass_fields__.keys()
+    return resolve(_spec(**{k: params[k] for k in names}))
+
+
+def _train_one(spec, clipping, sink, quiet):
+    from .session import prepare
+    trainer = prepare(spec)
+    _warn_skipped(trainer)
+    _say(quiet, f"gradwatch: training {_describe(spec)} for {trainer.total_steps} steps, clip {clipping.label}")
+    progress = Progress(quiet, f"clip {clipping.label}")
+    try:
+        return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
+    except Interrupted as stop:
+        progress.close()
+        if sink:
+            sink.commit()
+        kept = sum(len(r.rows) for r in stop.results)
+        where = f" in {sink.path}" if sink else ""
+        _stderr().print(escape(f"gradwatch: interrupted; kept {kept} recorded rows{where}"))
+        raise
+    except NonFiniteStop as stop:
+        if sink:
+            sink.commit()
+        raise
+    finally:
+        progress.close()
+
+
+@app.command()
+def compare(
+    model: ModelArg = None,
+    data: DataOpt = None,
+    sample: SampleOpt = None,
+    clip: Annotated[str, typer.Option("--clip", help="Strategies, comma separated: value, norm, avg-norm, global.")] = "global",
+    thresholds: Annotated[str, typer.Option("--thresholds", help="Thresholds, comma separated; 'none' is the unclipped baseline (value clipping reads them as V).")] = "none,1,5,10",
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the unclipped baseline when --thresholds lacks 'none'.")] = True,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Long CSV: one row per variant and step, with clip and threshold columns.", show_default=False)] = None,
+    summary_csv: Annotated[Optional[Path], typer.Option("--summary-csv", help="The summary table, one row per variant.", show_default=False)] = None,
+    format: FormatOpt = Format.table,
+    endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
+    target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
+    from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
+    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, lr: LrOpt = None,
+    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
+    fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
+    spike_window: SpikeWindowOpt = None, quiet: QuietOpt = False,
+):
+    """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
+    from .clipping import parse_variants
+    from .records import COLUMNS, VARIANT_COLUMNS, CsvSink
+    from .report import COMPARE_COLUMNS
+
+    variants = parse_variants(clip, thresholds, baseline)
+    spec = _resolved(locals())
+    long_columns = VARIANT_COLUMNS + COLUMNS
+    sink = CsvSink(csv, long_columns) if csv else None
+    summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS) if summary_csv else None
+    try:
+        results = _train_many(spec, variants, sink, quiet)
+    except BaseException:
+        for s in (sink, summary_sink):
+            if s:
+                s.discard()
+        raise
+    from .report import Variant, compare_table, compare_verdict, summary_rows
+
+    shown = [Variant(r.clipping.strategy, _threshold_text(r.clipping), r.rows) for r in results]
+    if sink:
+        sink.commit()
+    if summary_sink:
+        summary_sink.write(summary_rows(shown))
+        summary_sink.commit()
+    if format is Format.table:
+        console = _stdout()
+        console.print(compare_table(shown, f"gradwatch compare: {_describe(spec)}"))
+        for line in compare_verdict(shown):
+            console.print(escape(line))
+    else:
+        rows = [{"clip": v.clip, "threshold": v.threshold, **row} for v in shown for row in v.rows]
+        _emit_rows(rows, long_columns, format)
+
+
+def _train_many(spec, variants, sink, quiet):
+    from .clipping import format_threshold
+    from .session import prepare
+    from .training import compare as compare_runs
+
+    trainer = prepare(spec)
+    _warn_skipped(trainer)
+    labels = ", ".join(v.label for v in variants)
+    _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {trainer.total_steps} steps each")
+    progress = Progress(quiet, "compare")
+
+    def write(clipping, rows):
+        if sink:
+            tagged = [{"clip": clipping.strategy, "threshold": format_threshold(clipping.threshold), **r} for r in rows]
+            sink.write(tagged)
+
+    def advance(clipping, done, total):
+        progress.update(done, total, f"clip {clipping.label}")
+
+    try:
+        return compare_runs(trainer, variants, on_rows=write, on_progress=advance)
+    except Interrupted as stop:
+        progress.close()
+        if sink:
+            sink.commit()
+        kept = sum(len(r.rows) for r in stop.results)
+        where = f" in {sink.path}" if sink else ""
+        _stderr().print(escape(f"gradwatch: interrupted; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
+        raise
+    except NonFiniteStop:
+        if sink:
+            sink.commit()
+        raise
+    finally:
+        progress.close()
+
+
+@app.command()
+def report(
+    file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv` or `gradwatch compare --csv`.", show_default=False)],
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this PNG.", show_default=False)] = None,
+):
+    """Re-render the summary and verdict of a saved run or comparison, without training."""
+    from .records import read_rows, split_variants
+    from .report import Variant, compare_table, compare_verdict, plot as draw, run_table, run_verdict
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise OptionError(f"--plot writes a PNG; give a file name ending in .png (got {plot})")
+    if plot is not None and not plot.parent.is_dir():
+        raise OptionError(f"cannot write {plot}: folder {plot.parent} does not exist; create it first")
+    groups = split_variants(read_rows(file))
+    variants = [Variant(clip, threshold, rows) for (clip, threshold), rows in groups.items()]
+    console = _stdout()
+    if len(variants) == 1 and variants[0].clip == "run":
+        v = variants[0]
+        console.print(run_table(v.summary, f"gradwatch report: {file.name}"))
+        console.print(escape(run_verdict(v.summary, v.clip, v.threshold)))
+    else:
+        console.print(compare_table(variants, f"gradwatch report: {file.name}"))
+        for line in compare_verdict(variants):
+            console.print(escape(line))
+    if plot is not None:
+        tmp = plot.with_name(f".{plot.name}.partial.png")
+        try:
+            draw(variants, str(tmp))
+            os.replace(tmp, plot)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _stderr().print(escape(f"gradwatch: wrote {plot}"))
+
+
+@app.command()
+def samples():
+    """List the built-in samples: what each shows and the command to try."""
+    from rich.table import Table
+
+    from .samples import DEFAULT, registry
+
+    table = Table(title="gradwatch samples", header_style="bold")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it shows", ratio=3)
+    table.add_column("try", ratio=2, overflow="fold")
+    for s in registry().values():
+        name = f"{s.name} (default)" if s.name == DEFAULT else s.name
+        table.add_row(escape(name), escape(s.summary), escape(s.command))
+    _stdout().print(table)
+
+
+# --- entry point: every error is one line on stderr ---------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: 0 ok, 2 bad input, 3 non-finite stop, 130 Ctrl-C."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("GRADWATCH_DEBUG"))
+    try:
+        result = app(args=args, prog_name="gradwatch", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt, Interrupted):
+        return 130
+    except GradwatchError as exc:
+        if debug:
+            raise
+        _error(str(exc))
+        return exc.exit_code
+    except Exception as exc:
+        if _is_usage_error(exc):
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command_path if ctx is not None else "gradwatch"
+            _error(f"{exc.format_message()} (see `{command} --help`)")
+            return 2
+        if debug:
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (set GRADWATCH_DEBUG=1 for the traceback, and please report it)")
+        return 1
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Typer's usage errors (click's, vendored in recent typer): exit code 2 and a message."""
+    return getattr(exc, "exit_code", None) == 2 and callable(getattr(exc, "format_message", None))
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"gradwatch: error: {one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def entry() -> None:
+    sys.exit(main())

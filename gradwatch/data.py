@@ -1,0 +1,250 @@
+"""Data files -> in-memory (x, y) arrays, and the one batch order every run and variant uses.
+
+The kind of file is recognised from the path (see ``LOADERS``):
+
+* ``.npz``: arrays ``x`` and ``y`` (or ``--x-key`` / ``--y-key``), read with allow_pickle=False;
+* ``.csv``: numeric feature columns plus a target column (``--target``; default: the last column);
+* a folder written by ``tf.data.Dataset.save`` whose elements are ``(x, y)`` pairs;
+* ``.txt``: a whitespace-tokenised corpus for word language models, cut into windows the way
+  the PTB reader of TensorFlow's ``ptb_word_lm`` tutorial does (:func:`ptb_windows`).
+
+Batches: an epoch has ``len(x) // batch_size`` batches (the last partial batch is dropped, so
+the traced step sees one shape). Without shuffling, batch k is rows ``k*B .. (k+1)*B - 1`` in file
+order; with shuffling, the rows of epoch e are taken in the order
+``numpy.random.default_rng([seed, e]).permutation(len(x))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+UNK = "<unk>"
+EOS = "<eos>"
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray
+    y: np.ndarray
+    kind: str
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def description(self) -> str:
+        return f"{self.path} ({self.kind}, {len(self)} rows, x {tuple(self.x.shape[1:])})"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Options that only some kinds of data read."""
+
+    x_key: str = "x"
+    y_key: str = "y"
+    target: str | None = None
+    vocab: str | None = None
+    num_steps: int | None = None
+    batch_size: int = 32
+
+
+# --- loaders --------------------------------------------------------------------------------
+
+
+def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            missing = [k for k in (options.x_key, options.y_key) if k not in keys]
+            if missing:
+                raise DataError(
+                    f"{path} has no array {missing[0]!r} (it has: {', '.join(keys) or 'none'}); "
+                    "pass --x-key / --y-key to name the inputs and targets"
+                )
+            x, y = archive[options.x_key], archive[options.y_key]
+    except ValueError as exc:  # object arrays need pickle, which is never allowed
+        raise DataError(f"cannot read {path} without pickle ({exc}); save plain numeric arrays with numpy.savez") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    return _checked(x, y, "npz", path)
+
+
+def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a readable CSV ({str(exc).strip().splitlines()[0]}); check the file") from None
+    if frame.shape[1] < 2:
+        raise DataError(f"{path} needs feature columns and a target column; it has {frame.shape[1]} column(s)")
+    target = options.target if options.target is not None else frame.columns[-1]
+    if target not in frame.columns:
+        raise DataError(
+            f"{path} has no column {target!r} (columns: {', '.join(map(str, frame.columns))}); pass --target NAME"
+        )
+    features = frame.drop(columns=[target])
+    text = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if text or not pd.api.types.is_numeric_dtype(frame[target]):
+        bad = text + ([] if pd.api.types.is_numeric_dtype(frame[target]) else [str(target)])
+        raise DataError(f"{path}: columns {', '.join(bad)} are not numeric; encode them as numbers first")
+    if frame.isna().any().any():
+        raise DataError(f"{path} has empty cells; fill or drop them before training")
+    return _checked(features.to_numpy(np.float32), frame[target].to_numpy(), "csv", path)
+
+
+def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
+    import tensorflow as tf
+
+    try:
+        dataset = tf.data.Dataset.load(str(path))
+    except (tf.errors.OpError, ValueError, OSError) as exc:
+        raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({_first_line(exc)})") from None
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, tf.TensorSpec) for s in spec)):
+        raise DataError(f"{path}: elements must be (x, y) pairs of tensors, found {spec}; save dataset.map(lambda ...: (x, y))")
+    if spec[0].shape.rank and spec[0].shape[0] is None:
+        dataset = dataset.unbatch()  # saved after .batch(): go back to one example per element
+    xs, ys = [], []
+    for x, y in dataset.as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise DataError(f"{path} holds no elements")
+    return _checked(np.stack(xs), np.stack(ys), "tf.data", path)
+
+
+def load_text(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
+    vocab_path = Path(options.vocab) if options.vocab else (model_assets / "vocab.txt" if model_assets else None)
+    if vocab_path is None or not vocab_path.is_file():
+        where = f"{vocab_path} does not exist" if vocab_path else "the model has no assets/vocab.txt"
+        raise DataError(f"a text corpus needs a vocabulary: {where}; pass --vocab FILE (one word a line)")
+    vocab = read_vocab(vocab_path)
+    if options.num_steps is None:
+        raise DataError("a text corpus needs the window length: pass --num-steps N (the model's input has no fixed length)")
+    ids = encode_corpus(path, vocab)
+    x, y = ptb_windows(ids, options.batch_size, options.num_steps)
+    if len(x) == 0:
+        raise DataError(
+            f"{path} has {len(ids)} tokens, too few for one window of {options.batch_size} x {options.num_steps}; "
+            "use a longer corpus or a smaller --batch-size / --num-steps"
+        )
+    return Dataset(x, y, "text", str(path))
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    vocab = {word: i for i, word in enumerate(words)}
+    if UNK not in vocab:
+        raise DataError(f"vocabulary {path} has no {UNK} entry for unknown words; add a line '{UNK}'")
+    return vocab
+
+
+def encode_corpus(path: Path, vocab: dict[str, int]) -> np.ndarray:
+    """Token ids of a corpus: each line's words, then <eos> (if the vocabulary has it), as the
+    PTB reader does; unknown words map to <unk>."""
+    unk = vocab[UNK]
+    eos = [vocab[EOS]] if EOS in vocab else []
+    ids: list[int] = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                words = line.split()
+                if words:
+                    ids.extend(vocab.get(w, unk) for w in words)
+                    ids.extend(eos)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; convert it or give an .npz/.csv file") from None
+    return np.asarray(ids, dtype=np.int32)
+
+
+def ptb_windows(ids: np.ndarray, batch_size: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a token stream into (inputs, next-token targets) windows as ``ptb_producer`` does.
+
+    The stream is laid out as ``batch_size`` rows of ``batch_len = len(ids) // batch_size``
+    tokens; window i of row b is ``data[b, i*T:(i+1)*T]`` and its targets are shifted by one.
+    Rows are returned window-major, so without shuffling batch i holds exactly the tutorial's
+    i-th batch and each row continues where the same row of the previous batch stopped.
+    """
+    batch_len = len(ids) // batch_size
+    data = ids[: batch_size * batch_len].reshape(batch_size, batch_len)
+    epoch_size = max(0, (batch_len - 1) // num_steps)
+    x = np.empty((epoch_size * batch_size, num_steps), dtype=np.int32)
+    y = np.empty_like(x)
+    for i in range(epoch_size):
+        x[i * batch_size : (i + 1) * batch_size] = data[:, i * num_steps : (i + 1) * num_steps]
+        y[i * batch_size : (i + 1) * batch_size] = data[:, i * num_steps + 1 : (i + 1) * num_steps + 1]
+    return x, y
+
+
+LOADERS = {".npz": load_npz, ".csv": load_csv, ".txt": load_text}
+
+
+def load(path: str, options: DataOptions, model_assets: Path | None = None) -> Dataset:
+    """Load the data at ``path``; the kind is recognised from the path."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"no such data file or folder: {p}")
+    if p.is_dir():
+        if not (p / "dataset_spec.pb").exists() and not any(p.glob("*.snapshot")):
+            raise DataError(f"{p} is a folder but not one written by tf.data.Dataset.save; give an .npz, .csv or .txt file")
+        return load_tf_data(p, options, model_assets)
+    loader = LOADERS.get(p.suffix.lower())
+    if loader is None:
+        raise DataError(f"cannot tell the kind of {p}: use .npz, .csv, .txt or a tf.data.Dataset.save folder")
+    return loader(p, options, model_assets)
+
+
+def _checked(x: np.ndarray, y: np.ndarray, kind: str, path: Path) -> Dataset:
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"{path}: x and y need a leading example dimension; got shapes {x.shape} and {y.shape}")
+    if len(x) != len(y):
+        raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}; they must match")
+    for name, array in (("x", x), ("y", y)):
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
+    return Dataset(x, y, kind, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- batch order ----------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return n_rows // batch_size
+
+
+def epoch_order(n_rows: int, epoch: int, shuffle: bool, seed: int) -> np.ndarray:
+    """Row order of 1-based epoch ``epoch``: file order, or a permutation fixed by (seed, epoch)."""
+    if not shuffle:
+        return np.arange(n_rows)
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def batches(data: Dataset, batch_size: int, total_steps: int, shuffle: bool, seed: int):
+    """Yield ``(epoch, x_batch, y_batch)`` for ``total_steps`` steps, epoch after epoch."""
+    per_epoch = steps_per_epoch(len(data), batch_size)
+    step = 0
+    epoch = 0
+    while step < total_steps:
+        epoch += 1
+        order = epoch_order(len(data), epoch, shuffle, seed)
+        for k in range(per_epoch):
+            if step >= total_steps:
+                return
+            rows = order[k * batch_size : (k + 1) * batch_size]
+            if not shuffle:
+                yield epoch, data.x[k * batch_size : (k + 1) * batch_size], data.y[k * batch_size : (k + 1) * batch_size]
+            else:
+                yield epoch, data.x[rows], data.y[rows]
+            step += 1

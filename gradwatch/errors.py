@@ -1,0 +1,38 @@
+"""The errors gradwatch raises for bad input; each message says what is wrong and how to fix it."""
+
+
+class GradwatchError(Exception):
+    """A problem with the user's input: the CLI prints the message on one line and exits 2."""
+
+    exit_code = 2
+
+
+class ModelError(GradwatchError):
+    """The model path, its endpoint or its variables cannot be used."""
+
+
+class DataError(GradwatchError):
+    """The data file cannot be read or does not fit the model."""
+
+
+class OptionError(GradwatchError):
+    """An option value is out of range or inconsistent with the others."""
+
+
+class NonFiniteStop(GradwatchError):
+    """`--on-nonfinite stop` met a non-finite loss or gradient."""
+
+    exit_code = 3
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; ``results`` holds every row recorded so far (exit 130)."""
+
+    def __init__(self, results: list):
+        super().__init__("interrupted")
+        self.results = results
+
+
+def one_line(message: str) -> str:
+    """Fold a message onto one line (error texts from TF and files may contain newlines)."""
+    return " ".join(str(message).split())

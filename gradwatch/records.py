@@ -1,0 +1,286 @@
+"""Per-step rows: their columns, the spike rule, summary statistics and the incremental CSV writer.
+
+Nothing here imports TensorFlow: `gradwatch report` reads saved CSVs through this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GradwatchError
+
+# One row per training step; the same names are CLI options, CSV columns and attributes.
+COLUMNS = [
+    "step",          # 1-based step number within the run
+    "epoch",         # 1-based epoch number
+    "loss",          # loss of the batch, before the update
+    "grad_norm",     # global L2 norm of the raw gradients (repeated embedding rows summed)
+    "clipped_norm",  # global L2 norm after clipping
+    "clip_ratio",    # clipped_norm / grad_norm (1.0 when nothing changed or grad_norm is 0)
+    "clipped",       # did the strategy change any gradient?
+    "lr",            # learning rate used for the step
+    "nonfinite",     # loss or a gradient not finite: the update was skipped
+    "loss_spike",    # the spike rule fired (see SpikeRule)
+    "time_ms",       # wall time of the step in milliseconds
+]
+# `compare` writes these two first, so one long CSV holds every variant.
+VARIANT_COLUMNS = ["clip", "threshold"]
+BOOL_COLUMNS = {"clipped", "nonfinite", "loss_spike"}
+INT_COLUMNS = {"step", "epoch"}
+
+
+@dataclass(frozen=True)
+class SpikeRule:
+    """When is the loss of a step a jump?
+
+    A step's loss is a spike when it is not finite, or when, with at least ``min_history``
+    finite losses before it, it exceeds the median of the previous ``window`` finite losses
+    by more than ``(factor - 1)`` times that median's magnitude: with the defaults, the loss
+    more than doubles against its recent typical value. The median (not the mean) keeps one
+    spike from hiding the next.
+    """
+
+    factor: float = 2.0
+    window: int = 20
+    min_history: int = 3
+
+    def __post_init__(self):
+        if not (math.isfinite(self.factor) and self.factor > 1):
+            raise GradwatchError(f"`--spike-factor` must be > 1. Received: spike_factor={self.factor}")
+        if self.window < 1:
+            raise GradwatchError(f"`--spike-window` must be >= 1. Received: spike_window={self.window}")
+
+    def detector(self) -> "SpikeDetector":
+        return SpikeDetector(self)
+
+    def mark(self, losses) -> list[bool]:
+        """The rule applied to a whole loss series (used by tests and by `report`)."""
+        detector = self.detector()
+        return [detector.update(float(x)) for x in losses]
+
+
+class SpikeDetector:
+    """The spike rule, fed one loss at a time during a run."""
+
+    def __init__(self, rule: SpikeRule):
+        self.rule = rule
+        self.history: deque[float] = deque(maxlen=rule.window)
+
+    def update(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        spike = False
+        if len(self.history) >= min(self.rule.min_history, self.rule.window):
+            median = float(np.median(self.history))
+            spike = loss - median > (self.rule.factor - 1.0) * abs(median)
+        self.history.append(loss)
+        return spike
+
+
+def clip_ratio(grad_norm: float, clipped_norm: float) -> float:
+    if grad_norm == 0.0:
+        return 1.0
+    return clipped_norm / grad_norm
+
+
+# --- summary statistics ---------------------------------------------------------------------
+
+
+def _finite(values) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+def _stat(fn, values) -> float:
+    finite = _finite(values)
+    return float(fn(finite)) if finite.size else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Summary of one run's rows: what the tables and the verdict are made of.
+
+    Losses and norms are summarised over finite values; non-finite steps are counted apart.
+    ``final_loss`` is the mean finite loss over the last 10 % of steps (at least one step).
+    ``largest_jump`` is the largest rise of the loss from one step to the next.
+    """
+    n = len(rows)
+    loss = np.array([r["loss"] for r in rows], dtype=np.float64)
+    grad_norm = np.array([r["grad_norm"] for r in rows], dtype=np.float64)
+    ratio = np.array([r["clip_ratio"] for r in rows], dtype=np.float64)
+    tail = max(1, int(math.ceil(n * 0.1))) if n else 0
+    jumps = np.diff(loss) if n > 1 else np.array([])
+    finite_jumps = np.where(np.isfinite(jumps), jumps, -np.inf)
+    jump_at = int(np.argmax(finite_jumps)) if finite_jumps.size and np.isfinite(finite_jumps.max()) else None
+    return {
+        "steps": n,
+        "loss_first": float(loss[0]) if n else float("nan"),
+        "loss_last": float(loss[-1]) if n else float("nan"),
+        "final_loss": _stat(np.mean, loss[-tail:]) if n else float("nan"),
+        "best_loss": _stat(np.min, loss),
+        "largest_jump": float(finite_jumps[jump_at]) if jump_at is not None else float("nan"),
+        "largest_jump_step": int(rows[jump_at + 1]["step"]) if jump_at is not None else None,
+        "spikes": int(sum(bool(r["loss_spike"]) for r in rows)),
+        "spike_steps": [int(r["step"]) for r in rows if r["loss_spike"]],
+        "nonfinite": int(sum(bool(r["nonfinite"]) for r in rows)),
+        "pct_clipped": 100.0 * sum(bool(r["clipped"]) for r in rows) / n if n else float("nan"),
+        "mean_clip_ratio": _stat(np.mean, ratio),
+        "grad_norm_median": _stat(np.median, grad_norm),
+        "grad_norm_p95": _stat(lambda a: np.percentile(a, 95), grad_norm),
+        "grad_norm_max": _stat(np.max, grad_norm),
+        "wall_s": float(sum(r["time_ms"] for r in rows)) / 1000.0,
+    }
+
+
+# --- writing rows ---------------------------------------------------------------------------
+
+
+def _cell(value) -> str:
+    """One CSV cell. Floats round-trip exactly; text that a spreadsheet would run as a
+    formula (starting with = + - @) gets a leading quote."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, np.floating):
+        return repr(float(value))
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "+", "-", "@"):
+        text = "'" + text
+    return text
+
+
+class CsvSink:
+    """Writes rows to a CSV as the run goes, without ever leaving a half-written file where a
+    good one was.
+
+    Rows go to a temporary file beside the target, flushed after every batch of rows. On
+    :meth:`commit` (a finished, stopped or interrupted run) it replaces the target
+    atomically; on :meth:`discard` (a crash) it is removed and the old file stays.
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: list[str]):
+        self.path = Path(path)
+        self.columns = columns
+        if self.path.is_dir():
+            raise GradwatchError(f"--csv {self.path} is a folder; give a file name such as {self.path / 'steps.csv'}")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise GradwatchError(f"cannot write {self.path}: folder {parent} does not exist; create it first")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=parent)
+        except OSError as exc:
+            raise GradwatchError(f"cannot write {self.path}: {exc.strerror}; choose a writable folder") from None
+        self.tmp_path = Path(tmp)
+        self._file = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(columns)
+        self._file.flush()
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._writer.writerow([_cell(row[c]) for c in self.columns])
+        self._file.flush()
+
+    def commit(self) -> None:
+        if self._file.closed:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+
+    def discard(self) -> None:
+        if self._file.closed:
+            return
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row[c]) for c in columns])
+    return buffer.getvalue()
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity; `nonfinite` says why the cell is empty
+    return value
+
+
+def rows_to_json(rows: list[dict], columns: list[str]) -> str:
+    return json.dumps([{c: _json_value(r[c]) for c in columns} for r in rows], indent=1)
+
+
+# --- reading rows back (for `gradwatch report`) --------------------------------------------
+
+
+def _parse(column: str, text: str):
+    if column in BOOL_COLUMNS:
+        if text not in ("True", "False"):
+            raise ValueError(f"{column} must be True or False, got {text!r}")
+        return text == "True"
+    if column in INT_COLUMNS:
+        return int(text)
+    if column in VARIANT_COLUMNS:
+        return text[1:] if text.startswith("'") else text
+    return float(text)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Read a `run` or `compare` CSV back into rows; `run` rows get clip='run', threshold=''."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradwatchError(f"no such file: {path}; give the path of a CSV written by gradwatch run/compare --csv")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise GradwatchError(f"{path} is empty; give a CSV written by gradwatch run/compare --csv")
+            missing = [c for c in COLUMNS if c not in header]
+            if missing:
+                raise GradwatchError(
+                    f"{path} is not a gradwatch CSV: missing columns {', '.join(missing)}; "
+                    "give a file written by gradwatch run/compare --csv"
+                )
+            index = {c: header.index(c) for c in COLUMNS + VARIANT_COLUMNS if c in header}
+            rows = []
+            for line_no, record in enumerate(reader, start=2):
+                if not record:
+                    continue
+                try:
+                    row = {c: _parse(c, record[i]) for c, i in index.items()}
+                except (ValueError, IndexError) as exc:
+                    raise GradwatchError(f"{path} line {line_no} is malformed ({exc}); re-run gradwatch to write it again") from None
+                row.setdefault("clip", "run")
+                row.setdefault("threshold", "")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv") from None
+    if not rows:
+        raise GradwatchError(f"{path} has a header but no rows; the run recorded no steps")
+    return rows
+
+
+def split_variants(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Group long-format rows by (clip, threshold), keeping the order of first appearance."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["clip"], str(row["threshold"])), []).append(row)
+    return groups

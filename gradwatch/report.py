@@ -1,0 +1,258 @@
+"""Rich tables, verdicts, sparklines and plots made from recorded rows (never changes them).
+
+No TensorFlow here: `gradwatch report` renders saved CSVs through this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rich.markup import escape
+from rich.table import Table
+
+from .records import summarize
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+@dataclass
+class Variant:
+    """One run of a comparison, as the report sees it."""
+
+    clip: str  # strategy name ("none" for the baseline, "run" for a run CSV without it)
+    threshold: str  # "none", or the threshold as written in the CSV
+    rows: list
+
+    @property
+    def label(self) -> str:
+        if self.clip in ("none", "run") or self.threshold in ("", "none"):
+            return self.clip if self.clip != "none" else "none"
+        return f"{self.clip} {self.threshold}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.clip == "none"
+
+    @property
+    def summary(self) -> dict:
+        if not hasattr(self, "_summary"):
+            self._summary = summarize(self.rows)
+        return self._summary
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def sparkline(values, width: int = 24) -> str:
+    """Loss per step in `width` characters: each the highest loss of its stretch of steps
+    (so spikes show), `!` where a stretch holds a non-finite loss."""
+    values = list(values)
+    if not values:
+        return ""
+    width = min(width, len(values))
+    buckets = [values[i * len(values) // width : (i + 1) * len(values) // width] for i in range(width)]
+    peaks = [max(b) if all(math.isfinite(v) for v in b) else math.nan for b in buckets]
+    finite = [p for p in peaks if math.isfinite(p)]
+    if not finite:
+        return "!" * width
+    low, high = min(finite), max(finite)
+    span = high - low or 1.0
+    return "".join(
+        "!" if not math.isfinite(p) else BLOCKS[min(len(BLOCKS) - 1, int((p - low) / span * len(BLOCKS)))] for p in peaks
+    )
+
+
+# --- a single run -----------------------------------------------------------------------------
+
+
+def run_table(summary: dict, title: str) -> Table:
+    """One run's summary as metric / value lines (reads well in any terminal width)."""
+    table = Table(title=escape(title), show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("loss first → last", f"{fmt(summary['loss_first'])} → {fmt(summary['loss_last'])}")
+    table.add_row("loss best / final (last 10 %)", f"{fmt(summary['best_loss'])} / {fmt(summary['final_loss'])}")
+    table.add_row(
+        "grad norm median / p95 / max",
+        f"{fmt(summary['grad_norm_median'])} / {fmt(summary['grad_norm_p95'])} / {fmt(summary['grad_norm_max'])}",
+    )
+    table.add_row("steps clipped", f"{summary['pct_clipped']:.1f} %")
+    table.add_row("mean clip ratio", fmt(summary["mean_clip_ratio"], 3))
+    table.add_row("loss spikes", str(summary["spikes"]))
+    table.add_row("non-finite steps", str(summary["nonfinite"]))
+    table.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    return table
+
+
+def jump_sentence(summary: dict) -> str:
+    """Is the loss jumping? One sentence citing the numbers."""
+    spikes, nonfinite = summary["spikes"], summary["nonfinite"]
+    if spikes == 0 and nonfinite == 0:
+        return "loss is stable: no spikes, no non-finite steps"
+    parts = [f"{spikes} spike{'s' * (spikes != 1)}"]
+    if summary["spike_steps"]:
+        parts[0] += f" (first at step {summary['spike_steps'][0]})"
+    if nonfinite:
+        parts.append(f"{nonfinite} non-finite step{'s' * (nonfinite != 1)}")
+    if summary["largest_jump_step"] is not None and summary["largest_jump"] > 0:
+        parts.append(f"largest jump +{fmt(summary['largest_jump'])} at step {summary['largest_jump_step']}")
+    return "loss is jumping: " + ", ".join(parts)
+
+
+def clip_sentence(summary: dict, strategy: str, threshold) -> str:
+    """Was clipping active? One sentence citing the numbers."""
+    if strategy in ("none", "run") and threshold in (None, "", "none"):
+        return "no clipping" if strategy == "none" else f"clipped on {summary['pct_clipped']:.0f}% of steps"
+    if summary["pct_clipped"] == 0:
+        return f"clipping never triggered (grad norm max {fmt(summary['grad_norm_max'])}, threshold {threshold})"
+    return (
+        f"clipping was active on {summary['pct_clipped']:.0f}% of steps "
+        f"(grad norm median {fmt(summary['grad_norm_median'])}, threshold {threshold}, "
+        f"mean clip ratio {fmt(summary['mean_clip_ratio'], 3)})"
+    )
+
+
+def run_verdict(summary: dict, strategy: str, threshold) -> str:
+    sentence = jump_sentence(summary)
+    return f"Verdict: {sentence[0].upper()}{sentence[1:]}; {clip_sentence(summary, strategy, threshold)}."
+
+
+# --- comparisons ------------------------------------------------------------------------------
+
+COMPARE_COLUMNS = [
+    "clip", "threshold", "steps", "final_loss", "best_loss", "spikes", "largest_jump", "nonfinite",
+    "pct_clipped", "mean_clip_ratio", "grad_norm_median", "grad_norm_p95", "grad_norm_max", "wall_s",
+]
+
+
+def summary_rows(variants: list[Variant]) -> list[dict]:
+    """The side-by-side table as plain rows (for --summary-csv and --format)."""
+    out = []
+    for v in variants:
+        s = v.summary
+        out.append({"clip": v.clip, "threshold": v.threshold, **{k: s[k] for k in COMPARE_COLUMNS[2:]}})
+    return out
+
+
+def compare_table(variants: list[Variant], title: str = "gradwatch compare") -> Table:
+    table = Table(title=escape(title), header_style="bold")
+    for name, justify in [
+        ("variant", "left"), ("final loss", "right"), ("best", "right"), ("spikes", "right"),
+        ("largest jump", "right"), ("nonfinite", "right"), ("% clipped", "right"), ("clip ratio", "right"),
+        ("grad norm med", "right"), ("p95", "right"), ("max", "right"), ("wall s", "right"), ("loss", "left"),
+    ]:
+        table.add_column(name, justify=justify, no_wrap=name in ("loss", "variant"))
+    for v in variants:
+        s = v.summary
+        table.add_row(
+            escape(v.label), fmt(s["final_loss"]), fmt(s["best_loss"]), str(s["spikes"]), fmt(s["largest_jump"]),
+            str(s["nonfinite"]), f"{s['pct_clipped']:.1f}", fmt(s["mean_clip_ratio"], 3), fmt(s["grad_norm_median"]),
+            fmt(s["grad_norm_p95"]), fmt(s["grad_norm_max"]), f"{s['wall_s']:.1f}",
+            sparkline([r["loss"] for r in v.rows]),
+        )
+    return table
+
+
+def instability(summary: dict) -> int:
+    return summary["spikes"] + summary["nonfinite"]
+
+
+def _final(summary: dict) -> float:
+    value = summary["final_loss"]
+    return value if math.isfinite(value) else math.inf
+
+
+def best_variant(variants: list[Variant]) -> Variant:
+    """Fewest spikes + non-finite steps; among those, the lowest final loss."""
+    return min(variants, key=lambda v: (instability(v.summary), _final(v.summary)))
+
+
+def compare_verdict(variants: list[Variant]) -> list[str]:
+    """Sentences under the comparison table: does the baseline jump, which variant is best, why."""
+    lines = []
+    baseline = next((v for v in variants if v.is_baseline), None)
+    if baseline is not None:
+        b = baseline.summary
+        lines.append(f"Unclipped: {jump_sentence(b)}; final loss {fmt(b['final_loss'])}.")
+    clipped = [v for v in variants if not v.is_baseline] or variants
+    best = best_variant(clipped)
+    s = best.summary
+    reason = (
+        f"{s['spikes']} spike{'s' * (s['spikes'] != 1)}, {s['nonfinite']} non-finite, "
+        f"final loss {fmt(s['final_loss'])}, clipped on {s['pct_clipped']:.0f}% of steps"
+    )
+    if baseline is not None and best is not baseline:
+        b = baseline.summary
+        if instability(b) == 0 and _final(s) > _final(b):
+            lines.append(
+                f"The unclipped run does not jump, and clipping slows progress here: best clipped variant "
+                f"{best.label} ends at {fmt(s['final_loss'])} against {fmt(b['final_loss'])} unclipped."
+            )
+            return lines
+        better = "calms the loss" if instability(s) < instability(b) else "is as stable as the baseline"
+        lines.append(f"Most stable: {best.label} {better} ({reason}; unclipped {fmt(b['final_loss'])}).")
+    else:
+        lines.append(f"Most stable: {best.label} ({reason}).")
+    return lines
+
+
+# --- pictures -----------------------------------------------------------------------------------
+
+
+def plot(variants: list[Variant], path: str) -> None:
+    """Loss per step (spikes marked), grad norm before clipping on a log scale with each
+    threshold as a line, and the fraction of steps clipped (rolling over 20 steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, v in enumerate(variants):
+        color = colors[i % len(colors)]
+        steps = [r["step"] for r in v.rows]
+        loss = [r["loss"] if math.isfinite(r["loss"]) else math.nan for r in v.rows]
+        axes[0].plot(steps, loss, color=color, lw=1, label=v.label)
+        spikes = [(r["step"], r["loss"]) for r in v.rows if r["loss_spike"] and math.isfinite(r["loss"])]
+        if spikes:
+            axes[0].scatter(*zip(*spikes), color=color, marker="x", s=30, zorder=3)
+        norms = [r["grad_norm"] if math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 else math.nan for r in v.rows]
+        axes[1].plot(steps, norms, color=color, lw=1)
+        try:
+            threshold = float(v.threshold)
+        except ValueError:
+            threshold = None
+        if threshold is not None and v.clip in ("norm", "global", "avg-norm"):
+            axes[1].axhline(threshold, color=color, ls="--", lw=1)
+        window = 20
+        flags = [1.0 if r["clipped"] else 0.0 for r in v.rows]
+        rolling = [sum(flags[max(0, k - window + 1) : k + 1]) / len(flags[max(0, k - window + 1) : k + 1]) for k in range(len(flags))]
+        axes[2].plot(steps, rolling, color=color, lw=1)
+    finite_losses = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
+    if finite_losses and min(finite_losses) > 0 and max(finite_losses) / min(finite_losses) > 10:
+        axes[0].set_yscale("log")  # a diverged baseline would flatten the clipped curves
+    axes[0].set_ylabel("loss")
+    axes[0].set_title("loss per step (x: spike)")
+    axes[0].legend(loc="upper right", fontsize="small")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("grad norm (before clipping)")
+    axes[1].set_title("global gradient norm; dashed: threshold")
+    axes[2].set_ylabel("clipped")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[2].set_title("fraction of steps clipped (last 20 steps)")
+    axes[2].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""Puts a run together: a sample or the user's files -> model, data, loss, options -> Trainer.
+
+Options left unset (None) take the sample's defaults, then gradwatch's (``DEFAULTS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from .errors import OptionError
+
+DEFAULTS = {
+    "batch_size": 32,
+    "seed": 0,
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "decay_after_epoch": 1,
+    "on_nonfinite": "skip",
+    "fetch_every": 1,
+    "xla": False,
+    "spike_factor": 2.0,
+    "spike_window": 20,
+    "from_logits": False,
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a user can say about a run; None means "not given"."""
+
+    model: str | None = None
+    data: str | None = None
+    sample: str | None = None
+    endpoint: str | None = None
+    output: str | None = None
+    x_key: str | None = None
+    y_key: str | None = None
+    target: str | None = None
+    vocab: str | None = None
+    num_steps: int | None = None
+    loss: str | None = None
+    from_logits: bool | None = None
+    batch_size: int | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    shuffle: bool | None = None
+    seed: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    lr_decay: float | None = None
+    decay_after_epoch: int | None = None
+    on_nonfinite: str | None = None
+    fetch_every: int | None = None
+    xla: bool | None = None
+    spike_factor: float | None = None
+    spike_window: int | None = None
+
+
+def resolve(spec: RunSpec) -> RunSpec:
+    """Fill a spec from its sample (MODEL and --data absent: the default sample) and DEFAULTS."""
+    from . import samples
+
+    if spec.model is None and spec.data is not None and spec.sample is None:
+        raise OptionError("--data needs a MODEL argument (or drop --data to use a built-in sample)")
+    if spec.model is not None and spec.sample is not None:
+        raise OptionError("give a MODEL or --sample NAME, not both")
+    values = {f.name: getattr(spec, f.name) for f in fields(spec)}
+    if spec.model is None:
+        sample = samples.get(spec.sample or samples.DEFAULT)
+        model_path, data_path = samples.materialize(sample)
+        values["model"] = str(model_path)
+        values["sample"] = sample.name
+        if spec.data is None:
+            values["data"] = str(data_path)
+        for key, value in sample.defaults.items():
+            if values.get(key) is None:
+                values[key] = value
+    if values["data"] is None:
+        raise OptionError("no data: pass --data PATH (.npz, .csv, .txt or a tf.data.Dataset.save folder)")
+    for key, value in DEFAULTS.items():
+        if values[key] is None:
+            values[key] = value
+    return replace(spec, **values)
+
+
+def prepare(spec: RunSpec):
+    """Load model and data of a resolved spec and build the Trainer (imports TensorFlow)."""
+    from .tf_import import tensorflow
+
+    tensorflow()
+    from . import data as data_mod
+    from . import models
+    from .records import SpikeRule
+    from .training import TrainOptions, Trainer, make_loss
+
+    spike_rule = SpikeRule(factor=spec.spike_factor, window=spec.spike_window)
+    model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
+    num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
+    options = data_mod.DataOptions(
+        x_key=spec.x_key or "x",
+        y_key=spec.y_key or "y",
+        target=spec.target,
+        vocab=spec.vocab,
+        num_steps=num_steps,
+        batch_size=spec.batch_size,
+    )
+    dataset = data_mod.load(spec.data, options, model.assets)
+    shuffle = spec.shuffle if spec.shuffle is not None else dataset.kind != "text"
+    train_options = TrainOptions(
+        batch_size=spec.batch_size,
+        steps=spec.steps,
+        epochs=spec.epochs,
+        shuffle=shuffle,
+        seed=spec.seed,
+        optimizer=spec.optimizer,
+        lr=spec.lr,
+        lr_decay=spec.lr_decay,
+        decay_after_epoch=spec.decay_after_epoch,
+        on_nonfinite=spec.on_nonfinite,
+        fetch_every=spec.fetch_every,
+        xla=spec.xla,
+        spike_rule=spike_rule,
+    )
+    loss = make_loss(spec.loss, spec.from_logits) if spec.loss else None
+    if spec.from_logits and not spec.loss:
+        raise OptionError("--from-logits needs --loss NAME (a crossentropy loss)")
+    return Trainer(model, dataset, train_options, loss=loss)
+
+
+def describe(spec: RunSpec) -> str:
+    """One line naming what is trained on what."""
+    what = f"sample {spec.sample}" if spec.sample else Path(spec.model).name
+    return f"{what} on {Path(spec.data).name}"

@@ -1,0 +1,1 @@
+"""Builders and data of gradwatch's built-in samples (installed as gradwatch.sample_runs)."""
