@@ -1,9 +1,9 @@
 """Import TensorFlow once, without its C++ start-up chatter on stderr.
 
 TensorFlow's native logging prints oneDNN and CUDA notices while its libraries load, before
-TF_CPP_MIN_LOG_LEVEL set from Python takes effect; those lines would bury gradwatch's own
-stderr. Unless GRADWATCH_DEBUG or TF_CPP_MIN_LOG_LEVEL is set by the user, file descriptor 2
-points at /dev/null for the duration of the import only. Import errors still raise.
+any TF_CPP_MIN_LOG_LEVEL takes effect; those lines would bury gradwatch's own stderr. Unless
+GRADWATCH_DEBUG is set, file descriptor 2 points at /dev/null for the duration of the import
+(and device discovery) only. Import errors still raise.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import sys
 def tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    if os.environ.get("GRADWATCH_DEBUG") or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    if os.environ.get("GRADWATCH_DEBUG"):
         import tensorflow as tf
 
         return tf
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     saved = os.dup(2)
     try:

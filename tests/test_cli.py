@@ -1,0 +1,135 @@
+"""The CLI's contract: one-line errors with exit 2, fast help, python -m, and Ctrl-C keeping rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import read_csv, tree_digest
+
+
+def one_line_error(code, out, err):
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gradwatch: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_and_exit_2(cli, module_model, regression_npz, tmp_path):
+    m, d = str(module_model), str(regression_npz)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = {
+        "no such model": ["run", tmp_path / "missing", "--data", d, "--loss", "mse"],
+        "not a SavedModel": ["run", tmp_path / "plain", "--data", d, "--loss", "mse"],
+        "not a .keras model": ["run", tmp_path / "notes.txt", "--data", d, "--loss", "mse"],
+        "no such data": ["run", m, "--data", tmp_path / "nope.npz", "--loss", "mse"],
+        "needs a threshold": ["run", m, "--data", d, "--loss", "mse", "--clip", "global"],
+        "must be a finite number > 0": ["run", m, "--data", d, "--loss", "mse", "--clip", "norm", "--norm", "-1"],
+        "Received: norm=nan": ["run", m, "--data", d, "--loss", "mse", "--clip", "global", "--norm", "nan"],
+        "unknown clipping strategy": ["run", m, "--data", d, "--loss", "mse", "--clip", "percentile"],
+        "unknown loss": ["run", m, "--data", d, "--loss", "hinge2"],
+        "no loss(inputs, targets)": ["run", m, "--data", d],
+        "--from-logits applies": ["run", m, "--data", d, "--loss", "mse", "--from-logits"],
+        "unknown optimizer": ["run", m, "--data", d, "--loss", "mse", "--optimizer", "lion"],
+        "`--lr` must be > 0": ["run", m, "--data", d, "--loss", "mse", "--lr", "0"],
+        "fewer than one batch": ["run", m, "--data", d, "--loss", "mse", "--batch-size", "1000"],
+        "not both": ["run", m, "--data", d, "--loss", "mse", "--steps", "2", "--epochs", "1"],
+        "--data needs a MODEL": ["run", "--data", d],
+        "No such option": ["run", "--bogus"],
+        "no endpoint 'predict'": ["run", m, "--data", d, "--loss", "mse", "--endpoint", "predict"],
+        "folder": ["run", m, "--data", d, "--loss", "mse", "--csv", tmp_path],
+        "is not a number": ["compare", m, "--data", d, "--loss", "mse", "--thresholds", "1,abc"],
+        "unknown sample": ["run", "--sample", "nope"],
+    }
+    for expected, args in cases.items():
+        line = one_line_error(*cli(*args))
+        assert expected in line, (expected, line)
+
+
+def test_shape_mismatch_names_both_shapes(cli, module_model, tmp_path):
+    path = tmp_path / "wide.npz"
+    np.savez(path, x=np.ones((8, 5), np.float32), y=np.ones((8, 1), np.float32))
+    line = one_line_error(*cli("run", module_model, "--data", path, "--loss", "mse", "--batch-size", 4))
+    assert "(None, 5)" in line and "(None, 4)" in line
+
+
+def test_integer_model_rejects_float_ids(cli, keras_file_model, tmp_path):
+    path = tmp_path / "float_ids.npz"
+    np.savez(path, x=np.full((8, 6), 1.5), y=np.ones((8, 1)))
+    line = one_line_error(*cli("run", keras_file_model, "--data", path, "--loss", "mse", "--batch-size", 4))
+    assert "integer" in line
+
+
+def test_bad_input_leaves_an_existing_csv_alone(cli, module_model, regression_npz, tmp_path):
+    csv = tmp_path / "steps.csv"
+    csv.write_text("precious\n")
+    code, _, _ = cli("run", module_model, "--data", regression_npz, "--batch-size", 1000, "--loss", "mse", "--csv", csv)
+    assert code == 2
+    assert csv.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps.csv"]
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys\n"
+        "from gradwatch.cli import main\n"
+        "for args in (['--help'], ['run', '--help'], ['compare', '--help'], ['samples']):\n"
+        "    assert main(args) == 0, args\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "assert 'pandas' not in sys.modules, 'pandas was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--clip" in done.stdout and "ptb-small" in done.stdout
+
+
+def test_python_dash_m_and_version():
+    done = subprocess.run([sys.executable, "-m", "gradwatch", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.startswith("gradwatch ")
+
+
+def test_ctrl_c_keeps_recorded_rows(module_model, regression_npz, tmp_path):
+    csv = tmp_path / "steps.csv"
+    before = tree_digest(module_model)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz), "--loss", "mse",
+         "--batch-size", "4", "--steps", "10000000", "--csv", str(csv)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        start_line = proc.stderr.readline()  # gradwatch's first stderr line: training starts
+        assert start_line.startswith("gradwatch: training"), start_line
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted; kept" in err
+    rows = read_csv(csv)
+    assert len(rows) > 10
+    assert list(rows["step"]) == list(range(1, len(rows) + 1))
+    assert [p.name for p in tmp_path.iterdir()] == ["steps.csv"]  # no .partial left behind
+    assert tree_digest(module_model) == before
+
+
+def test_debug_variable_shows_the_traceback(module_model, regression_npz):
+    env = {**os.environ, "GRADWATCH_DEBUG": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz), "--lr", "-1"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr

@@ -1,0 +1,116 @@
+"""Data loaders and the batch order, against hand-written references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradwatch import data
+from gradwatch.errors import DataError
+
+OPTS = data.DataOptions()
+
+
+def ptb_producer_reference(raw, batch_size, num_steps):
+    """The tutorial's reader, step by step: (x, y) of every batch of an epoch."""
+    raw = np.array(raw, dtype=np.int32)
+    batch_len = len(raw) // batch_size
+    d = raw[: batch_size * batch_len].reshape([batch_size, batch_len])
+    epoch_size = (batch_len - 1) // num_steps
+    return [(d[:, i * num_steps:(i + 1) * num_steps], d[:, i * num_steps + 1:(i + 1) * num_steps + 1])
+            for i in range(epoch_size)]
+
+
+def test_text_windows_equal_the_ptb_reader(tmp_path):
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(20)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    rng = np.random.default_rng(0)
+    lines = [" ".join(f"w{j}" for j in rng.integers(0, 25, size=rng.integers(3, 12))) for _ in range(60)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    ds = data.load(str(corpus), data.DataOptions(vocab=str(tmp_path / "vocab.txt"), num_steps=5, batch_size=4))
+    # ids as the PTB reader reads them: every line's words then <eos>; w20..w24 are unknown
+    index = {w: i for i, w in enumerate(words)}
+    ids = [index.get(w, 0) for line in lines for w in line.split() + ["<eos>"]]
+    reference = ptb_producer_reference(ids, 4, 5)
+    got = list(data.batches(ds, 4, len(reference), shuffle=False, seed=0))
+    assert len(got) == len(reference)
+    for (epoch, x, y), (rx, ry) in zip(got, reference):
+        np.testing.assert_array_equal(x, rx)
+        np.testing.assert_array_equal(y, ry)
+    assert (ds.x == 0).any()  # unknown words map to <unk>
+
+
+def test_text_needs_vocab_with_unk(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n")
+    with pytest.raises(DataError, match="--vocab"):
+        data.load(str(corpus), data.DataOptions(num_steps=2))
+    (tmp_path / "v.txt").write_text("a\nb\n")
+    with pytest.raises(DataError, match="<unk>"):
+        data.load(str(corpus), data.DataOptions(vocab=str(tmp_path / "v.txt"), num_steps=2))
+
+
+def test_npz_keys_and_pickle(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, inputs=np.ones((4, 2)), labels=np.zeros(4))
+    with pytest.raises(DataError, match="--x-key"):
+        data.load(str(path), OPTS)
+    ds = data.load(str(path), data.DataOptions(x_key="inputs", y_key="labels"))
+    assert ds.x.shape == (4, 2)
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
+    with pytest.raises(DataError, match="pickle"):
+        data.load(str(tmp_path / "obj.npz"), OPTS)
+
+
+def test_csv_target_default_is_last_column(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,y\n1,2,0\n3,4,1\n")
+    ds = data.load(str(path), OPTS)
+    np.testing.assert_array_equal(ds.y, [0, 1])
+    np.testing.assert_array_equal(ds.x, [[1, 2], [3, 4]])
+    ds = data.load(str(path), data.DataOptions(target="a"))
+    np.testing.assert_array_equal(ds.y, [1, 3])
+    with pytest.raises(DataError, match="no column 'z'"):
+        data.load(str(path), data.DataOptions(target="z"))
+    (tmp_path / "s.csv").write_text("a,b,y\nx,2,0\n")
+    with pytest.raises(DataError, match="not numeric"):
+        data.load(str(tmp_path / "s.csv"), OPTS)
+
+
+def test_tf_data_folder_batched_or_not(tmp_path):
+    import tensorflow as tf
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    y = np.arange(6)
+    tf.data.Dataset.from_tensor_slices((x, y)).batch(4).save(str(tmp_path / "batched"))
+    ds = data.load(str(tmp_path / "batched"), OPTS)
+    np.testing.assert_array_equal(ds.x, x)
+    np.testing.assert_array_equal(ds.y, y)
+    tf.data.Dataset.from_tensor_slices(x).save(str(tmp_path / "single"))
+    with pytest.raises(DataError, match=r"\(x, y\) pairs"):
+        data.load(str(tmp_path / "single"), OPTS)
+
+
+def test_unknown_paths(tmp_path):
+    with pytest.raises(DataError, match="no such data"):
+        data.load(str(tmp_path / "missing.npz"), OPTS)
+    (tmp_path / "f.parquet").write_text("x")
+    with pytest.raises(DataError, match="cannot tell the kind"):
+        data.load(str(tmp_path / "f.parquet"), OPTS)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="tf.data.Dataset.save"):
+        data.load(str(tmp_path / "folder"), OPTS)
+
+
+def test_batch_order_without_and_with_shuffle():
+    ds = data.Dataset(np.arange(10)[:, None], np.arange(10), "npz", "mem")
+    got = [x[:, 0].tolist() for _, x, _ in data.batches(ds, 3, 5, shuffle=False, seed=0)]
+    assert got == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 2], [3, 4, 5]]  # remainder dropped
+    epochs = [e for e, _, _ in data.batches(ds, 3, 5, shuffle=False, seed=0)]
+    assert epochs == [1, 1, 1, 2, 2]
+    shuffled = [x[:, 0].tolist() for _, x, _ in data.batches(ds, 3, 3, shuffle=True, seed=4)]
+    order = np.random.default_rng([4, 1]).permutation(10)
+    assert shuffled == [order[0:3].tolist(), order[3:6].tolist(), order[6:9].tolist()]
+    again = [x[:, 0].tolist() for _, x, _ in data.batches(ds, 3, 3, shuffle=True, seed=4)]
+    assert again == shuffled

@@ -1,0 +1,140 @@
+"""The spike rule on hand-made series, summaries against pandas, and the CSV writer's safety."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradwatch.errors import GradwatchError
+from gradwatch.records import COLUMNS, CsvSink, SpikeRule, read_rows, rows_to_csv, summarize
+
+
+def test_smooth_decreasing_loss_has_no_spike():
+    losses = [10 * 0.97**k + 0.01 * math.sin(k) for k in range(200)]
+    assert not any(SpikeRule().mark(losses))
+
+
+def test_jump_above_twice_the_rolling_median_is_a_spike():
+    losses = [5.0] * 10 + [10.5] + [5.0] * 5 + [9.0]
+    marks = SpikeRule().mark(losses)
+    assert [i for i, m in enumerate(marks) if m] == [10]  # 9.0 is below 2 x median 5
+
+
+def test_nonfinite_loss_is_always_a_spike():
+    assert SpikeRule().mark([float("nan")]) == [True]
+    assert SpikeRule().mark([1.0, float("inf"), 1.0]) == [False, True, False]
+
+
+def test_no_spike_before_enough_history():
+    assert SpikeRule(min_history=3).mark([1.0, 100.0, 1.0]) == [False, False, False]
+
+
+def test_factor_and_window_are_honoured():
+    losses = [1.0] * 5 + [1.6]
+    assert SpikeRule(factor=1.5).mark(losses)[-1]
+    assert not SpikeRule(factor=2.0).mark(losses)[-1]
+    # a window of 2 only remembers the last two losses (both 4.0), so 7.0 is no spike
+    assert not SpikeRule(window=2).mark([1.0, 1.0, 1.0, 4.0, 4.0, 7.0])[-1]
+    assert SpikeRule(window=20).mark([1.0, 1.0, 1.0, 4.0, 4.0, 7.0])[-1]
+
+
+def test_negative_losses_use_the_median_magnitude():
+    assert SpikeRule().mark([-10.0] * 5 + [-5.0]) == [False] * 6  # -5 > -10 but by less than |median|
+    assert SpikeRule().mark([-10.0] * 5 + [1.0])[-1]
+
+
+@pytest.mark.parametrize("factor,window", [(1.0, 20), (2.0, 0), (float("nan"), 5)])
+def test_bad_rule_parameters(factor, window):
+    with pytest.raises(GradwatchError):
+        SpikeRule(factor=factor, window=window)
+
+
+def make_rows(losses, norms, clipped_norm_cap=None):
+    rows = []
+    for i, (loss, norm) in enumerate(zip(losses, norms), start=1):
+        clipped = clipped_norm_cap is not None and norm > clipped_norm_cap
+        cn = clipped_norm_cap if clipped else norm
+        rows.append({"step": i, "epoch": 1, "loss": loss, "grad_norm": norm, "clipped_norm": cn,
+                     "clip_ratio": cn / norm if norm else 1.0, "clipped": clipped, "lr": 0.1,
+                     "nonfinite": not (math.isfinite(loss) and math.isfinite(norm)),
+                     "loss_spike": False, "time_ms": 2.0})
+    for row, spike in zip(rows, SpikeRule().mark(losses)):
+        row["loss_spike"] = spike
+    return rows
+
+
+def test_summary_matches_pandas():
+    rng = np.random.default_rng(0)
+    losses = list(5 + rng.random(50))
+    losses[20] = 30.0
+    losses[30] = float("nan")
+    norms = list(rng.lognormal(1, 1, 50))
+    rows = make_rows(losses, norms, clipped_norm_cap=3.0)
+    s = summarize(rows)
+    frame = pd.DataFrame(rows)
+    finite = frame[np.isfinite(frame["loss"])]
+    assert s["steps"] == 50
+    assert s["final_loss"] == pytest.approx(frame["loss"].tail(5).mean())
+    assert s["best_loss"] == pytest.approx(finite["loss"].min())
+    assert s["grad_norm_median"] == pytest.approx(frame["grad_norm"].median())
+    assert s["grad_norm_p95"] == pytest.approx(frame["grad_norm"].quantile(0.95))
+    assert s["grad_norm_max"] == pytest.approx(frame["grad_norm"].max())
+    assert s["pct_clipped"] == pytest.approx(100 * frame["clipped"].mean())
+    assert s["mean_clip_ratio"] == pytest.approx(frame["clip_ratio"].mean())
+    assert s["nonfinite"] == 1
+    assert s["spikes"] == int(frame["loss_spike"].sum()) >= 2
+    assert s["largest_jump"] == pytest.approx(frame["loss"].diff().max())
+    assert s["largest_jump_step"] == 21
+    assert s["wall_s"] == pytest.approx(0.1)
+
+
+def test_csv_round_trip_is_exact_and_escapes_formulas(tmp_path):
+    rows = make_rows([0.1 + 0.2, 1e-30, -3.5], [1 / 3, 2.0, float("inf")])
+    for row, clip in zip(rows, ["=cmd()", "+1", "@x"]):
+        row["clip"], row["threshold"] = clip, "none"
+    text = rows_to_csv(rows, ["clip", "threshold"] + COLUMNS)
+    assert "'=cmd()" in text and "'+1" in text and "'@x" in text
+    assert ",-3.5," in text  # numbers are never escaped
+    path = tmp_path / "rows.csv"
+    path.write_text(text)
+    back = read_rows(path)
+    assert [r["loss"] for r in back] == [r["loss"] for r in rows]
+    assert math.isinf(back[2]["grad_norm"])
+    assert [r["clip"] for r in back] == ["=cmd()", "+1", "@x"]
+
+
+def test_sink_keeps_the_old_file_on_discard_and_replaces_it_on_commit(tmp_path):
+    target = tmp_path / "steps.csv"
+    target.write_text("good old file\n")
+    sink = CsvSink(target, COLUMNS)
+    sink.write(make_rows([1.0], [1.0]))
+    assert target.read_text() == "good old file\n"  # nothing touched while running
+    sink.discard()
+    assert target.read_text() == "good old file\n"
+    assert list(tmp_path.iterdir()) == [target]  # no leftovers
+    sink = CsvSink(target, COLUMNS)
+    sink.write(make_rows([1.0, 2.0], [1.0, 1.0]))
+    sink.commit()
+    assert len(read_rows(target)) == 2
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_sink_refuses_missing_folder(tmp_path):
+    with pytest.raises(GradwatchError, match="does not exist"):
+        CsvSink(tmp_path / "nope" / "steps.csv", COLUMNS)
+
+
+def test_read_rows_names_missing_columns(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("step,loss\n1,2.0\n")
+    with pytest.raises(GradwatchError, match="missing columns epoch, grad_norm"):
+        read_rows(path)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(GradwatchError, match="empty"):
+        read_rows(tmp_path / "empty.csv")
+    (tmp_path / "bad.csv").write_text(",".join(COLUMNS) + "\n1,1,x,1,1,1,True,1,False,False,1\n")
+    with pytest.raises(GradwatchError, match="line 2"):
+        read_rows(tmp_path / "bad.csv")
