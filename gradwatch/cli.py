@@ -194,7 +194,7 @@ def run(
 
         console = _stdout()
         console.print(run_table(result.summary, f"gradwatch run: {_describe(spec)}, clip {clipping.label}"))
-        console.print(escape(run_verdict(result.summary, clipping.strategy, _threshold_text(clipping))))
+        console.print(escape(run_verdict(result.summary)))
     else:
         _emit_rows(result.rows, COLUMNS, format)
 
@@ -352,7 +352,7 @@ def report(
     if len(variants) == 1 and variants[0].clip == "run":
         v = variants[0]
         console.print(run_table(v.summary, f"gradwatch report: {file.name}"))
-        console.print(escape(run_verdict(v.summary, v.clip, v.threshold)))
+        console.print(escape(run_verdict(v.summary)))
     else:
         console.print(compare_table(variants, f"gradwatch report: {file.name}"))
         for line in compare_verdict(variants):

@@ -118,7 +118,8 @@ def summarize(rows: list[dict]) -> dict:
     grad_norm = np.array([r["grad_norm"] for r in rows], dtype=np.float64)
     ratio = np.array([r["clip_ratio"] for r in rows], dtype=np.float64)
     tail = max(1, int(math.ceil(n * 0.1))) if n else 0
-    jumps = np.diff(loss) if n > 1 else np.array([])
+    with np.errstate(invalid="ignore"):  # inf - inf next to a non-finite step: left out below
+        jumps = np.diff(loss) if n > 1 else np.array([])
     finite_jumps = np.where(np.isfinite(jumps), jumps, -np.inf)
     jump_at = int(np.argmax(finite_jumps)) if finite_jumps.size and np.isfinite(finite_jumps.max()) else None
     return {

@@ -69,7 +69,24 @@ def registry() -> dict[str, Sample]:
 
 
 def _extra_samples() -> list[Sample]:
-    return []
+    return [
+        Sample(
+            "rnn-adding",
+            "Vanilla tanh RNN on the adding problem (Pascanu et al. 2013): gradient bursts over 60 steps make the loss spike",
+            "gradwatch compare --sample rnn-adding --clip global --thresholds none,1",
+            "rnn_adding",
+            {},
+            {**load_builder("rnn_adding").run_defaults("default"), "steps": 200},
+        ),
+        Sample(
+            "deep-mlp",
+            "12-layer tanh MLP on a made-up table, SGD at lr 0.2: diverges to NaN unclipped, trains when clipped",
+            "gradwatch compare --sample deep-mlp --clip global,norm --thresholds none,1,5",
+            "deep_mlp",
+            {},
+            {**load_builder("deep_mlp").run_defaults("default"), "steps": 300},
+        ),
+    ]
 
 
 def get(name: str) -> Sample:

@@ -1,0 +1,157 @@
+"""`gradwatch compare` and `gradwatch report`: same footing for every variant, summaries, verdicts, plots."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import read_csv
+from gradwatch.records import COLUMNS, SpikeRule
+from gradwatch.report import Variant, compare_verdict
+
+BASE = ["--loss", "mse", "--batch-size", "16", "--steps", "10", "--lr", "0.3", "-q"]
+
+
+@pytest.mark.parametrize("order", [["--no-shuffle"], ["--shuffle", "--seed", "3"]])
+def test_each_variant_equals_its_solo_run(cli, keras_export_model, regression_npz, tmp_path, order):
+    long_csv = tmp_path / "long.csv"
+    code, out, err = cli("compare", keras_export_model, "--data", regression_npz, *BASE, *order,
+                         "--clip", "global,value", "--thresholds", "0.5,2", "--csv", long_csv)
+    assert code == 0, err
+    long = read_csv(long_csv)
+    variants = list(dict.fromkeys(zip(long["clip"], long["threshold"].astype(str))))
+    assert variants == [("none", "none"), ("global", "0.5"), ("global", "2"), ("value", "0.5"), ("value", "2")]
+    for clip, threshold in variants:
+        solo_csv = tmp_path / f"solo-{clip}-{threshold}.csv"
+        extra = [] if clip == "none" else ["--clip", clip, "--norm" if clip == "global" else "--value", threshold]
+        code, _, err = cli("run", keras_export_model, "--data", regression_npz, *BASE, *order, *extra, "--csv", solo_csv)
+        assert code == 0, err
+        solo = read_csv(solo_csv).drop(columns=["time_ms"])
+        part = long[(long["clip"] == clip) & (long["threshold"].astype(str) == threshold)]
+        part = part[COLUMNS].drop(columns=["time_ms"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, solo)
+
+
+def test_summary_csv_matches_pandas_recomputation(cli, keras_export_model, regression_npz, tmp_path):
+    long_csv, summary_csv = tmp_path / "long.csv", tmp_path / "summary.csv"
+    code, out, err = cli("compare", keras_export_model, "--data", regression_npz, *BASE,
+                         "--thresholds", "none,0.1,1", "--csv", long_csv, "--summary-csv", summary_csv)
+    assert code == 0, err
+    long, summary = read_csv(long_csv), read_csv(summary_csv)
+    assert len(summary) == 3
+    for (clip, threshold), part in long.groupby(["clip", "threshold"], sort=False):
+        row = summary[(summary["clip"] == clip) & (summary["threshold"].astype(str) == str(threshold))].iloc[0]
+        tail = max(1, math.ceil(len(part) * 0.1))
+        assert row["steps"] == len(part)
+        assert row["final_loss"] == pytest.approx(part["loss"].tail(tail).mean())
+        assert row["best_loss"] == pytest.approx(part["loss"].min())
+        assert row["spikes"] == part["loss_spike"].sum()
+        assert row["largest_jump"] == pytest.approx(part["loss"].diff().max())
+        assert row["nonfinite"] == part["nonfinite"].sum()
+        assert row["pct_clipped"] == pytest.approx(100 * part["clipped"].mean())
+        assert row["mean_clip_ratio"] == pytest.approx(part["clip_ratio"].mean())
+        assert row["grad_norm_median"] == pytest.approx(part["grad_norm"].median())
+        assert row["grad_norm_p95"] == pytest.approx(part["grad_norm"].quantile(0.95))
+        assert row["grad_norm_max"] == pytest.approx(part["grad_norm"].max())
+        assert row["wall_s"] == pytest.approx(part["time_ms"].sum() / 1000)
+    # the spike column follows the documented rule
+    for _, part in long.groupby(["clip", "threshold"]):
+        assert list(part["loss_spike"]) == SpikeRule().mark(part["loss"])
+
+
+def test_report_reproduces_the_live_summary_and_plots(cli, keras_export_model, regression_npz, tmp_path):
+    long_csv = tmp_path / "long.csv"
+    code, live, err = cli("compare", keras_export_model, "--data", regression_npz, *BASE,
+                          "--thresholds", "none,0.5", "--csv", long_csv)
+    assert code == 0, err
+    png = tmp_path / "plot.png"
+    code, again, err = cli("report", long_csv, "--plot", png)
+    assert code == 0, err
+    body = lambda text: text.split("\n", 1)[1]  # noqa: E731  (skip the title line, which names the source)
+    assert body(again) == body(live)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1000, 900)
+
+
+def test_report_of_a_run_csv(cli, module_model, regression_npz, tmp_path):
+    csv = tmp_path / "run.csv"
+    code, live, _ = cli("run", module_model, "--data", regression_npz, *BASE, "--csv", csv)
+    code, again, err = cli("report", csv)
+    assert code == 0, err
+    assert live.splitlines()[-1] == again.splitlines()[-1]  # the same verdict
+    assert "Verdict:" in again
+
+
+def test_report_rejects_bad_csvs(cli, tmp_path):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for args, expected in [
+        (["report", tmp_path / "other.csv"], "missing columns step, epoch, loss"),
+        (["report", tmp_path / "none.csv"], "no such file"),
+        (["report", tmp_path / "other.csv", "--plot", tmp_path / "x.jpg"], "PNG"),
+    ]:
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def _variant(clip, threshold, losses):
+    spikes = SpikeRule().mark(losses)
+    rows = [{"step": i + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0, "clip_ratio": 1.0,
+             "clipped": clip != "none", "lr": 1.0, "nonfinite": not math.isfinite(v), "loss_spike": s, "time_ms": 1.0}
+            for i, (v, s) in enumerate(zip(losses, spikes))]
+    return Variant(clip, threshold, rows)
+
+
+def test_verdict_names_the_jumping_baseline_and_the_calm_variant():
+    smooth = [5 * 0.98**k for k in range(60)]
+    jumping = list(smooth)
+    jumping[20], jumping[40] = 50.0, float("nan")
+    slower = [5 * 0.99**k for k in range(60)]
+    lines = compare_verdict([_variant("none", "none", jumping), _variant("global", "1", slower),
+                             _variant("global", "5", smooth)])
+    assert lines[0].startswith("Unclipped: loss is jumping: 2 spikes")
+    assert "Most stable: global 5 calms the loss" in lines[1]
+
+
+def test_verdict_says_when_clipping_only_slows_progress():
+    fast = [5 * 0.95**k for k in range(60)]
+    slow = [5 * 0.99**k for k in range(60)]
+    lines = compare_verdict([_variant("none", "none", fast), _variant("global", "1", slow)])
+    assert "loss is stable" in lines[0]
+    assert "clipping slows progress" in lines[1] and "global 1" in lines[1]
+
+
+def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, regression_npz, tmp_path):
+    csv = tmp_path / "long.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradwatch", "compare", str(keras_export_model), "--data", str(regression_npz),
+         "--loss", "mse", "--batch-size", "4", "--steps", "400", "--thresholds", "none,1,2,3", "--csv", str(csv)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr.readline().startswith("gradwatch: comparing")
+        deadline = time.time() + 120
+        # wait until the second variant has rows on disk (in the .partial file)
+        while time.time() < deadline:
+            partial = list(tmp_path.glob(".long.csv.*.partial"))
+            if partial and ",global,1," in "," + partial[0].read_text().replace("\n", ",") + ",":
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    rows = read_csv(csv)
+    assert (rows["clip"] == "none").sum() == 400
+    assert (rows["clip"] == "global").sum() >= 1
