@@ -200,6 +200,7 @@ class CsvSink:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give it a normal file's mode
         os.replace(self.tmp_path, self.path)
 
     def discard(self) -> None:
@@ -207,6 +208,12 @@ class CsvSink:
             return
         self._file.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def rows_to_csv(rows: list[dict], columns: list[str]) -> str:

@@ -120,6 +120,7 @@ def test_sink_keeps_the_old_file_on_discard_and_replaces_it_on_commit(tmp_path):
     sink.commit()
     assert len(read_rows(target)) == 2
     assert list(tmp_path.iterdir()) == [target]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_current_umask()  # not mkstemp's 0600
 
 
 def test_sink_refuses_missing_folder(tmp_path):
@@ -138,3 +139,11 @@ def test_read_rows_names_missing_columns(tmp_path):
     (tmp_path / "bad.csv").write_text(",".join(COLUMNS) + "\n1,1,x,1,1,1,True,1,False,False,1\n")
     with pytest.raises(GradwatchError, match="line 2"):
         read_rows(tmp_path / "bad.csv")
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
