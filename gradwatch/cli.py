@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -220,21 +221,29 @@ def _resolved(params: dict):
 
 def _train_one(spec, clipping, sink, quiet):
     from .session import prepare
+
     trainer = prepare(spec)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {trainer.total_steps} steps, clip {clipping.label}")
     progress = Progress(quiet, f"clip {clipping.label}")
-    try:
+    with _keep_rows_on_stop(sink, progress):
         return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
+
+
+@contextmanager
+def _keep_rows_on_stop(sink, progress):
+    """Ctrl-C or --on-nonfinite stop: keep the rows recorded so far in the CSV, then re-raise."""
+    try:
+        yield
     except Interrupted as stop:
         progress.close()
         if sink:
             sink.commit()
         kept = sum(len(r.rows) for r in stop.results)
         where = f" in {sink.path}" if sink else ""
-        _stderr().print(escape(f"gradwatch: interrupted; kept {kept} recorded rows{where}"))
+        _stderr().print(escape(f"gradwatch: interrupted; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
         raise
-    except NonFiniteStop as stop:
+    except NonFiniteStop:
         if sink:
             sink.commit()
         raise
@@ -315,22 +324,8 @@ def _train_many(spec, variants, sink, quiet):
     def advance(clipping, done, total):
         progress.update(done, total, f"clip {clipping.label}")
 
-    try:
+    with _keep_rows_on_stop(sink, progress):
         return compare_runs(trainer, variants, on_rows=write, on_progress=advance)
-    except Interrupted as stop:
-        progress.close()
-        if sink:
-            sink.commit()
-        kept = sum(len(r.rows) for r in stop.results)
-        where = f" in {sink.path}" if sink else ""
-        _stderr().print(escape(f"gradwatch: interrupted; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
-        raise
-    except NonFiniteStop:
-        if sink:
-            sink.commit()
-        raise
-    finally:
-        progress.close()
 
 
 @app.command()
