@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -105,7 +105,7 @@ def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) ->
     try:
         dataset = tf.data.Dataset.load(str(path))
     except (tf.errors.OpError, ValueError, OSError) as exc:
-        raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({_first_line(exc)})") from None
+        raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({first_line(exc)})") from None
     spec = dataset.element_spec
     if not (isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, tf.TensorSpec) for s in spec)):
         raise DataError(f"{path}: elements must be (x, y) pairs of tensors, found {spec}; save dataset.map(lambda ...: (x, y))")
@@ -210,11 +210,6 @@ def _checked(x: np.ndarray, y: np.ndarray, kind: str, path: Path) -> Dataset:
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
     return Dataset(x, y, kind, str(path))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- batch order ----------------------------------------------------------------------------

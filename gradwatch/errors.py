@@ -36,3 +36,9 @@ class Interrupted(Exception):
 def one_line(message: str) -> str:
     """Fold a message onto one line (error texts from TF and files may contain newlines)."""
     return " ".join(str(message).split())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), to quote in an error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

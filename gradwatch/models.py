@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 ENDPOINT_ORDER = ("__call__", "serve", "serving_default")
 
@@ -69,7 +69,7 @@ def _load_keras(p: Path) -> LoadedModel:
     try:
         model = keras.saving.load_model(str(p), safe_mode=True)
     except Exception as exc:  # Keras raises many types for bad archives and unsafe content
-        raise ModelError(f"cannot load {p} ({_first_line(exc)}); re-save it with Keras 3 model.save()") from None
+        raise ModelError(f"cannot load {p} ({first_line(exc)}); re-save it with Keras 3 model.save()") from None
     if not model.trainable_variables:
         raise ModelError(f"{p} has no trainable variables; set layer.trainable = True before saving")
     own_loss = None
@@ -102,7 +102,7 @@ def _load_saved_model(p: Path, endpoint: str | None, output: str | None) -> Load
     try:
         obj = tf.saved_model.load(str(p))
     except Exception as exc:  # corrupted protos, missing ops, unreadable variables
-        raise ModelError(f"cannot load SavedModel {p} ({_first_line(exc)})") from None
+        raise ModelError(f"cannot load SavedModel {p} ({first_line(exc)})") from None
 
     name, fn, concrete = _pick_endpoint(obj, endpoint)
     own_loss = getattr(obj, "loss", None)
@@ -215,8 +215,3 @@ def _unique(variables) -> list:
             seen.add(key)
             out.append(v)
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

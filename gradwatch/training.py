@@ -18,7 +18,7 @@ import numpy as np
 
 from . import data as data_mod
 from .clipping import Clipping, dedupe, global_norm
-from .errors import DataError, Interrupted, ModelError, NonFiniteStop, OptionError
+from .errors import DataError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import SpikeRule, clip_ratio, summarize
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
@@ -205,7 +205,7 @@ class Trainer:
             raise
         except Exception as exc:  # TF raises ValueError/TypeError/InvalidArgumentError for mismatches
             raise DataError(
-                f"the model cannot compute the loss on this data: {_first_line(exc)}; check --loss, --target and the shapes"
+                f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
             ) from None
         if concrete.structured_outputs.shape.rank not in (0, None):
             raise ModelError(f"the loss must be a scalar, got shape {concrete.structured_outputs.shape}; reduce it to one number")
@@ -361,8 +361,3 @@ def _second_input(fn):
 
 def _name(variable) -> str:
     return getattr(variable, "path", None) or getattr(variable, "name", "?")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
