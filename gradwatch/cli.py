@@ -65,7 +65,7 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [d
 LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False)]
 DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
 OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights as they were and go on; stop: exit 3 after writing the rows so far.  [default: skip]", show_default=False)]
-FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps.  [default: 1]", show_default=False)]
+FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
 XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
 SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
@@ -223,6 +223,7 @@ def _train_one(spec, clipping, sink, quiet):
     from .session import prepare
 
     trainer = prepare(spec)
+    trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {trainer.total_steps} steps, clip {clipping.label}")
     progress = Progress(quiet, f"clip {clipping.label}")
@@ -311,6 +312,8 @@ def _train_many(spec, variants, sink, quiet):
     from .training import compare as compare_runs
 
     trainer = prepare(spec)
+    for clipping in variants:
+        trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     labels = ", ".join(v.label for v in variants)
     _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {trainer.total_steps} steps each")

@@ -17,7 +17,6 @@ DEFAULTS = {
     "lr": 0.01,
     "decay_after_epoch": 1,
     "on_nonfinite": "skip",
-    "fetch_every": 1,
     "xla": False,
     "spike_factor": 2.0,
     "spike_window": 20,

@@ -11,14 +11,17 @@ variant of a comparison) starts from that snapshot and sees the same batches.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import data as data_mod
 from .clipping import Clipping, dedupe, global_norm
-from .errors import DataError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
+from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import SpikeRule, clip_ratio, summarize
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
@@ -45,7 +48,7 @@ class TrainOptions:
     lr_decay: float | None = None
     decay_after_epoch: int = 1
     on_nonfinite: str = "skip"
-    fetch_every: int = 1
+    fetch_every: int | None = None  # None: auto (see _next_block)
     xla: bool = False
     spike_rule: SpikeRule = field(default_factory=SpikeRule)
 
@@ -61,7 +64,7 @@ class TrainOptions:
              f"`--lr-decay` must be > 0. Received: lr_decay={self.lr_decay}"),
             (self.decay_after_epoch >= 0, f"`--decay-after-epoch` must be >= 0. Received: {self.decay_after_epoch}"),
             (self.on_nonfinite in ("skip", "stop"), f"`--on-nonfinite` must be skip or stop. Received: {self.on_nonfinite}"),
-            (self.fetch_every >= 1, f"`--fetch-every` must be >= 1. Received: fetch_every={self.fetch_every}"),
+            (self.fetch_every is None or self.fetch_every >= 1, f"`--fetch-every` must be >= 1. Received: fetch_every={self.fetch_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -143,12 +146,21 @@ def _shape(dims) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in dims) + ")"
 
 
+AUTO_BLOCK_SECONDS = 0.25  # --fetch-every auto: aim for one device-to-host fetch per this much training
+AUTO_BLOCK_MAX = 1000
+
+
 class Trainer:
-    """Holds the model, optimizer and data, and runs one clipping variant at a time."""
+    """Holds the model, optimizer and data, and runs one clipping variant at a time.
+
+    Steps run in blocks: one ``tf.function`` call runs a ``tf.while_loop`` of up to N steps,
+    pulling batches from a prefetching ``tf.data`` pipeline and keeping each step's values in
+    ``TensorArray``s on the device; the host fetches them once per block (``--fetch-every``)
+    and still writes one row per step. Each strategy is traced once, with fixed input
+    signatures: thresholds, block lengths and learning rates are tensors.
+    """
 
     def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None):
-        import tensorflow as tf
-
         self.model = model
         self.options = options
         if loss is None and model.own_loss is None:
@@ -173,62 +185,94 @@ class Trainer:
         else:
             self.total_steps = (options.epochs or 1) * self.steps_per_epoch
 
-        x0 = tf.constant(self.data.x[: options.batch_size])
-        y0 = tf.constant(self.data.y[: options.batch_size])
-        self.used, self.skipped = self._split_by_gradient(x0, y0)
+        # Built for every trainable variable, so that no separate trace is needed to find the
+        # ones the loss does not reach; those get no gradient and the optimizer never sees them.
         self.optimizer = make_optimizer(options.optimizer, options.lr)
-        self.optimizer.build(self.used)
+        self.optimizer.build(model.trainable)
+        self.used: list | None = None  # variables with a gradient, known after the first trace
+        self.skipped: list[str] = []
+        self.traces = 0  # how often a block was traced: once per strategy (tests check it)
         self._state = list(model.variables) + list(self.optimizer.variables)
         self._initial = [v.numpy() for v in self._state]
-        self._steps: dict[str, object] = {}
+        self._blocks: dict[str, object] = {}
+        self._tensors = None
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _split_by_gradient(self, x0, y0):
-        """Trace (not run) the gradient once to find variables the loss does not reach."""
+    def trace(self, strategy) -> None:
+        """Trace the block of ``strategy`` now (errors and unreached variables show up early)."""
+        self._block_for(strategy)
+
+    def _block_for(self, strategy):
+        """The traced block of ``strategy``: a ``tf.while_loop`` of up to ``n`` steps."""
         import tensorflow as tf
 
-        trainable = self.model.trainable
-        has_grad: list[bool] = []
+        if strategy.name in self._blocks:
+            return self._blocks[strategy.name]
+        step = self._step_fn(strategy)
+        if self.options.xla:
+            # tf.data's iterator cannot be XLA-compiled, the step inside the loop can.
+            step = tf.function(step, jit_compile=True, autograph=False)
+        learning_rate = self.optimizer.learning_rate
 
-        def probe(x, y):
-            with tf.GradientTape() as tape:
-                loss = self.objective(x, y)
-            has_grad[:] = [g is not None for g in tape.gradient(loss, trainable)]
-            return loss
-
-        try:
-            concrete = tf.function(probe).get_concrete_function(
-                tf.TensorSpec.from_tensor(x0), tf.TensorSpec.from_tensor(y0)
+        def block(iterator, n, threshold, state, stop_on_nonfinite):
+            self.traces += 1
+            arrays = tuple(
+                tf.TensorArray(dtype, size=n, element_shape=())
+                for dtype in (tf.float32, tf.float64, tf.float64, tf.bool, tf.bool)
             )
-        except (ModelError, OptionError):
+
+            def body(i, state, stop, arrays):
+                x, y, lr = iterator.get_next()
+                learning_rate.assign(lr)
+                *values, state = step(x, y, threshold, state)
+                arrays = tuple(a.write(i, v) for a, v in zip(arrays, values))
+                finite = values[-1]
+                return i + 1, state, stop_on_nonfinite & tf.logical_not(finite), arrays
+
+            def more(i, state, stop, arrays):
+                return (i < n) & tf.logical_not(stop)
+
+            done, state, _, arrays = tf.while_loop(more, body, (tf.constant(0), state, tf.constant(False), arrays))
+            return done, tuple(a.stack() for a in arrays), state
+
+        traced = tf.function(block, autograph=False)
+        state = self._initial_state(strategy)
+        tf.random.set_seed(self.options.seed)
+        try:
+            traced.get_concrete_function(
+                iter(self._dataset()), tf.constant(1), tf.constant(0.0), state, tf.constant(False)
+            )
+        except GradwatchError:
             raise
         except Exception as exc:  # TF raises ValueError/TypeError/InvalidArgumentError for mismatches
             raise DataError(
                 f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
             ) from None
-        if concrete.structured_outputs.shape.rank not in (0, None):
-            raise ModelError(f"the loss must be a scalar, got shape {concrete.structured_outputs.shape}; reduce it to one number")
-        used = [v for v, g in zip(trainable, has_grad) if g]
-        skipped = [_name(v) for v, g in zip(trainable, has_grad) if not g]
-        if not used:
-            raise ModelError(f"the loss of {self.model.path} does not depend on any trainable variable; check the endpoint")
-        return used, skipped
+        self._blocks[strategy.name] = traced
+        return traced
 
-    def _step_for(self, strategy):
+    def _step_fn(self, strategy):
+        """One step as a Python function of tensors: tape -> grads -> clip -> apply -> values."""
         import tensorflow as tf
 
-        if strategy.name in self._steps:
-            return self._steps[strategy.name]
-        used, optimizer, objective = self.used, self.optimizer, self.objective
+        trainable, optimizer, objective = self.model.trainable, self.optimizer, self.objective
 
         def step(x, y, threshold, state):
             with tf.GradientTape() as tape:
-                loss = tf.cast(objective(x, y), tf.float32)
-            grads = [dedupe(g) for g in tape.gradient(loss, used)]
+                loss = objective(x, y)
+            if loss.shape.rank not in (0, None):
+                raise ModelError(f"the loss must be a scalar, got shape {loss.shape}; reduce it to one number")
+            all_grads = tape.gradient(loss, trainable)
+            used = [v for v, g in zip(trainable, all_grads) if g is not None]
+            if not used:
+                raise ModelError(f"the loss of {self.model.path} does not depend on any trainable variable; check the endpoint")
+            self._note_used(used)
+            grads = [dedupe(g) for g in all_grads if g is not None]
             grad_norm = global_norm(grads)
             result = strategy.apply(grads, threshold, used, state)
             clipped_norm = global_norm(result.grads)
+            loss = tf.cast(loss, tf.float32)
             finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
 
             def update():
@@ -236,11 +280,91 @@ class Trainer:
                 return tf.constant(True)
 
             tf.cond(finite, update, lambda: tf.constant(False))
-            return loss, grad_norm, clipped_norm, result.clipped, finite, result.state
+            norms = (tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64))
+            return (loss, *norms, result.clipped, finite, result.state)
 
-        traced = tf.function(step, jit_compile=self.options.xla or None)
-        self._steps[strategy.name] = traced
-        return traced
+        return step
+
+    def _note_used(self, used) -> None:
+        if self.used is None:
+            self.used = list(used)
+            ids = {id(v) for v in used}
+            self.skipped = [_name(v) for v in self.model.trainable if id(v) not in ids]
+
+    def _initial_state(self, strategy):
+        """``strategy.init`` over the variables that get a gradient.
+
+        Stateless strategies (TensorFlow's clippers) return ``()`` whatever the variables; a
+        strategy with state needs the used variables before its first trace, found by tracing
+        the gradient alone once.
+        """
+        if self.used is None:
+            state = strategy.init(self.model.trainable)
+            if state == ():
+                return state
+            self._find_used()
+        return strategy.init(self.used)
+
+    def _find_used(self) -> None:
+        import tensorflow as tf
+
+        def probe(x, y):
+            with tf.GradientTape() as tape:
+                loss = self.objective(x, y)
+            grads = tape.gradient(loss, self.model.trainable)
+            self._note_used([v for v, g in zip(self.model.trainable, grads) if g is not None])
+            return loss
+
+        x0, y0 = self._batch_specs()
+        try:
+            tf.function(probe, autograph=False).get_concrete_function(x0, y0)
+        except GradwatchError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
+            ) from None
+
+    def _batch_specs(self):
+        import tensorflow as tf
+
+        size = self.options.batch_size
+        return (
+            tf.TensorSpec((size,) + self.data.x.shape[1:], tf.as_dtype(self.data.x.dtype)),
+            tf.TensorSpec((size,) + self.data.y.shape[1:], tf.as_dtype(self.data.y.dtype)),
+        )
+
+    def _dataset(self):
+        """Batches of every step as a prefetching tf.data pipeline: ``(x, y, learning rate)``.
+
+        Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the same rows
+        :func:`gradwatch.data.batches` yields; the row order of an epoch is made on the host
+        once per epoch, the gathering runs in tf.data's threads ahead of the training step.
+        """
+        import tensorflow as tf
+
+        options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
+        if self._tensors is None:
+            with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
+                self._tensors = (tf.constant(self.data.x), tf.constant(self.data.y))
+        x, y = self._tensors
+        epochs = -(-self.total_steps // per)
+        rates = tf.constant([options.lr_at(e) for e in range(1, epochs + 1)], tf.float32)
+        n_rows = len(self.data)
+
+        def orders():
+            for epoch in range(1, epochs + 1):
+                order = data_mod.epoch_order(n_rows, epoch, options.shuffle, options.seed)
+                yield order[: per * size].reshape(per, size).astype(np.int64)
+
+        rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
+        steps = tf.data.Dataset.range(self.total_steps)
+        pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
+        batches = pairs.map(
+            lambda s, r: (tf.gather(x, r), tf.gather(y, r), tf.gather(rates, s // per)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        return batches.prefetch(tf.data.AUTOTUNE)
 
     def reset(self) -> None:
         """Put every model and optimizer variable back to its value after set-up."""
@@ -259,79 +383,99 @@ class Trainer:
         import tensorflow as tf
 
         options = self.options
+        block = self._block_for(clipping.impl)
         self.reset()
         tf.random.set_seed(options.seed)
-        step_fn = self._step_for(clipping.impl)
         threshold = tf.constant(clipping.threshold or 0.0, tf.float32)
-        state = clipping.impl.init(self.used)
+        state = self._initial_state(clipping.impl)
+        stop_on_nonfinite = tf.constant(options.on_nonfinite == "stop")
         detector = options.spike_rule.detector()
-        stop_on_nonfinite = options.on_nonfinite == "stop"
-        fetch_every = 1 if stop_on_nonfinite else options.fetch_every
         result = RunResult(clipping, [])
-        pending: list = []
-        block_start = time.perf_counter()
-        lr = None
-
-        def flush():
-            nonlocal block_start, pending
-            if not pending:
-                return []
-            fetched = [[t.numpy() for t in out] for *_, out in pending]
-            per_step_ms = (time.perf_counter() - block_start) * 1000.0 / len(pending)
-            rows = [
-                self._row(step_no, epoch, step_lr, values, detector, per_step_ms)
-                for (step_no, epoch, step_lr, _), values in zip(pending, fetched)
-            ]
-            pending = []
-            block_start = time.perf_counter()
-            result.rows.extend(rows)
-            if on_rows:
-                on_rows(rows)
-            if on_progress:
-                on_progress(len(result.rows), self.total_steps)
-            return rows
-
-        batches = data_mod.batches(self.data, options.batch_size, self.total_steps, options.shuffle, options.seed)
+        iterator = iter(self._dataset())
+        size = options.fetch_every or 1
         try:
-            for step_no, (epoch, xb, yb) in enumerate(batches, start=1):
-                step_lr = options.lr_at(epoch)
-                if step_lr != lr:
-                    self.optimizer.learning_rate = step_lr
-                    lr = step_lr
-                *out, state = step_fn(tf.constant(xb), tf.constant(yb), threshold, state)
-                pending.append((step_no, epoch, lr, out))
-                if len(pending) >= fetch_every:
-                    rows = flush()
-                    if stop_on_nonfinite and rows and rows[-1]["nonfinite"]:
-                        result.stopped = "nonfinite"
-                        error = NonFiniteStop(
-                            f"step {rows[-1]['step']}: loss or gradient is not finite; stopped as --on-nonfinite stop "
-                            "asks (use --on-nonfinite skip to go on, or lower --lr / clip harder)"
-                        )
-                        error.result = result
-                        raise error
-            flush()
+            with _deferred_interrupt() as interrupted:
+                while len(result.rows) < self.total_steps and not interrupted():
+                    size = min(size, self.total_steps - len(result.rows))
+                    start = time.perf_counter()
+                    done, arrays, state = block(iterator, tf.constant(size), threshold, state, stop_on_nonfinite)
+                    done = int(done)
+                    columns = [a.numpy()[:done].tolist() for a in arrays]
+                    seconds = (time.perf_counter() - start) / max(done, 1)
+                    rows = self._rows(len(result.rows), columns, detector, seconds * 1000.0)
+                    result.rows.extend(rows)
+                    if on_rows:
+                        on_rows(rows)
+                    if on_progress:
+                        on_progress(len(result.rows), self.total_steps)
+                    if rows and rows[-1]["nonfinite"] and options.on_nonfinite == "stop":
+                        raise self._nonfinite_stop(result)
+                    if options.fetch_every is None:
+                        size = _next_block(size, seconds)
+                if interrupted():
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
-            flush()
             result.stopped = "interrupted"
             raise Interrupted([result]) from None
         return result
 
-    def _row(self, step_no, epoch, lr, values, detector, time_ms) -> dict:
-        loss, grad_norm, clipped_norm, clipped, finite = (v.item() for v in values)
-        return {
-            "step": step_no,
-            "epoch": epoch,
-            "loss": float(loss),
-            "grad_norm": float(grad_norm),
-            "clipped_norm": float(clipped_norm),
-            "clip_ratio": clip_ratio(float(grad_norm), float(clipped_norm)),
-            "clipped": bool(clipped),
-            "lr": float(lr),
-            "nonfinite": not bool(finite),
-            "loss_spike": detector.update(float(loss)),
-            "time_ms": time_ms,
-        }
+    @staticmethod
+    def _nonfinite_stop(result: RunResult) -> NonFiniteStop:
+        result.stopped = "nonfinite"
+        error = NonFiniteStop(
+            f"step {result.rows[-1]['step']}: loss or gradient is not finite; stopped as --on-nonfinite stop "
+            "asks (use --on-nonfinite skip to go on, or lower --lr / clip harder)"
+        )
+        error.result = result
+        return error
+
+    def _rows(self, before: int, columns, detector, time_ms: float) -> list[dict]:
+        """One row per step of a fetched block; step numbers continue after ``before``."""
+        rows = []
+        for k, (loss, grad_norm, clipped_norm, clipped, finite) in enumerate(zip(*columns)):
+            step_no = before + k + 1
+            epoch = (step_no - 1) // self.steps_per_epoch + 1
+            rows.append({
+                "step": step_no,
+                "epoch": epoch,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "clipped_norm": clipped_norm,
+                "clip_ratio": clip_ratio(grad_norm, clipped_norm),
+                "clipped": clipped,
+                "lr": float(self.options.lr_at(epoch)),
+                "nonfinite": not finite,
+                "loss_spike": detector.update(loss),
+                "time_ms": time_ms,
+            })
+        return rows
+
+
+def _next_block(size: int, seconds_per_step: float) -> int:
+    """--fetch-every auto: grow the block (at most doubling) towards AUTO_BLOCK_SECONDS."""
+    if seconds_per_step <= 0:
+        return min(size * 2, AUTO_BLOCK_MAX)
+    wanted = int(AUTO_BLOCK_SECONDS / seconds_per_step)
+    return max(1, min(wanted, size * 2, AUTO_BLOCK_MAX))
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Ctrl-C during a block sets a flag instead of raising inside TensorFlow's call.
+
+    The block then finishes, its rows are recorded, and the loop stops with
+    :class:`Interrupted`: nothing that was computed is lost. Outside the main thread (where
+    signal handlers cannot be set) Ctrl-C raises as usual.
+    """
+    seen = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None) -> list[RunResult]:

@@ -179,7 +179,7 @@ def test_nonfinite_step_is_marked_and_skipped(module_model, data_dir):
     path = data_dir / "with_nan.npz"
     np.savez(path, x=x, y=np.ones((8, 1), np.float32))
     trainer = prepare(resolve(RunSpec(model=str(module_model), data=str(path), loss="mse", batch_size=4, steps=3,
-                                      shuffle=False, lr=0.1)))
+                                      shuffle=False, lr=0.1, fetch_every=1)))
     seen = []
 
     def snapshot(rows):
