@@ -22,7 +22,7 @@ import numpy as np
 from . import data as data_mod
 from .clipping import Clipping, dedupe, global_norm
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
-from .records import SpikeRule, clip_ratio, summarize
+from .records import RowStore, SpikeRule, clip_ratio, summarize
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
 LOSSES = {
@@ -80,7 +80,7 @@ class TrainOptions:
 @dataclass
 class RunResult:
     clipping: Clipping
-    rows: list[dict]
+    rows: RowStore  # reads like a list of row dicts
     stopped: str = "finished"  # "finished", "nonfinite" or "interrupted"
 
     @property
@@ -390,7 +390,7 @@ class Trainer:
         state = self._initial_state(clipping.impl)
         stop_on_nonfinite = tf.constant(options.on_nonfinite == "stop")
         detector = options.spike_rule.detector()
-        result = RunResult(clipping, [])
+        result = RunResult(clipping, RowStore())
         iterator = iter(self._dataset())
         size = options.fetch_every or 1
         try:

@@ -133,3 +133,16 @@ def test_debug_variable_shows_the_traceback(module_model, regression_npz):
     )
     assert done.returncode != 0
     assert "Traceback" in done.stderr
+
+
+def test_installed_entry_point_flushes_everything_before_its_fast_exit(module_model, regression_npz):
+    """The `gradwatch` process skips TensorFlow's slow teardown (os._exit): output and codes must survive."""
+    base = [sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz), "-q"]
+    done = subprocess.run(base + ["--loss", "mse", "--batch-size", "4", "--steps", "23", "--format", "csv"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("step,epoch,loss") and len(lines) == 24
+    bad = subprocess.run(base + ["--loss", "mse", "--batch-size", "500"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2  # found after TensorFlow was imported
+    assert bad.stderr.strip().count("\n") == 0 and "lower --batch-size" in bad.stderr

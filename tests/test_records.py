@@ -147,3 +147,23 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_row_store_reads_like_the_list_of_rows_it_was_given():
+    """Runs keep rows column-wise; what comes back (and its summary) equals the rows put in."""
+    from gradwatch.records import RowStore, summarize
+
+    rng = np.random.default_rng(1)
+    rows = [{"step": i, "epoch": 1 + i // 7, "loss": float(rng.normal()), "grad_norm": float(abs(rng.normal())),
+             "clipped_norm": 0.5, "clip_ratio": float(rng.uniform()), "clipped": bool(i % 2), "lr": 0.1,
+             "nonfinite": i == 5, "loss_spike": i in (3, 5), "time_ms": 1.25} for i in range(1, 30)]
+    rows[4]["loss"] = float("nan")
+    store = RowStore()
+    store.extend(rows[:10])
+    store.extend(rows[10:])
+    assert len(store) == len(rows)
+    assert all(type(store[i]["clipped"]) is bool and type(store[i]["step"]) is int for i in range(len(rows)))
+    got = list(store)
+    assert str(got) == str(rows)  # NaN != NaN, so compare the text
+    assert store[-1] == rows[-1] and str(store[3:6]) == str(rows[3:6])
+    assert str(summarize(store)) == str(summarize(rows))
