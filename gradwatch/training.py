@@ -488,6 +488,8 @@ def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progres
             results.append(trainer.run(clipping, forward, progress))
         except Interrupted as stop:
             raise Interrupted(results + stop.results) from None
+        except KeyboardInterrupt:  # between two variants: keep the finished ones
+            raise Interrupted(results) from None
     return results
 
 
