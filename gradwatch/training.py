@@ -239,16 +239,10 @@ class Trainer:
         traced = tf.function(block, autograph=False)
         state = self._initial_state(strategy)
         tf.random.set_seed(self.options.seed)
-        try:
+        with _loss_errors():
             traced.get_concrete_function(
                 iter(self._dataset()), tf.constant(1), tf.constant(0.0), state, tf.constant(False)
             )
-        except GradwatchError:
-            raise
-        except Exception as exc:  # TF raises ValueError/TypeError/InvalidArgumentError for mismatches
-            raise DataError(
-                f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
-            ) from None
         self._blocks[strategy.name] = traced
         return traced
 
@@ -316,14 +310,8 @@ class Trainer:
             return loss
 
         x0, y0 = self._batch_specs()
-        try:
+        with _loss_errors():
             tf.function(probe, autograph=False).get_concrete_function(x0, y0)
-        except GradwatchError:
-            raise
-        except Exception as exc:
-            raise DataError(
-                f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
-            ) from None
 
     def _batch_specs(self):
         import tensorflow as tf
@@ -457,6 +445,19 @@ def _next_block(size: int, seconds_per_step: float) -> int:
         return min(size * 2, AUTO_BLOCK_MAX)
     wanted = int(AUTO_BLOCK_SECONDS / seconds_per_step)
     return max(1, min(wanted, size * 2, AUTO_BLOCK_MAX))
+
+
+@contextmanager
+def _loss_errors():
+    """Tracing the loss on the data: TF's shape and dtype complaints become one DataError line."""
+    try:
+        yield
+    except GradwatchError:
+        raise
+    except Exception as exc:  # TF raises ValueError/TypeError/InvalidArgumentError for mismatches
+        raise DataError(
+            f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
+        ) from None
 
 
 @contextmanager

@@ -102,3 +102,34 @@ def test_auto_block_size_grows_towards_a_quarter_second():
     assert _next_block(1, 0.001) == 2  # at most doubling
     assert _next_block(64, 0.01) == 25  # 0.25 s of 10 ms steps
     assert _next_block(AUTO_BLOCK_MAX, 1e-6) == AUTO_BLOCK_MAX
+
+
+def test_a_strategy_with_state_gets_it_for_the_variables_with_gradients(module_model, regression_npz, monkeypatch):
+    """A stateful strategy (an Optax-style running maximum of the norm) gets init() over the used
+    variables, found by tracing the gradient first, and its state is carried from step to step."""
+    import tensorflow as tf
+
+    from gradwatch import clipping
+
+    class RunningMaxNorm:
+        name, option, summary = "running-max", "norm", "clip to the largest norm of the earlier steps, at most N"
+
+        def init(self, variables):
+            return (tf.constant(float("inf")), tf.constant(len(variables), tf.int32))
+
+        def apply(self, grads, threshold, variables, state):
+            seen, count = state
+            norm = clipping.global_norm(grads)
+            cap = tf.minimum(seen, threshold)
+            clipped, _ = tf.clip_by_global_norm(grads, cap)
+            new_seen = tf.where(tf.math.is_inf(seen), norm, tf.maximum(seen, norm))
+            return clipping.ClipResult(list(clipped), norm > cap, (new_seen, count))
+
+    monkeypatch.setitem(clipping.STRATEGIES, "running-max", RunningMaxNorm())
+    trainer = trainer_for(module_model, regression_npz, steps=6, shuffle=False, fetch_every=2, lr=1.5)
+    rows = trainer.run(clipping.Clipping("running-max", 100.0)).rows
+    assert len(trainer.used) == 2 and trainer.skipped == []
+    norms = [r["grad_norm"] for r in rows]
+    expected = [norms[0]] + [min(norms[k], max(norms[:k])) for k in range(1, 6)]
+    np.testing.assert_allclose([r["clipped_norm"] for r in rows], expected, rtol=1e-6)
+    assert any(r["clipped"] for r in rows)  # the state carried across blocks of 2 did bind
