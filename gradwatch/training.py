@@ -195,7 +195,7 @@ class Trainer:
         self._state = list(model.variables) + list(self.optimizer.variables)
         self._initial = [v.numpy() for v in self._state]
         self._blocks: dict[str, object] = {}
-        self._tensors = None
+        self._pipeline = None  # the tf.data pipeline, built on first use
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -250,19 +250,11 @@ class Trainer:
         """One step as a Python function of tensors: tape -> grads -> clip -> apply -> values."""
         import tensorflow as tf
 
-        trainable, optimizer, objective = self.model.trainable, self.optimizer, self.objective
+        optimizer = self.optimizer
 
         def step(x, y, threshold, state):
-            with tf.GradientTape() as tape:
-                loss = objective(x, y)
-            if loss.shape.rank not in (0, None):
-                raise ModelError(f"the loss must be a scalar, got shape {loss.shape}; reduce it to one number")
-            all_grads = tape.gradient(loss, trainable)
-            used = [v for v, g in zip(trainable, all_grads) if g is not None]
-            if not used:
-                raise ModelError(f"the loss of {self.model.path} does not depend on any trainable variable; check the endpoint")
-            self._note_used(used)
-            grads = [dedupe(g) for g in all_grads if g is not None]
+            loss, grads, used = self._loss_and_grads(x, y)
+            grads = [dedupe(g) for g in grads]
             grad_norm = global_norm(grads)
             result = strategy.apply(grads, threshold, used, state)
             clipped_norm = global_norm(result.grads)
@@ -279,11 +271,27 @@ class Trainer:
 
         return step
 
-    def _note_used(self, used) -> None:
+    def _loss_and_grads(self, x, y):
+        """Loss, and the gradients of the variables it reaches with those variables (traced code).
+
+        The first trace records which variables get a gradient (``used``) and which do not.
+        """
+        import tensorflow as tf
+
+        trainable = self.model.trainable
+        with tf.GradientTape() as tape:
+            loss = self.objective(x, y)
+        if loss.shape.rank not in (0, None):
+            raise ModelError(f"the loss must be a scalar, got shape {loss.shape}; reduce it to one number")
+        pairs = [(g, v) for g, v in zip(tape.gradient(loss, trainable), trainable) if g is not None]
+        if not pairs:
+            raise ModelError(f"the loss of {self.model.path} does not depend on any trainable variable; check the endpoint")
+        used = [v for _, v in pairs]
         if self.used is None:
-            self.used = list(used)
+            self.used = used
             ids = {id(v) for v in used}
-            self.skipped = [_name(v) for v in self.model.trainable if id(v) not in ids]
+            self.skipped = [_name(v) for v in trainable if id(v) not in ids]
+        return loss, [g for g, _ in pairs], used
 
     def _initial_state(self, strategy):
         """``strategy.init`` over the variables that get a gradient.
@@ -303,11 +311,7 @@ class Trainer:
         import tensorflow as tf
 
         def probe(x, y):
-            with tf.GradientTape() as tape:
-                loss = self.objective(x, y)
-            grads = tape.gradient(loss, self.model.trainable)
-            self._note_used([v for v, g in zip(self.model.trainable, grads) if g is not None])
-            return loss
+            return self._loss_and_grads(x, y)[0]
 
         x0, y0 = self._batch_specs()
         with _loss_errors():
@@ -331,11 +335,11 @@ class Trainer:
         """
         import tensorflow as tf
 
+        if self._pipeline is not None:  # every run iterates it afresh from its first batch
+            return self._pipeline
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
-        if self._tensors is None:
-            with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
-                self._tensors = (tf.constant(self.data.x), tf.constant(self.data.y))
-        x, y = self._tensors
+        with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
+            x, y = tf.constant(self.data.x), tf.constant(self.data.y)
         epochs = -(-self.total_steps // per)
         rates = tf.constant([options.lr_at(e) for e in range(1, epochs + 1)], tf.float32)
         n_rows = len(self.data)
@@ -352,7 +356,8 @@ class Trainer:
             lambda s, r: (tf.gather(x, r), tf.gather(y, r), tf.gather(rates, s // per)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        return batches.prefetch(tf.data.AUTOTUNE)
+        self._pipeline = batches.prefetch(tf.data.AUTOTUNE)
+        return self._pipeline
 
     def reset(self) -> None:
         """Put every model and optimizer variable back to its value after set-up."""
