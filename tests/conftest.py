@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -204,3 +207,20 @@ def tree_digest(path: Path) -> dict:
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+
+def interrupt_gradwatch(args: list, when_ready) -> tuple[int, str]:
+    """Run ``python -m gradwatch ARGS``, call ``when_ready(proc)`` (it waits and checks what it
+    needs), press Ctrl-C (SIGINT) and return the exit code and stderr; never leaves it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradwatch", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        when_ready(proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import read_csv, tree_digest
+from conftest import interrupt_gradwatch, read_csv, tree_digest
 
 
 def one_line_error(code, out, err):
@@ -101,21 +100,14 @@ def test_python_dash_m_and_version():
 def test_ctrl_c_keeps_recorded_rows(module_model, regression_npz, tmp_path):
     csv = tmp_path / "steps.csv"
     before = tree_digest(module_model)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz), "--loss", "mse",
-         "--batch-size", "4", "--steps", "10000000", "--csv", str(csv)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    def after_two_seconds_of_training(proc):
         start_line = proc.stderr.readline()  # gradwatch's first stderr line: training starts
         assert start_line.startswith("gradwatch: training"), start_line
         time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+
+    code, err = interrupt_gradwatch(["run", module_model, "--data", regression_npz, "--loss", "mse", "--batch-size", 4,
+                                     "--steps", 10000000, "--csv", csv], after_two_seconds_of_training)
+    assert code == 130, err
     assert "Traceback" not in err
     assert "interrupted; kept" in err
     rows = read_csv(csv)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import read_csv
+from conftest import interrupt_gradwatch, read_csv
 from gradwatch.records import COLUMNS, SpikeRule
 from gradwatch.report import Variant, compare_verdict
 
@@ -131,12 +128,7 @@ def test_verdict_says_when_clipping_only_slows_progress():
 
 def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, regression_npz, tmp_path):
     csv = tmp_path / "long.csv"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradwatch", "compare", str(keras_export_model), "--data", str(regression_npz),
-         "--loss", "mse", "--batch-size", "4", "--steps", "400", "--thresholds", "none,1,2,3", "--csv", str(csv)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    def when_the_second_variant_has_rows(proc):
         assert proc.stderr.readline().startswith("gradwatch: comparing")
         deadline = time.time() + 120
         # wait until the second variant has rows on disk (in the .partial file)
@@ -145,12 +137,11 @@ def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, r
             if partial and ",global,1," in "," + partial[0].read_text().replace("\n", ",") + ",":
                 break
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+
+    code, err = interrupt_gradwatch(["compare", keras_export_model, "--data", regression_npz, "--loss", "mse",
+                                     "--batch-size", 4, "--steps", 400, "--thresholds", "none,1,2,3", "--csv", csv],
+                                    when_the_second_variant_has_rows)
+    assert code == 130, err
     assert "Traceback" not in err
     rows = read_csv(csv)
     assert (rows["clip"] == "none").sum() == 400
