@@ -146,7 +146,7 @@ def _warn_skipped(trainer):
 
 
 def _emit_rows(rows, columns, fmt: Format):
-    from .records import rows_to_csv, rows_to_json
+    from .sinks import rows_to_csv, rows_to_json
 
     text = rows_to_csv(rows, columns) if fmt is Format.csv else rows_to_json(rows, columns)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -172,7 +172,8 @@ def run(
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
     from .clipping import STRATEGIES, Clipping
-    from .records import COLUMNS, CsvSink
+    from .records import COLUMNS
+    from .sinks import CsvSink
 
     if clip not in STRATEGIES:
         raise OptionError(f"unknown clipping strategy {clip!r}; choose one of {', '.join(STRATEGIES)}")
@@ -273,7 +274,8 @@ def compare(
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
     from .clipping import parse_variants
-    from .records import COLUMNS, VARIANT_COLUMNS, CsvSink
+    from .records import COLUMNS, VARIANT_COLUMNS
+    from .sinks import CsvSink
     from .report import COMPARE_COLUMNS
 
     variants = parse_variants(clip, thresholds, baseline)

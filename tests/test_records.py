@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from gradwatch.errors import GradwatchError
-from gradwatch.records import COLUMNS, CsvSink, SpikeRule, read_rows, rows_to_csv, summarize
+from gradwatch.records import COLUMNS, SpikeRule, read_rows, summarize
+from gradwatch.sinks import CsvSink, rows_to_csv
 
 
 def test_smooth_decreasing_loss_has_no_spike():
