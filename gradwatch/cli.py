@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import GradwatchError, Interrupted, NonFiniteStop, OptionError, one_line
+from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, Signalled, one_line
 
 app = typer.Typer(
     name="gradwatch",
@@ -69,6 +68,7 @@ FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fet
 XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
 SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
+AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-data", help="Train even when the data holds NaN or inf (the verdict then blames the data, not the training).", show_default=False)]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False)]
 FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv/json: the rows, on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
@@ -146,10 +146,10 @@ def _warn_skipped(trainer):
 
 
 def _emit_rows(rows, columns, fmt: Format):
-    from .sinks import rows_to_csv, rows_to_json
+    from .sinks import rows_to_csv, rows_to_json, write_stdout
 
     text = rows_to_csv(rows, columns) if fmt is Format.csv else rows_to_json(rows, columns)
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    write_stdout(text if text.endswith("\n") else text + "\n")
 
 
 @app.command()
@@ -168,7 +168,7 @@ def run(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, quiet: QuietOpt = False,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
     from .clipping import STRATEGIES, Clipping
@@ -182,23 +182,28 @@ def run(
     if option != "value" and value is not None or option != "norm" and norm is not None:
         raise OptionError(f"--clip {clip} takes {'--' + option if option else 'no threshold'}; drop the other threshold option")
     spec = _resolved(locals())
+    _check_paths(spec, {"--csv": csv})
     sink = CsvSink(csv, COLUMNS) if csv else None
-    try:
-        result = _train_one(spec, clipping, sink, quiet)
-    except BaseException:
-        if sink:
-            sink.discard()
-        raise
-    if sink:
-        sink.commit()
-    if format is Format.table:
-        from .report import run_table, run_verdict
+    title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
 
-        console = _stdout()
-        console.print(run_table(result.summary, f"gradwatch run: {_describe(spec)}, clip {clipping.label}"))
-        console.print(escape(run_verdict(result.summary)))
-    else:
-        _emit_rows(result.rows, COLUMNS, format)
+    def render(results, stopped=None):
+        if format is Format.table:
+            from .report import run_table, run_verdict
+
+            if not results:
+                return
+            summary = results[0].summary
+            from .sinks import stdout_errors
+
+            with stdout_errors():
+                console = _stdout()
+                console.print(run_table(summary, title + (f" ({stopped})" if stopped else "")))
+                console.print(escape(run_verdict(summary)))
+        else:
+            _emit_rows([row for r in results for row in r.rows], COLUMNS, format)
+
+    results = _train_then_keep([sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress)], show=render, quiet=quiet)
+    render(results)
 
 
 def _threshold_text(clipping) -> str:
@@ -220,37 +225,78 @@ def _resolved(params: dict):
     return resolve(_spec(**{k: params[k] for k in names}))
 
 
-def _train_one(spec, clipping, sink, quiet):
+def _check_paths(spec, outputs: dict) -> None:
+    """Every output path against the inputs and each other, before anything is loaded."""
+    from .sinks import check_outputs
+
+    model_kind = "model folder" if Path(spec.model).is_dir() else "model file"
+    data_kind = "data folder" if Path(spec.data).is_dir() else "data file"
+    check_outputs(outputs, {model_kind: spec.model, data_kind: spec.data, "vocabulary": spec.vocab})
+
+
+def _train_one(spec, clipping, sink, quiet, progress):
     from .session import prepare
 
     trainer = prepare(spec)
     trainer.trace(clipping.impl)
     _warn_skipped(trainer)
-    _say(quiet, f"gradwatch: training {_describe(spec)} for {trainer.total_steps} steps, clip {clipping.label}")
-    progress = Progress(quiet, f"clip {clipping.label}")
-    with _keep_rows_on_stop(sink, progress):
-        return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
+    _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}")
+    progress.label = f"clip {clipping.label}"
+    return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
 
 
-@contextmanager
-def _keep_rows_on_stop(sink, progress):
-    """Ctrl-C or --on-nonfinite stop: keep the rows recorded so far in the CSV, then re-raise."""
+def _steps(n: int) -> str:
+    return f"{n} step{'s' * (n != 1)}"
+
+
+SIGNAL_NAMES = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}
+
+
+def _train_then_keep(sinks, train, show, quiet, before_commit=None):
+    """Train (``train(progress) -> results``) and commit the outputs, keeping every recorded row.
+
+    Ctrl-C, SIGTERM, SIGHUP or ``--on-nonfinite stop``: the rows so far go where they were
+    asked for and, for a signal, the summary of what was done is printed before re-raising.
+    Any other error: outputs without rows are removed, outputs with rows stay as ``.partial``
+    files and the user is told where.
+    """
+    from .errors import NonFiniteStop
+
+    sinks = [s for s in sinks if s is not None]
+    progress = Progress(quiet, "gradwatch")
     try:
-        yield
+        results = train(progress)
     except Interrupted as stop:
         progress.close()
-        if sink:
-            sink.commit()
+        if before_commit:
+            before_commit(stop.results)
+        for s in sinks:
+            s.commit()
         kept = sum(len(r.rows) for r in stop.results)
-        where = f" in {sink.path}" if sink else ""
-        _stderr().print(escape(f"gradwatch: interrupted; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
+        where = f" in {', '.join(str(s.path) for s in sinks)}" if sinks else ""
+        what = SIGNAL_NAMES.get(stop.signum, f"signal {stop.signum}")
+        _stderr().print(escape(f"gradwatch: interrupted by {what}; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
+        show(stop.results, f"interrupted by {what} after {_steps(kept)}")
         raise
     except NonFiniteStop:
-        if sink:
-            sink.commit()
-        raise
-    finally:
         progress.close()
+        for s in sinks:
+            s.commit()
+        raise
+    except BaseException:
+        progress.close()
+        for s in sinks:
+            s.discard()
+        kept = [str(s.kept) for s in sinks if s.kept]
+        if kept:
+            _stderr().print(escape(f"gradwatch: the rows recorded before the error are in {', '.join(kept)}"))
+        raise
+    progress.close()
+    if before_commit:
+        before_commit(results)
+    for s in sinks:
+        s.commit()
+    return results
 
 
 @app.command()
@@ -270,7 +316,7 @@ def compare(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, quiet: QuietOpt = False,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
     from .clipping import parse_variants
@@ -280,35 +326,46 @@ def compare(
 
     variants = parse_variants(clip, thresholds, baseline)
     spec = _resolved(locals())
+    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv})
     long_columns = VARIANT_COLUMNS + COLUMNS
     sink = CsvSink(csv, long_columns) if csv else None
-    summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS) if summary_csv else None
-    try:
-        results = _train_many(spec, variants, sink, quiet)
-    except BaseException:
-        for s in (sink, summary_sink):
-            if s:
-                s.discard()
-        raise
-    from .report import Variant, compare_table, compare_verdict, summary_rows
+    summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS, "--summary-csv") if summary_csv else None
+    title = f"gradwatch compare: {_describe(spec)}"
 
-    shown = [Variant(r.clipping.strategy, _threshold_text(r.clipping), r.rows) for r in results]
-    if sink:
-        sink.commit()
-    if summary_sink:
-        summary_sink.write(summary_rows(shown))
-        summary_sink.commit()
-    if format is Format.table:
-        console = _stdout()
-        console.print(compare_table(shown, f"gradwatch compare: {_describe(spec)}"))
-        for line in compare_verdict(shown):
-            console.print(escape(line))
-    else:
-        rows = [{"clip": v.clip, "threshold": v.threshold, **row} for v in shown for row in v.rows]
-        _emit_rows(rows, long_columns, format)
+    def shown(results):
+        from .report import Variant
+
+        return [Variant(r.clipping.strategy, _threshold_text(r.clipping), r.rows) for r in results]
+
+    def render(results, stopped=None):
+        from .report import compare_table, compare_verdict
+
+        if format is Format.table:
+            if not results:
+                return
+            from .sinks import stdout_errors
+
+            with stdout_errors():
+                console = _stdout()
+                console.print(compare_table(shown(results), title + (f" ({stopped})" if stopped else "")))
+                for line in compare_verdict(shown(results)):
+                    console.print(escape(line))
+        else:
+            rows = [{"clip": v.clip, "threshold": v.threshold, **row} for v in shown(results) for row in v.rows]
+            _emit_rows(rows, long_columns, format)
+
+    def record(results):
+        if summary_sink:
+            from .report import summary_rows
+
+            summary_sink.write(summary_rows(shown(results)))
+
+    train = lambda progress: _train_many(spec, variants, sink, quiet, progress)  # noqa: E731
+    results = _train_then_keep([sink, summary_sink], train, show=render, quiet=quiet, before_commit=record)
+    render(results)
 
 
-def _train_many(spec, variants, sink, quiet):
+def _train_many(spec, variants, sink, quiet, progress):
     from .clipping import format_threshold
     from .session import prepare
     from .training import compare as compare_runs
@@ -318,8 +375,7 @@ def _train_many(spec, variants, sink, quiet):
         trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     labels = ", ".join(v.label for v in variants)
-    _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {trainer.total_steps} steps each")
-    progress = Progress(quiet, "compare")
+    _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each")
 
     def write(clipping, rows):
         if sink:
@@ -329,8 +385,7 @@ def _train_many(spec, variants, sink, quiet):
     def advance(clipping, done, total):
         progress.update(done, total, f"clip {clipping.label}")
 
-    with _keep_rows_on_stop(sink, progress):
-        return compare_runs(trainer, variants, on_rows=write, on_progress=advance)
+    return compare_runs(trainer, variants, on_rows=write, on_progress=advance)
 
 
 @app.command()
@@ -341,30 +396,46 @@ def report(
     """Re-render the summary and verdict of a saved run or comparison, without training."""
     from .records import read_rows, split_variants
     from .report import Variant, compare_table, compare_verdict, plot as draw, run_table, run_verdict
+    from .sinks import check_outputs, stdout_errors
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise OptionError(f"--plot writes a PNG; give a file name ending in .png (got {plot})")
     if plot is not None and not plot.parent.is_dir():
         raise OptionError(f"cannot write {plot}: folder {plot.parent} does not exist; create it first")
-    groups = split_variants(read_rows(file))
+    check_outputs({"--plot": plot}, {"CSV it reads": file})
+    rows, unfinished = read_rows(file), file.name.endswith(".partial")
+    groups = split_variants(rows)
     variants = [Variant(clip, threshold, rows) for (clip, threshold), rows in groups.items()]
-    console = _stdout()
-    if len(variants) == 1 and variants[0].clip == "run":
-        v = variants[0]
-        console.print(run_table(v.summary, f"gradwatch report: {file.name}"))
-        console.print(escape(run_verdict(v.summary)))
-    else:
-        console.print(compare_table(variants, f"gradwatch report: {file.name}"))
-        for line in compare_verdict(variants):
-            console.print(escape(line))
+    note = " (a .partial file: the run did not finish)" if unfinished else ""
+    with stdout_errors():
+        console = _stdout()
+        if len(variants) == 1 and variants[0].clip == "run":
+            v = variants[0]
+            console.print(run_table(v.summary, f"gradwatch report: {file.name}{note}"))
+            console.print(escape(run_verdict(v.summary)))
+        else:
+            console.print(compare_table(variants, f"gradwatch report: {file.name}{note}"))
+            for line in compare_verdict(variants):
+                console.print(escape(line))
+    if unfinished:
+        _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({len(rows)} rows)"))
     if plot is not None:
-        tmp = plot.with_name(f".{plot.name}.partial.png")
-        try:
-            draw(variants, str(tmp))
-            os.replace(tmp, plot)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _stderr().print(escape(f"gradwatch: wrote {plot}"))
+        _write_plot(lambda path: draw(variants, path), plot)
+
+
+def _write_plot(draw, plot: Path) -> None:
+    """Draw into a temporary file beside ``plot`` and move it into place; OS errors exit 74."""
+    from .errors import OutputError
+
+    tmp = plot.with_name(f".{plot.name}.partial.png")
+    try:
+        draw(str(tmp))
+        os.replace(tmp, plot)
+    except OSError as exc:
+        raise OutputError(f"cannot write {plot}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _stderr().print(escape(f"gradwatch: wrote {plot}"))
 
 
 @app.command()
@@ -388,31 +459,91 @@ def samples():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code: 0 ok, 2 bad input, 3 non-finite stop, 130 Ctrl-C."""
+    """Run the CLI and return its exit code.
+
+    0 ok, 2 bad input, 3 non-finite stop, 74 an output could not be written, 130 Ctrl-C,
+    143 SIGTERM, 129 SIGHUP (128 + the signal), 141 standard output closed by its reader.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("GRADWATCH_DEBUG"))
+    with _stop_signals_unwind():
+        try:
+            result = app(args=args, prog_name="gradwatch", standalone_mode=False)
+            from .sinks import stdout_errors
+
+            with stdout_errors():
+                sys.stdout.flush()
+            return result if isinstance(result, int) else 0
+        except typer.Exit as exc:
+            return exc.exit_code
+        except Interrupted as exc:
+            return 128 + exc.signum
+        except Signalled as exc:
+            return 128 + exc.signum
+        except (typer.Abort, KeyboardInterrupt):
+            return 130
+        except (BrokenPipe, BrokenPipeError):
+            _silence_stdout()
+            return 141  # as a Unix tool killed by SIGPIPE
+        except GradwatchError as exc:
+            if debug:
+                raise
+            _error(str(exc))
+            return exc.exit_code
+        except Exception as exc:
+            if _is_usage_error(exc):
+                ctx = getattr(exc, "ctx", None)
+                command = ctx.command_path if ctx is not None else "gradwatch"
+                _error(f"{exc.format_message()} (see `{command} --help`)")
+                return 2
+            if isinstance(exc, OSError) and exc.errno is not None and getattr(exc, "filename", None):
+                _error(f"cannot write {exc.filename}: {exc.strerror}")  # an output the library did not wrap
+                return 74
+            if debug:
+                raise
+            _error(f"unexpected {type(exc).__name__}: {exc} (set GRADWATCH_DEBUG=1 for the traceback, and please report it)")
+            return 1
+
+
+class _stop_signals_unwind:
+    """While the CLI runs, SIGTERM and SIGHUP unwind like Ctrl-C (so outputs are kept or
+    cleaned up) instead of killing the process on the spot. Training blocks defer them further
+    (see ``training._deferred_interrupt``)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def unwind(signum, frame):
+            raise Signalled(signum)
+
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, unwind)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        return False
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null so the interpreter's final flush
+    does not print a BrokenPipeError."""
     try:
-        result = app(args=args, prog_name="gradwatch", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except typer.Exit as exc:
-        return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt, Interrupted):
-        return 130
-    except GradwatchError as exc:
-        if debug:
-            raise
-        _error(str(exc))
-        return exc.exit_code
-    except Exception as exc:
-        if _is_usage_error(exc):
-            ctx = getattr(exc, "ctx", None)
-            command = ctx.command_path if ctx is not None else "gradwatch"
-            _error(f"{exc.format_message()} (see `{command} --help`)")
-            return 2
-        if debug:
-            raise
-        _error(f"unexpected {type(exc).__name__}: {exc} (set GRADWATCH_DEBUG=1 for the traceback, and please report it)")
-        return 1
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _is_usage_error(exc: Exception) -> bool:

@@ -33,6 +33,7 @@ class Dataset:
     y: np.ndarray
     kind: str
     path: str
+    columns: tuple | None = None  # (feature names, target name) of a CSV, to name cells in errors
 
     def __len__(self) -> int:
         return len(self.x)
@@ -94,9 +95,9 @@ def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
     if text or not pd.api.types.is_numeric_dtype(frame[target]):
         bad = text + ([] if pd.api.types.is_numeric_dtype(frame[target]) else [str(target)])
         raise DataError(f"{path}: columns {', '.join(bad)} are not numeric; encode them as numbers first")
-    if frame.isna().any().any():
-        raise DataError(f"{path} has empty cells; fill or drop them before training")
-    return _checked(features.to_numpy(np.float32), frame[target].to_numpy(), "csv", path)
+    dataset = _checked(features.to_numpy(np.float32), frame[target].to_numpy(), "csv", path)
+    dataset.columns = [str(c) for c in features.columns], str(target)
+    return dataset
 
 
 def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
@@ -210,6 +211,83 @@ def _checked(x: np.ndarray, y: np.ndarray, kind: str, path: Path) -> Dataset:
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
     return Dataset(x, y, kind, str(path))
+
+
+# --- checks before training -----------------------------------------------------------------
+
+
+def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
+    """Rows holding NaN or inf in x or y: an error saying how many and where, unless ``allow``.
+
+    Returns a boolean mask of those rows (None when every value is finite), so the training
+    loop can mark the steps that trained on them.
+    """
+    bad_rows = None
+    for name, array in (("x", data.x), ("y", data.y)):
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        finite = np.isfinite(array)
+        if finite.all():
+            continue
+        count = int(array.size - np.count_nonzero(finite))
+        first = np.unravel_index(int(np.argmin(finite.reshape(-1))), array.shape)
+        rows = ~finite.reshape(len(array), -1).all(axis=1)
+        bad_rows = rows if bad_rows is None else bad_rows | rows
+        if not allow:
+            raise DataError(
+                f"{data.path}: {name} has {count} non-finite value{'s' * (count != 1)} (NaN or inf) in "
+                f"{int(rows.sum())} row{'s' * (int(rows.sum()) != 1)}, the first at {_where(data, name, first)}; "
+                "clean the data, or pass --allow-nonfinite-data to train on it anyway"
+            )
+    return bad_rows
+
+
+def _where(data: Dataset, name: str, index: tuple) -> str:
+    if data.columns is not None:  # a CSV: the line in the file (header is line 1) and the column name
+        features, target = data.columns
+        column = target if name == "y" else features[index[1]]
+        return f"line {index[0] + 2}, column {column!r}"
+    return f"{name}[{', '.join(str(int(i)) for i in index)}]"
+
+
+SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy"}
+PROBABILITY_LOSSES = {"binary_crossentropy"}
+
+
+def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
+    """Targets outside the loss's domain, where that is cheap to see: class ids that are not
+    whole numbers in [0, classes), binary targets outside [0, 1]. TensorFlow would fail with a
+    kernel trace, or silently train on garbage."""
+    y = data.y
+    if loss in SPARSE_CLASS_LOSSES:
+        values = np.asarray(y)
+        if np.issubdtype(values.dtype, np.floating):
+            fractional = values != np.round(values)
+            if fractional.any():
+                at = np.unravel_index(int(np.argmax(fractional.reshape(-1))), values.shape)
+                raise DataError(
+                    f"{data.path}: {loss} needs whole-number class ids, but y{list(map(int, at))} is {values[at]}; "
+                    "store class ids as integers (or use categorical_crossentropy for one-hot/soft targets)"
+                )
+        bad = values < 0
+        if classes is not None:
+            bad |= values >= classes
+        if bad.any():
+            at = np.unravel_index(int(np.argmax(bad.reshape(-1))), values.shape)
+            limit = f"[0, {classes}) (the model's last output dimension is {classes})" if classes else "[0, classes)"
+            raise DataError(
+                f"{data.path}: {int(bad.sum())} class id(s) outside {limit}, the first y{list(map(int, at))} = {values[at]}; "
+                "fix the labels or the model's number of outputs"
+            )
+    elif loss in PROBABILITY_LOSSES:
+        values = np.asarray(y, dtype=np.float64)
+        bad = (values < 0) | (values > 1)
+        if bad.any():
+            at = np.unravel_index(int(np.argmax(bad.reshape(-1))), values.shape)
+            raise DataError(
+                f"{data.path}: {loss} needs targets in [0, 1], but {int(bad.sum())} are outside, the first "
+                f"y{list(map(int, at))} = {values[at]}; rescale the labels or pick another --loss"
+            )
 
 
 # --- batch order ----------------------------------------------------------------------------

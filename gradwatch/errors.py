@@ -25,12 +25,37 @@ class NonFiniteStop(GradwatchError):
     exit_code = 3
 
 
-class Interrupted(Exception):
-    """Ctrl-C during training; ``results`` holds every row recorded so far (exit 130)."""
+class OutputError(GradwatchError):
+    """Writing an output failed (disk full, I/O error, permission): exit 74, sysexits' EX_IOERR.
 
-    def __init__(self, results: list):
+    Not 2: the input was fine, the machine could not take the output.
+    """
+
+    exit_code = 74
+
+
+class BrokenPipe(Exception):
+    """Whoever read standard output stopped reading (``gradwatch ... | head``): end quietly."""
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside a training block: unwinds like Ctrl-C (exit 128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class Interrupted(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP during training; ``results`` holds every row recorded so far.
+
+    The exit code is 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
+    """
+
+    def __init__(self, results: list, signum: int = 2):
         super().__init__("interrupted")
         self.results = results
+        self.signum = signum
 
 
 def one_line(message: str) -> str:

@@ -38,6 +38,7 @@ class LoadedModel:
     input_spec: Any  # tf.TensorSpec of the input (leading batch dim), or None if unknown
     assets: Path | None = None
     keep_alive: Any = field(default=None, repr=False)
+    output_dim: int | None = None  # static last dimension of the output (classes of a classifier), if known
 
     @property
     def input_length(self) -> int | None:
@@ -78,6 +79,8 @@ def _load_keras(p: Path) -> LoadedModel:
         loss_obj = keras.losses.get(compiled)
         own_loss = lambda x, y: loss_obj(y, model(x, training=True))  # noqa: E731
     spec = None
+    outputs = getattr(model, "outputs", None)
+    output_dim = outputs[0].shape[-1] if outputs and len(outputs) == 1 and outputs[0].shape else None
     inputs = getattr(model, "inputs", None)
     if inputs and len(inputs) == 1:
         import tensorflow as tf
@@ -93,6 +96,7 @@ def _load_keras(p: Path) -> LoadedModel:
         variables=list(model.variables),
         input_spec=spec,
         keep_alive=model,
+        output_dim=output_dim,
     )
 
 
@@ -138,6 +142,7 @@ def _load_saved_model(p: Path, endpoint: str | None, output: str | None) -> Load
         input_spec=spec,
         assets=assets,
         keep_alive=obj,
+        output_dim=_output_dim(concrete, output),
     )
 
 
@@ -205,6 +210,19 @@ def _output_picker(fn, spec, keyword, output: str | None, name: str, p: Path) ->
         return result
 
     return forward
+
+
+def _output_dim(concrete: list, output: str | None) -> int | None:
+    """Static last dimension of the endpoint's (picked) output, when the trace knows it."""
+    outputs = concrete[0].structured_outputs
+    if isinstance(outputs, dict):
+        outputs = outputs.get(output) if output is not None else (next(iter(outputs.values())) if len(outputs) == 1 else None)
+    elif isinstance(outputs, (list, tuple)):
+        outputs = outputs[0] if len(outputs) == 1 else None
+    shape = getattr(outputs, "shape", None)
+    if shape is None or shape.rank is None or shape.rank == 0:
+        return None
+    return shape[-1]
 
 
 def _unique(variables) -> list:

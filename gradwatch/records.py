@@ -29,13 +29,16 @@ COLUMNS = [
     "clipped",       # did the strategy change any gradient?
     "lr",            # learning rate used for the step
     "nonfinite",     # loss or a gradient not finite: the update was skipped
+    "nonfinite_input",  # the batch held NaN/inf input values (trained on with --allow-nonfinite-data)
     "loss_spike",    # the spike rule fired (see SpikeRule)
     "time_ms",       # wall time of the step in milliseconds
 ]
 # `compare` writes these two first, so one long CSV holds every variant.
 VARIANT_COLUMNS = ["clip", "threshold"]
-BOOL_COLUMNS = {"clipped", "nonfinite", "loss_spike"}
+BOOL_COLUMNS = {"clipped", "nonfinite", "nonfinite_input", "loss_spike"}
 INT_COLUMNS = {"step", "epoch"}
+# Columns added after 0.1.0, with the value they take when reading an older CSV.
+ADDED_COLUMNS = {"nonfinite_input": False}
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ def summarize(rows: list[dict]) -> dict:
     ``largest_jump`` is the largest rise of the loss from one step to the next.
     """
     n = len(rows)
-    col = {c: (rows.column(c) if isinstance(rows, RowStore) else [r[c] for r in rows]) for c in COLUMNS}
+    col = {c: (rows.column(c) if isinstance(rows, RowStore) else [r.get(c, ADDED_COLUMNS.get(c)) for r in rows]) for c in COLUMNS}
     loss = np.array(col["loss"], dtype=np.float64)
     grad_norm = np.array(col["grad_norm"], dtype=np.float64)
     ratio = np.array(col["clip_ratio"], dtype=np.float64)
@@ -132,7 +135,13 @@ def summarize(rows: list[dict]) -> dict:
         "largest_jump_step": int(col["step"][jump_at + 1]) if jump_at is not None else None,
         "spikes": int(sum(bool(v) for v in col["loss_spike"])),
         "spike_steps": [int(step) for step, spike in zip(col["step"], col["loss_spike"]) if spike],
+        "spike_steps_clean": [int(step) for step, spike, bad in zip(col["step"], col["loss_spike"], col["nonfinite_input"])
+                              if spike and not bad],
         "nonfinite": int(sum(bool(v) for v in col["nonfinite"])),
+        # steps whose batch held non-finite input data, and the non-finite / spike steps among them
+        "bad_input_steps": int(sum(bool(v) for v in col["nonfinite_input"])),
+        "nonfinite_from_data": int(sum(bool(a) and bool(b) for a, b in zip(col["nonfinite"], col["nonfinite_input"]))),
+        "spikes_from_data": int(sum(bool(a) and bool(b) for a, b in zip(col["loss_spike"], col["nonfinite_input"]))),
         "pct_clipped": 100.0 * sum(bool(v) for v in col["clipped"]) / n if n else float("nan"),
         "mean_clip_ratio": _stat(np.mean, ratio),
         "grad_norm_median": _stat(np.median, grad_norm),
@@ -144,7 +153,7 @@ def summarize(rows: list[dict]) -> dict:
 
 # --- keeping rows in memory -------------------------------------------------------------------
 
-_KINDS = {"step": "q", "epoch": "q", "clipped": "b", "nonfinite": "b", "loss_spike": "b"}  # others: "d"
+_KINDS = {"step": "q", "epoch": "q", "clipped": "b", "nonfinite": "b", "nonfinite_input": "b", "loss_spike": "b"}  # others: "d"
 
 
 class RowStore(Sequence):
@@ -164,7 +173,7 @@ class RowStore(Sequence):
 
     def append(self, row: dict) -> None:
         for column, values in self._columns.items():
-            values.append(row[column])
+            values.append(row[column] if column in row else ADDED_COLUMNS[column])
 
     def __len__(self) -> int:
         return len(self._columns["step"])
@@ -200,8 +209,12 @@ def _parse(column: str, text: str):
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Read a `run` or `compare` CSV back into rows; `run` rows get clip='run', threshold=''."""
+    """Read a `run` or `compare` CSV back into rows; `run` rows get clip='run', threshold=''.
+
+    A ``.partial`` file (what a killed run leaves) may end in a row cut short: it is dropped.
+    """
     path = Path(path)
+    unfinished = path.name.endswith(".partial")
     if not path.is_file():
         raise GradwatchError(f"no such file: {path}; give the path of a CSV written by gradwatch run/compare --csv")
     try:
@@ -210,23 +223,26 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
             header = next(reader, None)
             if header is None:
                 raise GradwatchError(f"{path} is empty; give a CSV written by gradwatch run/compare --csv")
-            missing = [c for c in COLUMNS if c not in header]
+            missing = [c for c in COLUMNS if c not in header and c not in ADDED_COLUMNS]
             if missing:
                 raise GradwatchError(
                     f"{path} is not a gradwatch CSV: missing columns {', '.join(missing)}; "
                     "give a file written by gradwatch run/compare --csv"
                 )
             index = {c: header.index(c) for c in COLUMNS + VARIANT_COLUMNS if c in header}
+            records = [(n, r) for n, r in enumerate(reader, start=2) if r]
             rows = []
-            for line_no, record in enumerate(reader, start=2):
-                if not record:
-                    continue
+            for k, (line_no, record) in enumerate(records):
                 try:
                     row = {c: _parse(c, record[i]) for c, i in index.items()}
                 except (ValueError, IndexError) as exc:
+                    if unfinished and k == len(records) - 1:
+                        break  # the row being written when the run was killed
                     raise GradwatchError(f"{path} line {line_no} is malformed ({exc}); re-run gradwatch to write it again") from None
                 row.setdefault("clip", "run")
                 row.setdefault("threshold", "")
+                for column, default in ADDED_COLUMNS.items():
+                    row.setdefault(column, default)
                 rows.append(row)
     except UnicodeDecodeError:
         raise GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv") from None

@@ -96,13 +96,40 @@ def run_table(summary: dict, title: str) -> Table:
 
 
 def jump_sentence(summary: dict) -> str:
-    """Is the loss jumping? One sentence citing the numbers."""
+    """Is the loss jumping? One sentence citing the numbers.
+
+    Steps whose batch held non-finite input data (``--allow-nonfinite-data``) are the data's
+    doing, not the training's: they are named apart and do not make the loss "jumping".
+    """
     spikes, nonfinite = summary["spikes"], summary["nonfinite"]
+    from_data = _data_sentence(summary)
+    if from_data:
+        spikes -= summary.get("spikes_from_data", 0)
+        nonfinite -= summary.get("nonfinite_from_data", 0)
+        if spikes == 0 and nonfinite == 0:
+            return f"loss is stable apart from the input data: {from_data}"
+        spike_steps = summary.get("spike_steps_clean", summary["spike_steps"])
+        return _jumping(spikes, nonfinite, spike_steps, summary) + f"; besides, {from_data}"
     if spikes == 0 and nonfinite == 0:
         return "loss is stable: no spikes, no non-finite steps"
+    return _jumping(spikes, nonfinite, summary["spike_steps"], summary)
+
+
+def _data_sentence(summary: dict) -> str:
+    bad = summary.get("bad_input_steps", 0)
+    if not bad:
+        return ""
+    n = summary.get("nonfinite_from_data", 0)
+    return (
+        f"{bad} step{'s' * (bad != 1)} trained on batches with NaN/inf input values, "
+        f"{n} of them non-finite: the data, not the training, produced {'them' if n != 1 else 'it'}"
+    )
+
+
+def _jumping(spikes: int, nonfinite: int, spike_steps: list, summary: dict) -> str:
     parts = [f"{spikes} spike{'s' * (spikes != 1)}"]
-    if summary["spike_steps"]:
-        parts[0] += f" (first at step {summary['spike_steps'][0]})"
+    if spike_steps:
+        parts[0] += f" (first at step {spike_steps[0]})"
     if nonfinite:
         parts.append(f"{nonfinite} non-finite step{'s' * (nonfinite != 1)}")
     if summary["largest_jump_step"] is not None and summary["largest_jump"] > 0:

@@ -21,6 +21,7 @@ DEFAULTS = {
     "spike_factor": 2.0,
     "spike_window": 20,
     "from_logits": False,
+    "allow_nonfinite_data": False,
 }
 
 
@@ -54,6 +55,7 @@ class RunSpec:
     xla: bool | None = None
     spike_factor: float | None = None
     spike_window: int | None = None
+    allow_nonfinite_data: bool | None = None
 
 
 def resolve(spec: RunSpec) -> RunSpec:
@@ -105,6 +107,9 @@ def prepare(spec: RunSpec):
         batch_size=spec.batch_size,
     )
     dataset = data_mod.load(spec.data, options, model.assets)
+    bad_rows = data_mod.check_finite(dataset, spec.allow_nonfinite_data)
+    if spec.loss:
+        data_mod.check_targets(dataset, spec.loss, model.output_dim)
     shuffle = spec.shuffle if spec.shuffle is not None else dataset.kind != "text"
     train_options = TrainOptions(
         batch_size=spec.batch_size,
@@ -124,7 +129,7 @@ def prepare(spec: RunSpec):
     loss = make_loss(spec.loss, spec.from_logits) if spec.loss else None
     if spec.from_logits and not spec.loss:
         raise OptionError("--from-logits needs --loss NAME (a crossentropy loss)")
-    return Trainer(model, dataset, train_options, loss=loss)
+    return Trainer(model, dataset, train_options, loss=loss, bad_rows=bad_rows)
 
 
 def describe(spec: RunSpec) -> str:

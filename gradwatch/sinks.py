@@ -6,16 +6,16 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
-import tempfile
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
-from .errors import GradwatchError
+from .errors import BrokenPipe, GradwatchError, OutputError
 
 
 def _cell(value) -> str:
@@ -25,68 +25,189 @@ def _cell(value) -> str:
         return "True" if value else "False"
     if isinstance(value, float):
         return repr(value)
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, np.floating):
-        return repr(float(value))
+    if isinstance(value, int):
+        return str(value)
+    if hasattr(value, "dtype") and hasattr(value, "item"):  # a NumPy scalar
+        return _cell(value.item())
     text = "" if value is None else str(value)
     if text[:1] in ("=", "+", "-", "@"):
         text = "'" + text
     return text
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 class CsvSink:
     """Writes rows to a CSV as the run goes, without ever leaving a half-written file where a
-    good one was.
+    good one was, and without losing rows already recorded.
 
-    Rows go to a temporary file beside the target, flushed after every batch of rows. On
-    :meth:`commit` (a finished, stopped or interrupted run) it replaces the target
-    atomically; on :meth:`discard` (a crash) it is removed and the old file stays.
+    Rows go to ``TARGET.partial`` beside the target, flushed after every fetched block, so a
+    SIGKILL or an out-of-memory kill loses at most one block: what was recorded is in
+    ``TARGET.partial`` (``gradwatch report`` reads it). :meth:`commit` (a finished, stopped or
+    interrupted run) moves it over the target atomically. :meth:`discard` (an error) removes it
+    only when it holds no rows; with rows it stays, and ``kept`` says where.
+
+    A target that exists but is not a regular file (``/dev/stdout``, a FIFO, ``/dev/full``) is
+    written directly: it cannot be replaced atomically, and must not be replaced at all.
+    A failed write raises :class:`OutputError` (exit 74) naming the path and the OS error.
     """
 
-    def __init__(self, path: str | os.PathLike, columns: list[str]):
+    def __init__(self, path: str | os.PathLike, columns: list[str], option: str = "--csv"):
         self.path = Path(path)
         self.columns = columns
+        self.option = option
+        self.rows_written = 0
+        self.kept: Path | None = None
         if self.path.is_dir():
-            raise GradwatchError(f"--csv {self.path} is a folder; give a file name such as {self.path / 'steps.csv'}")
+            raise GradwatchError(f"{option} {self.path} is a folder; give a file name such as {self.path / 'steps.csv'}")
         parent = self.path.parent
         if not parent.is_dir():
             raise GradwatchError(f"cannot write {self.path}: folder {parent} does not exist; create it first")
+        self.direct = self.path.exists() and not self.path.is_file()
+        self.tmp_path = self.path if self.direct else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        if not self.direct:
+            _refuse_unfinished(self.tmp_path, option)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=parent)
+            # A regular open gets the umask's mode, as any new file of the user's would.
+            self._file = open(self.tmp_path, "w", newline="", encoding="utf-8")
         except OSError as exc:
-            raise GradwatchError(f"cannot write {self.path}: {exc.strerror}; choose a writable folder") from None
-        self.tmp_path = Path(tmp)
-        self._file = os.fdopen(fd, "w", newline="", encoding="utf-8")
+            raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror}; choose a writable folder for {option}") from None
         self._writer = csv.writer(self._file)
-        self._writer.writerow(columns)
-        self._file.flush()
+        self._guarded(lambda: self._writer.writerow(columns))
+
+    def _guarded(self, action) -> None:
+        try:
+            action()
+            self._file.flush()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError):
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        if self.direct:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.kept = self.tmp_path if self.rows_written else None
+        if not self.rows_written:
+            self.tmp_path.unlink(missing_ok=True)
+        where = f"; the rows written before it are in {self.tmp_path}" if self.kept else ""
+        raise OutputError(f"cannot write {self.path}: {exc.strerror}{where}") from None
 
     def write(self, rows: list[dict]) -> None:
-        for row in rows:
-            self._writer.writerow([_cell(row[c]) for c in self.columns])
-        self._file.flush()
+        if self._file.closed:
+            return
+        self._guarded(lambda: self._writer.writerows([_cell(row[c]) for c in self.columns] for row in rows))
+        self.rows_written += len(rows)
 
     def commit(self) -> None:
+        """The run is over: put the rows where the user asked for them."""
         if self._file.closed:
             return
-        self._file.flush()
-        os.fsync(self._file.fileno())
+
+        def finish():
+            self._file.flush()
+            if not self.direct:
+                os.fsync(self._file.fileno())
+
+        self._guarded(finish)
         self._file.close()
-        os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give it a normal file's mode
-        os.replace(self.tmp_path, self.path)
+        if not self.direct:
+            try:
+                os.replace(self.tmp_path, self.path)
+            except OSError as exc:
+                self.kept = self.tmp_path
+                raise OutputError(f"cannot move {self.tmp_path} to {self.path}: {exc.strerror}; the rows are in {self.tmp_path}") from None
 
     def discard(self) -> None:
+        """An error ended the command: remove what holds no rows, keep what does (see ``kept``)."""
         if self._file.closed:
             return
-        self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        if self.direct:
+            return
+        if self.rows_written:
+            self.kept = self.tmp_path
+        else:
+            self.tmp_path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def _refuse_unfinished(partial: Path, option: str) -> None:
+    """A ``.partial`` file with rows is what is left of a run that was killed: never overwrite it."""
+    if not partial.exists():
+        return
+    try:
+        with partial.open(encoding="utf-8", errors="replace") as handle:
+            lines = sum(1 for line, _ in zip(handle, range(2)) if line.strip())
+    except OSError:
+        lines = 2
+    if lines >= 2 or not partial.is_file():
+        raise GradwatchError(
+            f"{partial} holds the rows of an earlier run that did not finish; read it with "
+            f"`gradwatch report {partial}`, then move or delete it (or give another {option})"
+        )
+
+
+def check_outputs(outputs: dict[str, object], inputs: dict[str, object]) -> None:
+    """Refuse output paths that are an input, lie inside an input folder, or repeat another output.
+
+    Paths are compared after resolving symlinks, ``..`` and relative parts (and as the same
+    file on disk, for hard links), before anything is loaded or written.
+    """
+    outs = {name: Path(p) for name, p in outputs.items() if p is not None}
+    ins = {name: Path(p) for name, p in inputs.items() if p is not None}
+    seen: dict[Path, str] = {}
+    for name, path in outs.items():
+        resolved = path.resolve()
+        for candidate in (resolved, resolved.with_name(resolved.name + PARTIAL_SUFFIX)):
+            if candidate in seen:
+                raise GradwatchError(f"{name} and {seen[candidate]} are the same file ({resolved}); give each output its own path")
+        seen[resolved] = name
+        for what, source in ins.items():
+            src = source.resolve()
+            for candidate in (resolved, resolved.with_name(resolved.name + PARTIAL_SUFFIX)):
+                clash = candidate == src or _same_file(candidate, src)
+                inside = src.is_dir() and src in candidate.parents
+                if clash or inside:
+                    where = "is" if clash else "is inside"
+                    raise GradwatchError(
+                        f"{name} {path} {where} the {what} ({src}): gradwatch never writes over its inputs; "
+                        f"give {name} a path outside it"
+                    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_stdout(text: str) -> None:
+    """Write text to standard output and flush: a closed pipe raises :class:`BrokenPipe`, any
+    other failure (a full disk behind ``> file``) :class:`OutputError`."""
+    with stdout_errors():
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+@contextmanager
+def stdout_errors():
+    """Turn OS errors while writing standard output into :class:`BrokenPipe` / :class:`OutputError`."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise BrokenPipe() from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise BrokenPipe() from None
+        raise OutputError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
 def rows_to_csv(rows: list[dict], columns: list[str]) -> str:

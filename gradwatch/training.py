@@ -160,8 +160,10 @@ class Trainer:
     signatures: thresholds, block lengths and learning rates are tensors.
     """
 
-    def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None):
+    def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None, bad_rows=None):
         self.model = model
+        self.bad_rows = bad_rows  # rows with NaN/inf values (--allow-nonfinite-data), or None
+        self._bad_steps: dict[int, np.ndarray] = {}
         self.options = options
         if loss is None and model.own_loss is None:
             raise OptionError(
@@ -406,10 +408,13 @@ class Trainer:
                     if options.fetch_every is None:
                         size = _next_block(size, seconds)
                 if interrupted():
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
+                    raise Interrupted([result], interrupted())
+        except Interrupted:
             result.stopped = "interrupted"
-            raise Interrupted([result]) from None
+            raise
+        except KeyboardInterrupt as stop:  # outside a block (e.g. in a callback): stop as well
+            result.stopped = "interrupted"
+            raise Interrupted([result], getattr(stop, "signum", 2)) from None
         return result
 
     @staticmethod
@@ -438,10 +443,22 @@ class Trainer:
                 "clipped": clipped,
                 "lr": float(self.options.lr_at(epoch)),
                 "nonfinite": not finite,
+                "nonfinite_input": self._bad_input(epoch, (step_no - 1) % self.steps_per_epoch),
                 "loss_spike": detector.update(loss),
                 "time_ms": time_ms,
             })
         return rows
+
+
+    def _bad_input(self, epoch: int, k: int) -> bool:
+        """Did batch ``k`` of ``epoch`` hold a row with non-finite values? (the rows of data.batches)"""
+        if self.bad_rows is None:
+            return False
+        if epoch not in self._bad_steps:
+            order = data_mod.epoch_order(len(self.data), epoch, self.options.shuffle, self.options.seed)
+            per, size = self.steps_per_epoch, self.options.batch_size
+            self._bad_steps = {epoch: self.bad_rows[order[: per * size]].reshape(per, size).any(axis=1)}
+        return bool(self._bad_steps[epoch][k])
 
 
 def _next_block(size: int, seconds_per_step: float) -> int:
@@ -465,23 +482,29 @@ def _loss_errors():
         ) from None
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what a user, `timeout`, a scheduler or a closed terminal send
+
+
 @contextmanager
 def _deferred_interrupt():
-    """Ctrl-C during a block sets a flag instead of raising inside TensorFlow's call.
+    """Ctrl-C, SIGTERM or SIGHUP during a block sets a flag instead of raising inside TensorFlow's call.
 
     The block then finishes, its rows are recorded, and the loop stops with
-    :class:`Interrupted`: nothing that was computed is lost. Outside the main thread (where
-    signal handlers cannot be set) Ctrl-C raises as usual.
+    :class:`Interrupted` carrying the signal: nothing that was computed is lost. The flag
+    reads as the signal's number (0: none). Outside the main thread (where signal handlers
+    cannot be set) signals act as usual.
     """
-    seen = []
+    seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {n: signal.signal(n, lambda signum, frame: seen.append(signum)) for n in numbers}
     try:
-        yield lambda: bool(seen)
+        yield lambda: seen[0] if seen else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None) -> list[RunResult]:
@@ -493,9 +516,9 @@ def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progres
         try:
             results.append(trainer.run(clipping, forward, progress))
         except Interrupted as stop:
-            raise Interrupted(results + stop.results) from None
-        except KeyboardInterrupt:  # between two variants: keep the finished ones
-            raise Interrupted(results) from None
+            raise Interrupted(results + stop.results, stop.signum) from None
+        except KeyboardInterrupt as stop:  # between two variants: keep the finished ones
+            raise Interrupted(results, getattr(stop, "signum", 2)) from None
     return results
 
 

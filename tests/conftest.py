@@ -209,18 +209,19 @@ def tree_digest(path: Path) -> dict:
     return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
-def interrupt_gradwatch(args: list, when_ready) -> tuple[int, str]:
+def interrupt_gradwatch(args: list, when_ready, sig=signal.SIGINT, with_stdout=False):
     """Run ``python -m gradwatch ARGS``, call ``when_ready(proc)`` (it waits and checks what it
-    needs), press Ctrl-C (SIGINT) and return the exit code and stderr; never leaves it running."""
+    needs), send ``sig`` (Ctrl-C's SIGINT by default) and return the exit code and stderr (and
+    stdout first, ``with_stdout``); never leaves it running."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradwatch", *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         when_ready(proc)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, err
+    return (proc.returncode, out, err) if with_stdout else (proc.returncode, err)

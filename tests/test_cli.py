@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,7 +98,9 @@ def test_python_dash_m_and_version():
     assert done.stdout.startswith("gradwatch ")
 
 
-def test_ctrl_c_keeps_recorded_rows(module_model, regression_npz, tmp_path):
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM"),
+                                           (signal.SIGHUP, 129, "SIGHUP")])
+def test_ctrl_c_sigterm_and_sighup_keep_recorded_rows(module_model, regression_npz, tmp_path, sig, code, name):
     csv = tmp_path / "steps.csv"
     before = tree_digest(module_model)
     def after_two_seconds_of_training(proc):
@@ -105,11 +108,12 @@ def test_ctrl_c_keeps_recorded_rows(module_model, regression_npz, tmp_path):
         assert start_line.startswith("gradwatch: training"), start_line
         time.sleep(2.0)
 
-    code, err = interrupt_gradwatch(["run", module_model, "--data", regression_npz, "--loss", "mse", "--batch-size", 4,
-                                     "--steps", 10000000, "--csv", csv], after_two_seconds_of_training)
-    assert code == 130, err
+    got, out, err = interrupt_gradwatch(["run", module_model, "--data", regression_npz, "--loss", "mse", "--batch-size", 4,
+                                         "--steps", 10000000, "--csv", csv], after_two_seconds_of_training, sig, True)
+    assert got == code, err
     assert "Traceback" not in err
-    assert "interrupted; kept" in err
+    assert f"interrupted by {name}; kept" in err
+    assert f"(interrupted by {name} after" in out and "loss spikes" in out  # the summary of what was done
     rows = read_csv(csv)
     assert len(rows) > 10
     assert list(rows["step"]) == list(range(1, len(rows) + 1))

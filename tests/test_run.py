@@ -179,7 +179,7 @@ def test_nonfinite_step_is_marked_and_skipped(module_model, data_dir):
     path = data_dir / "with_nan.npz"
     np.savez(path, x=x, y=np.ones((8, 1), np.float32))
     trainer = prepare(resolve(RunSpec(model=str(module_model), data=str(path), loss="mse", batch_size=4, steps=3,
-                                      shuffle=False, lr=0.1, fetch_every=1)))
+                                      shuffle=False, lr=0.1, fetch_every=1, allow_nonfinite_data=True)))
     seen = []
 
     def snapshot(rows):
@@ -188,6 +188,7 @@ def test_nonfinite_step_is_marked_and_skipped(module_model, data_dir):
     result = trainer.run(Clipping("global", 1.0), on_rows=snapshot)
     flags = [r["nonfinite"] for r in result.rows]
     assert flags == [False, True, False]
+    assert [r["nonfinite_input"] for r in result.rows] == flags  # the data, not the training
     assert result.rows[1]["loss_spike"]  # a non-finite loss counts as a jump
     after_1, after_2 = seen[0][1], seen[1][1]
     for a, b in zip(after_1, after_2):
@@ -202,7 +203,7 @@ def test_on_nonfinite_stop_writes_rows_and_exits_nonzero(cli, module_model, data
     np.savez(path, x=x, y=np.ones((12, 1), np.float32))
     csv = tmp_path / "steps.csv"
     code, _, err = cli("run", module_model, "--data", path, "--loss", "mse", "--batch-size", 4, "--no-shuffle",
-                       "--on-nonfinite", "stop", "--csv", csv, "-q")
+                       "--on-nonfinite", "stop", "--csv", csv, "-q", "--allow-nonfinite-data")
     assert code == 3
     assert err.strip().count("\n") == 0 and "not finite" in err
     rows = read_csv(csv)

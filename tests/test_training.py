@@ -66,11 +66,12 @@ def test_on_nonfinite_stop_ends_inside_a_block(module_model, data_dir):
     x[8] = np.inf  # batch 3 of 6
     path = data_dir / "inf_in_block.npz"
     np.savez(path, x=x, y=np.ones((24, 1), np.float32))
-    stopping = trainer_for(module_model, path, batch_size=4, shuffle=False, on_nonfinite="stop", fetch_every=10)
+    stopping = trainer_for(module_model, path, batch_size=4, shuffle=False, on_nonfinite="stop", fetch_every=10,
+                           allow_nonfinite_data=True)
     with pytest.raises(NonFiniteStop) as stop:
         stopping.run(Clipping("global", 1.0))
     assert [r["nonfinite"] for r in stop.value.result.rows] == [False, False, True]
-    two_steps = trainer_for(module_model, path, batch_size=4, shuffle=False, steps=2)
+    two_steps = trainer_for(module_model, path, batch_size=4, shuffle=False, steps=2, allow_nonfinite_data=True)
     two_steps.run(Clipping("global", 1.0))
     for a, b in zip(stopping.used, two_steps.used):
         np.testing.assert_array_equal(a.numpy(), b.numpy())  # step 3 was skipped, nothing after it ran
