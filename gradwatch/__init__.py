@@ -9,7 +9,7 @@ Public API (TensorFlow is imported only when training starts)::
 
 __version__ = "0.1.0"
 
-from .clipping import STRATEGIES, Clipping, parse_variants  # noqa: E402
+from .clip import STRATEGIES, Clipping, parse_variants  # noqa: E402
 from .errors import GradwatchError  # noqa: E402
 from .session import RunSpec, prepare, resolve  # noqa: E402
 

@@ -171,7 +171,7 @@ def run(
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
-    from .clipping import STRATEGIES, Clipping
+    from .clip import STRATEGIES, Clipping
     from .records import COLUMNS
     from .sinks import CsvSink
 
@@ -207,7 +207,7 @@ def run(
 
 
 def _threshold_text(clipping) -> str:
-    from .clipping import format_threshold
+    from .clip import format_threshold
 
     return format_threshold(clipping.threshold)
 
@@ -319,7 +319,7 @@ def compare(
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
-    from .clipping import parse_variants
+    from .clip import parse_variants
     from .records import COLUMNS, VARIANT_COLUMNS
     from .sinks import CsvSink
     from .report import COMPARE_COLUMNS
@@ -366,7 +366,7 @@ def compare(
 
 
 def _train_many(spec, variants, sink, quiet, progress):
-    from .clipping import format_threshold
+    from .clip import format_threshold
     from .session import prepare
     from .training import compare as compare_runs
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as data_mod
-from .clipping import Clipping, dedupe, global_norm
+from .clip import Clipping, dedupe, global_norm
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import RowStore, SpikeRule, clip_ratio, summarize
 

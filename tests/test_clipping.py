@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from gradwatch.clipping import STRATEGIES, Clipping, dedupe, global_norm, parse_variants, values_of
+from gradwatch.clip import STRATEGIES, Clipping, dedupe, global_norm, parse_variants, values_of
 from gradwatch.errors import OptionError
 
 CLIPPERS = [name for name in STRATEGIES if name != "none"]

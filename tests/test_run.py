@@ -140,7 +140,7 @@ def test_tf_global_norm_counts_repeated_rows_but_gradwatch_does_not():
     """Why the deduplication matters: TF's global_norm over raw IndexedSlices is wrong."""
     import tensorflow as tf
 
-    from gradwatch.clipping import dedupe, global_norm
+    from gradwatch.clip import dedupe, global_norm
 
     table = tf.Variable(tf.ones([5, 2]))
     with tf.GradientTape() as tape:

@@ -110,7 +110,7 @@ def test_a_strategy_with_state_gets_it_for_the_variables_with_gradients(module_m
     variables, found by tracing the gradient first, and its state is carried from step to step."""
     import tensorflow as tf
 
-    from gradwatch import clipping
+    from gradwatch import clip as clipping
 
     class RunningMaxNorm:
         name, option, summary = "running-max", "norm", "clip to the largest norm of the earlier steps, at most N"

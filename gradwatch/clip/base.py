@@ -1,0 +1,76 @@
+"""The strategy contract and the gradient helpers every strategy uses.
+
+Every strategy is a small object with two methods, in the manner of Optax's gradient
+transformations:
+
+* ``init(variables) -> state`` builds the strategy's explicit state (a tuple, empty for the
+  stateless TensorFlow clippers);
+* ``apply(grads, threshold, variables, state) -> ClipResult`` returns the clipped gradients,
+  a boolean "did this change anything" and the new state.
+
+``grads`` is a list of dense tensors and ``tf.IndexedSlices``. The training step deduplicates
+IndexedSlices (see :func:`dedupe`) before a strategy sees them, so ``values`` hold the true
+summed gradient rows and every norm below is the norm of the real gradient.
+
+TensorFlow is imported inside the functions so that the CLI's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    grads: list
+    clipped: Any  # scalar bool tensor: did the strategy change any gradient?
+    state: tuple = ()
+
+
+def dedupe(grad):
+    """Sum the rows of an IndexedSlices that share an index; dense tensors pass through.
+
+    Embedding gradients repeat an index once per occurrence of a token in the batch. TF's
+    ``global_norm`` squares those rows separately, which is not the norm of the gradient
+    that is applied (the rows are summed). Summing them first gives the true norm without
+    densifying the embedding matrix.
+    """
+    import tensorflow as tf
+
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    unique, position = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(unique)[0])
+    return tf.IndexedSlices(values, unique, grad.dense_shape)
+
+
+def values_of(grad):
+    """The stored numbers of a gradient: the tensor itself, or an IndexedSlices' rows."""
+    import tensorflow as tf
+
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
+def map_values(grad, fn):
+    """Apply ``fn`` to a gradient's stored numbers, keeping IndexedSlices sparse."""
+    import tensorflow as tf
+
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(grad.values), grad.indices, grad.dense_shape)
+    return fn(grad)
+
+
+def global_norm(grads):
+    """L2 norm of all gradients together (after :func:`dedupe`, the true norm)."""
+    import tensorflow as tf
+
+    return tf.linalg.global_norm([values_of(g) for g in grads])
+
+
+def _any(flags):
+    import tensorflow as tf
+
+    return tf.reduce_any(tf.stack(flags)) if flags else tf.constant(False)
+
+
