@@ -157,9 +157,12 @@ def run(
     model: ModelArg = None,
     data: DataOpt = None,
     sample: SampleOpt = None,
-    clip: Annotated[str, typer.Option("--clip", help="Clipping strategy: none, value, norm, avg-norm or global.")] = "none",
+    clip: Annotated[str, typer.Option("--clip", help="Clipping strategy: none, value, norm, avg-norm, global, agc, autoclip or zclip.")] = "none",
     norm: Annotated[Optional[float], typer.Option("--norm", help="Threshold of norm, avg-norm and global clipping.", show_default=False)] = None,
     value: Annotated[Optional[float], typer.Option("--value", help="Threshold of value clipping: gradients are clipped to [-V, V].", show_default=False)] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", help="AGC's λ: each unit's gradient norm is kept below λ x its weight norm.  [default: 0.01]", show_default=False)] = None,
+    percentile: Annotated[Optional[float], typer.Option("--percentile", help="AutoClip's p: clip to the p-th percentile of all global norms so far, in (0, 100].  [default: 10]", show_default=False)] = None,
+    z: Annotated[Optional[float], typer.Option("--z", help="ZClip's Z: clip a global norm whose z-score against its running mean exceeds Z.  [default: 2.5]", show_default=False)] = None,
     csv: CsvOpt = None,
     format: FormatOpt = Format.table,
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
@@ -178,9 +181,12 @@ def run(
     if clip not in STRATEGIES:
         raise OptionError(f"unknown clipping strategy {clip!r}; choose one of {', '.join(STRATEGIES)}")
     option = STRATEGIES[clip].option
-    clipping = Clipping(clip, {"norm": norm, "value": value}.get(option))
-    if option != "value" and value is not None or option != "norm" and norm is not None:
-        raise OptionError(f"--clip {clip} takes {'--' + option if option else 'no threshold'}; drop the other threshold option")
+    given = {"norm": norm, "value": value, "factor": factor, "percentile": percentile, "z": z}
+    extra = [f"--{name}" for name, v in given.items() if v is not None and name != option]
+    if extra:
+        takes = f"--{option}" if option else "no parameter"
+        raise OptionError(f"--clip {clip} takes {takes}, not {', '.join(extra)}; drop {', '.join(extra)}")
+    clipping = Clipping(clip, given.get(option))
     spec = _resolved(locals())
     _check_paths(spec, {"--csv": csv})
     sink = CsvSink(csv, COLUMNS) if csv else None
@@ -204,12 +210,6 @@ def run(
 
     results = _train_then_keep([sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress)], show=render, quiet=quiet)
     render(results)
-
-
-def _threshold_text(clipping) -> str:
-    from .clip import format_threshold
-
-    return format_threshold(clipping.threshold)
 
 
 def _describe(spec) -> str:
@@ -304,10 +304,11 @@ def compare(
     model: ModelArg = None,
     data: DataOpt = None,
     sample: SampleOpt = None,
-    clip: Annotated[str, typer.Option("--clip", help="Strategies, comma separated: value, norm, avg-norm, global.")] = "global",
-    thresholds: Annotated[str, typer.Option("--thresholds", help="Thresholds, comma separated; 'none' is the unclipped baseline (value clipping reads them as V).")] = "none,1,5,10",
+    clip: Annotated[Optional[str], typer.Option("--clip", help="Strategies, comma separated: value, norm, avg-norm, global, agc, autoclip, zclip.  [default: global]", show_default=False)] = None,
+    thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="Each strategy's parameter, comma separated; 'none' is the unclipped baseline.  [default: none,1,5,10]", show_default=False)] = None,
+    variants_: Annotated[Optional[str], typer.Option("--variants", help="Exactly these variants instead of --clip x --thresholds, e.g. none,global:5,agc:0.01,autoclip:10,zclip:2.5 (a strategy alone takes its default).", show_default=False)] = None,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the unclipped baseline when --thresholds lacks 'none'.")] = True,
-    csv: Annotated[Optional[Path], typer.Option("--csv", help="Long CSV: one row per variant and step, with clip and threshold columns.", show_default=False)] = None,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Long CSV: one row per variant and step, with clip and param columns.", show_default=False)] = None,
     summary_csv: Annotated[Optional[Path], typer.Option("--summary-csv", help="The summary table, one row per variant.", show_default=False)] = None,
     format: FormatOpt = Format.table,
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
@@ -319,12 +320,17 @@ def compare(
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
-    from .clip import parse_variants
+    from .clip import parse_variant_list, parse_variants
     from .records import COLUMNS, VARIANT_COLUMNS
     from .sinks import CsvSink
     from .report import COMPARE_COLUMNS
 
-    variants = parse_variants(clip, thresholds, baseline)
+    if variants_ is not None:
+        if clip is not None or thresholds is not None:
+            raise OptionError("give --variants, or --clip with --thresholds, not both")
+        variants = parse_variant_list(variants_)
+    else:
+        variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
     spec = _resolved(locals())
     _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv})
     long_columns = VARIANT_COLUMNS + COLUMNS
@@ -335,7 +341,7 @@ def compare(
     def shown(results):
         from .report import Variant
 
-        return [Variant(r.clipping.strategy, _threshold_text(r.clipping), r.rows) for r in results]
+        return [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in results]
 
     def render(results, stopped=None):
         from .report import compare_table, compare_verdict
@@ -351,7 +357,7 @@ def compare(
                 for line in compare_verdict(shown(results)):
                     console.print(escape(line))
         else:
-            rows = [{"clip": v.clip, "threshold": v.threshold, **row} for v in shown(results) for row in v.rows]
+            rows = [{"clip": v.clip, "param": v.param, **row} for v in shown(results) for row in v.rows]
             _emit_rows(rows, long_columns, format)
 
     def record(results):
@@ -366,7 +372,6 @@ def compare(
 
 
 def _train_many(spec, variants, sink, quiet, progress):
-    from .clip import format_threshold
     from .session import prepare
     from .training import compare as compare_runs
 
@@ -379,7 +384,7 @@ def _train_many(spec, variants, sink, quiet, progress):
 
     def write(clipping, rows):
         if sink:
-            tagged = [{"clip": clipping.strategy, "threshold": format_threshold(clipping.threshold), **r} for r in rows]
+            tagged = [{"clip": clipping.strategy, "param": clipping.param, **r} for r in rows]
             sink.write(tagged)
 
     def advance(clipping, done, total):
@@ -405,7 +410,7 @@ def report(
     check_outputs({"--plot": plot}, {"CSV it reads": file})
     rows, unfinished = read_rows(file), file.name.endswith(".partial")
     groups = split_variants(rows)
-    variants = [Variant(clip, threshold, rows) for (clip, threshold), rows in groups.items()]
+    variants = [Variant(clip, param, rows) for (clip, param), rows in groups.items()]
     note = " (a .partial file: the run did not finish)" if unfinished else ""
     with stdout_errors():
         console = _stdout()

@@ -27,18 +27,20 @@ COLUMNS = [
     "clipped_norm",  # global L2 norm after clipping
     "clip_ratio",    # clipped_norm / grad_norm (1.0 when nothing changed or grad_norm is 0)
     "clipped",       # did the strategy change any gradient?
+    "threshold",     # the threshold the strategy used this step (empty for none; AGC: its factor)
     "lr",            # learning rate used for the step
     "nonfinite",     # loss or a gradient not finite: the update was skipped
     "nonfinite_input",  # the batch held NaN/inf input values (trained on with --allow-nonfinite-data)
     "loss_spike",    # the spike rule fired (see SpikeRule)
     "time_ms",       # wall time of the step in milliseconds
 ]
-# `compare` writes these two first, so one long CSV holds every variant.
-VARIANT_COLUMNS = ["clip", "threshold"]
+# `compare` writes these two first, so one long CSV holds every variant: the strategy and its
+# parameter (N, V, λ, p or Z; empty for the baseline).
+VARIANT_COLUMNS = ["clip", "param"]
 BOOL_COLUMNS = {"clipped", "nonfinite", "nonfinite_input", "loss_spike"}
 INT_COLUMNS = {"step", "epoch"}
 # Columns added after 0.1.0, with the value they take when reading an older CSV.
-ADDED_COLUMNS = {"nonfinite_input": False}
+ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan")}
 
 
 @dataclass(frozen=True)
@@ -203,15 +205,21 @@ def _parse(column: str, text: str):
         return text == "True"
     if column in INT_COLUMNS:
         return int(text)
-    if column in VARIANT_COLUMNS:
+    if column == "clip":
         return text[1:] if text.startswith("'") else text
+    if column == "param":
+        return float(text) if text else None
+    if column == "threshold" and text == "":
+        return float("nan")
     return float(text)
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Read a `run` or `compare` CSV back into rows; `run` rows get clip='run', threshold=''.
+    """Read a `run` or `compare` CSV back into rows; `run` rows get clip='run', param=None.
 
     A ``.partial`` file (what a killed run leaves) may end in a row cut short: it is dropped.
+    A compare CSV of gradwatch 0.1.0 (variant columns ``clip, threshold``, the threshold as
+    text) reads as today's: its threshold becomes ``param`` and every step's ``threshold``.
     """
     path = Path(path)
     unfinished = path.name.endswith(".partial")
@@ -229,20 +237,29 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                     f"{path} is not a gradwatch CSV: missing columns {', '.join(missing)}; "
                     "give a file written by gradwatch run/compare --csv"
                 )
+            legacy = "clip" in header and "param" not in header and "threshold" in header
             index = {c: header.index(c) for c in COLUMNS + VARIANT_COLUMNS if c in header}
+            if legacy:
+                index["param"] = index.pop("threshold")
             records = [(n, r) for n, r in enumerate(reader, start=2) if r]
             rows = []
             for k, (line_no, record) in enumerate(records):
                 try:
+                    if legacy:
+                        text = record[index["param"]]
+                        record = list(record)
+                        record[index["param"]] = "" if text in ("none", "'none") else text
                     row = {c: _parse(c, record[i]) for c, i in index.items()}
                 except (ValueError, IndexError) as exc:
                     if unfinished and k == len(records) - 1:
                         break  # the row being written when the run was killed
                     raise GradwatchError(f"{path} line {line_no} is malformed ({exc}); re-run gradwatch to write it again") from None
                 row.setdefault("clip", "run")
-                row.setdefault("threshold", "")
+                row.setdefault("param", None)
                 for column, default in ADDED_COLUMNS.items():
                     row.setdefault(column, default)
+                if legacy and row["param"] is not None:
+                    row["threshold"] = row["param"]
                 rows.append(row)
     except UnicodeDecodeError:
         raise GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv") from None
@@ -251,9 +268,9 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def split_variants(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Group long-format rows by (clip, threshold), keeping the order of first appearance."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+def split_variants(rows: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
+    """Group long-format rows by (clip, param), keeping the order of first appearance."""
+    groups: dict[tuple[str, float | None], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["clip"], str(row["threshold"])), []).append(row)
+        groups.setdefault((row["clip"], row["param"]), []).append(row)
     return groups

@@ -14,6 +14,8 @@ from rich.table import Table
 from .records import summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
+# Strategies whose recorded threshold is a global norm, so it belongs on the grad-norm axis.
+GLOBAL_NORM_STRATEGIES = ("global", "autoclip", "zclip")
 
 
 @dataclass
@@ -21,14 +23,14 @@ class Variant:
     """One run of a comparison, as the report sees it."""
 
     clip: str  # strategy name ("none" for the baseline, "run" for a run CSV without it)
-    threshold: str  # "none", or the threshold as written in the CSV
+    param: float | None  # the strategy's parameter (N, V, λ, p or Z); None for the baseline
     rows: list
 
     @property
     def label(self) -> str:
-        if self.clip in ("none", "run") or self.threshold in ("", "none"):
-            return self.clip if self.clip != "none" else "none"
-        return f"{self.clip} {self.threshold}"
+        if self.clip in ("none", "run") or self.param is None:
+            return self.clip
+        return f"{self.clip} {self.param:g}"
 
     @property
     def is_baseline(self) -> bool:
@@ -155,7 +157,7 @@ def run_verdict(summary: dict) -> str:
 # --- comparisons ------------------------------------------------------------------------------
 
 COMPARE_COLUMNS = [
-    "clip", "threshold", "steps", "final_loss", "best_loss", "spikes", "largest_jump", "nonfinite",
+    "clip", "param", "steps", "final_loss", "best_loss", "spikes", "largest_jump", "nonfinite",
     "pct_clipped", "mean_clip_ratio", "grad_norm_median", "grad_norm_p95", "grad_norm_max", "wall_s",
 ]
 
@@ -165,7 +167,7 @@ def summary_rows(variants: list[Variant]) -> list[dict]:
     out = []
     for v in variants:
         s = v.summary
-        out.append({"clip": v.clip, "threshold": v.threshold, **{k: s[k] for k in COMPARE_COLUMNS[2:]}})
+        out.append({"clip": v.clip, "param": v.param, **{k: s[k] for k in COMPARE_COLUMNS[2:]}})
     return out
 
 
@@ -254,12 +256,10 @@ def plot(variants: list[Variant], path: str) -> None:
             axes[0].scatter(*zip(*spikes), color=color, marker="x", s=30, zorder=3)
         norms = [r["grad_norm"] if math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 else math.nan for r in v.rows]
         axes[1].plot(steps, norms, color=color, lw=1)
-        try:
-            threshold = float(v.threshold)
-        except ValueError:
-            threshold = None
-        if threshold is not None and v.clip in ("norm", "global", "avg-norm"):
-            axes[1].axhline(threshold, color=color, ls="--", lw=1)
+        if v.clip in GLOBAL_NORM_STRATEGIES:  # thresholds on the global-norm axis (fixed or moving)
+            limits = [r.get("threshold", math.nan) for r in v.rows]
+            axes[1].plot(steps, [t if math.isfinite(t) and t > 0 else math.nan for t in limits],
+                         color=color, ls="--", lw=1)
         window = 20
         flags = [1.0 if r["clipped"] else 0.0 for r in v.rows]
         rolling = [sum(flags[max(0, k - window + 1) : k + 1]) / len(flags[max(0, k - window + 1) : k + 1]) for k in range(len(flags))]

@@ -217,17 +217,17 @@ class Trainer:
             step = tf.function(step, jit_compile=True, autograph=False)
         learning_rate = self.optimizer.learning_rate
 
-        def block(iterator, n, threshold, state, stop_on_nonfinite):
+        def block(iterator, n, param, state, stop_on_nonfinite):
             self.traces += 1
             arrays = tuple(
                 tf.TensorArray(dtype, size=n, element_shape=())
-                for dtype in (tf.float32, tf.float64, tf.float64, tf.bool, tf.bool)
+                for dtype in (tf.float32, tf.float64, tf.float64, tf.float64, tf.bool, tf.bool)
             )
 
             def body(i, state, stop, arrays):
                 x, y, lr = iterator.get_next()
                 learning_rate.assign(lr)
-                *values, state = step(x, y, threshold, state)
+                *values, state = step(x, y, param, state)
                 arrays = tuple(a.write(i, v) for a, v in zip(arrays, values))
                 finite = values[-1]
                 return i + 1, state, stop_on_nonfinite & tf.logical_not(finite), arrays
@@ -254,11 +254,11 @@ class Trainer:
 
         optimizer = self.optimizer
 
-        def step(x, y, threshold, state):
+        def step(x, y, param, state):
             loss, grads, used = self._loss_and_grads(x, y)
             grads = [dedupe(g) for g in grads]
             grad_norm = global_norm(grads)
-            result = strategy.apply(grads, threshold, used, state)
+            result = strategy.apply(grads, param, used, state)
             clipped_norm = global_norm(result.grads)
             loss = tf.cast(loss, tf.float32)
             finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
@@ -268,8 +268,15 @@ class Trainer:
                 return tf.constant(True)
 
             tf.cond(finite, update, lambda: tf.constant(False))
-            norms = (tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64))
-            return (loss, *norms, result.clipped, finite, result.state)
+            # A skipped step leaves the strategy's state as it was too: one inf norm must not
+            # poison AutoClip's history or ZClip's running mean for the rest of the run.
+            new_state = tf.nest.map_structure(lambda new, old: tf.where(finite, new, old), result.state, state)
+            if result.threshold is None:
+                threshold = tf.constant(float("nan"), tf.float64)
+            else:
+                threshold = tf.cast(result.threshold, tf.float64)
+            norms = (tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64), threshold)
+            return (loss, *norms, result.clipped, finite, new_state)
 
         return step
 
@@ -381,7 +388,7 @@ class Trainer:
         block = self._block_for(clipping.impl)
         self.reset()
         tf.random.set_seed(options.seed)
-        threshold = tf.constant(clipping.threshold or 0.0, tf.float32)
+        param = tf.constant(clipping.param or 0.0, tf.float32)
         state = self._initial_state(clipping.impl)
         stop_on_nonfinite = tf.constant(options.on_nonfinite == "stop")
         detector = options.spike_rule.detector()
@@ -393,7 +400,7 @@ class Trainer:
                 while len(result.rows) < self.total_steps and not interrupted():
                     size = min(size, self.total_steps - len(result.rows))
                     start = time.perf_counter()
-                    done, arrays, state = block(iterator, tf.constant(size), threshold, state, stop_on_nonfinite)
+                    done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite)
                     done = int(done)
                     columns = [a.numpy()[:done].tolist() for a in arrays]
                     seconds = (time.perf_counter() - start) / max(done, 1)
@@ -430,7 +437,7 @@ class Trainer:
     def _rows(self, before: int, columns, detector, time_ms: float) -> list[dict]:
         """One row per step of a fetched block; step numbers continue after ``before``."""
         rows = []
-        for k, (loss, grad_norm, clipped_norm, clipped, finite) in enumerate(zip(*columns)):
+        for k, (loss, grad_norm, clipped_norm, threshold, clipped, finite) in enumerate(zip(*columns)):
             step_no = before + k + 1
             epoch = (step_no - 1) // self.steps_per_epoch + 1
             rows.append({
@@ -441,6 +448,7 @@ class Trainer:
                 "clipped_norm": clipped_norm,
                 "clip_ratio": clip_ratio(grad_norm, clipped_norm),
                 "clipped": clipped,
+                "threshold": threshold,
                 "lr": float(self.options.lr_at(epoch)),
                 "nonfinite": not finite,
                 "nonfinite_input": self._bad_input(epoch, (step_no - 1) % self.steps_per_epoch),

@@ -22,7 +22,8 @@ def test_each_variant_equals_its_solo_run(cli, keras_export_model, regression_np
                          "--clip", "global,value", "--thresholds", "0.5,2", "--csv", long_csv)
     assert code == 0, err
     long = read_csv(long_csv)
-    variants = list(dict.fromkeys(zip(long["clip"], long["threshold"].astype(str))))
+    long["label"] = long["param"].map(lambda v: "none" if pd.isna(v) else f"{v:g}")
+    variants = list(dict.fromkeys(zip(long["clip"], long["label"])))
     assert variants == [("none", "none"), ("global", "0.5"), ("global", "2"), ("value", "0.5"), ("value", "2")]
     for clip, threshold in variants:
         solo_csv = tmp_path / f"solo-{clip}-{threshold}.csv"
@@ -30,7 +31,7 @@ def test_each_variant_equals_its_solo_run(cli, keras_export_model, regression_np
         code, _, err = cli("run", keras_export_model, "--data", regression_npz, *BASE, *order, *extra, "--csv", solo_csv)
         assert code == 0, err
         solo = read_csv(solo_csv).drop(columns=["time_ms"])
-        part = long[(long["clip"] == clip) & (long["threshold"].astype(str) == threshold)]
+        part = long[(long["clip"] == clip) & (long["label"] == threshold)]
         part = part[COLUMNS].drop(columns=["time_ms"]).reset_index(drop=True)
         pd.testing.assert_frame_equal(part, solo)
 
@@ -42,8 +43,8 @@ def test_summary_csv_matches_pandas_recomputation(cli, keras_export_model, regre
     assert code == 0, err
     long, summary = read_csv(long_csv), read_csv(summary_csv)
     assert len(summary) == 3
-    for (clip, threshold), part in long.groupby(["clip", "threshold"], sort=False):
-        row = summary[(summary["clip"] == clip) & (summary["threshold"].astype(str) == str(threshold))].iloc[0]
+    for (clip, param), part in long.groupby(["clip", "param"], sort=False, dropna=False):
+        row = summary[(summary["clip"] == clip) & ((summary["param"] == param) | (summary["param"].isna() & pd.isna(param)))].iloc[0]
         tail = max(1, math.ceil(len(part) * 0.1))
         assert row["steps"] == len(part)
         assert row["final_loss"] == pytest.approx(part["loss"].tail(tail).mean())
@@ -58,7 +59,7 @@ def test_summary_csv_matches_pandas_recomputation(cli, keras_export_model, regre
         assert row["grad_norm_max"] == pytest.approx(part["grad_norm"].max())
         assert row["wall_s"] == pytest.approx(part["time_ms"].sum() / 1000)
     # the spike column follows the documented rule
-    for _, part in long.groupby(["clip", "threshold"]):
+    for _, part in long.groupby(["clip", "param"], dropna=False):
         assert list(part["loss_spike"]) == SpikeRule().mark(part["loss"])
 
 
@@ -98,12 +99,12 @@ def test_report_rejects_bad_csvs(cli, tmp_path):
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
-def _variant(clip, threshold, losses):
+def _variant(clip, param, losses):
     spikes = SpikeRule().mark(losses)
     rows = [{"step": i + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0, "clip_ratio": 1.0,
              "clipped": clip != "none", "lr": 1.0, "nonfinite": not math.isfinite(v), "loss_spike": s, "time_ms": 1.0}
             for i, (v, s) in enumerate(zip(losses, spikes))]
-    return Variant(clip, threshold, rows)
+    return Variant(clip, None if param == "none" else float(param), rows)
 
 
 def test_verdict_names_the_jumping_baseline_and_the_calm_variant():
@@ -133,7 +134,7 @@ def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, r
         # wait until the second variant has rows on disk (in the .partial file)
         while time.time() < deadline:
             partial = list(tmp_path.glob("long.csv.partial"))
-            if partial and ",global,1," in "," + partial[0].read_text().replace("\n", ",") + ",":
+            if partial and ",global,1.0," in "," + partial[0].read_text().replace("\n", ",") + ",":
                 break
             time.sleep(0.2)
 

@@ -61,7 +61,7 @@ def make_rows(losses, norms, clipped_norm_cap=None):
         rows.append({"step": i, "epoch": 1, "loss": loss, "grad_norm": norm, "clipped_norm": cn,
                      "clip_ratio": cn / norm if norm else 1.0, "clipped": clipped, "lr": 0.1,
                      "nonfinite": not (math.isfinite(loss) and math.isfinite(norm)),
-                     "nonfinite_input": False, "loss_spike": False, "time_ms": 2.0})
+                     "threshold": float("nan"), "nonfinite_input": False, "loss_spike": False, "time_ms": 2.0})
     for row, spike in zip(rows, SpikeRule().mark(losses)):
         row["loss_spike"] = spike
     return rows
@@ -95,8 +95,8 @@ def test_summary_matches_pandas():
 def test_csv_round_trip_is_exact_and_escapes_formulas(tmp_path):
     rows = make_rows([0.1 + 0.2, 1e-30, -3.5], [1 / 3, 2.0, float("inf")])
     for row, clip in zip(rows, ["=cmd()", "+1", "@x"]):
-        row["clip"], row["threshold"] = clip, "none"
-    text = rows_to_csv(rows, ["clip", "threshold"] + COLUMNS)
+        row["clip"], row["param"], row["threshold"] = clip, None, float("nan")
+    text = rows_to_csv(rows, ["clip", "param"] + COLUMNS)
     assert "'=cmd()" in text and "'+1" in text and "'@x" in text
     assert ",-3.5," in text  # numbers are never escaped
     path = tmp_path / "rows.csv"
@@ -126,7 +126,7 @@ def test_row_store_reads_like_the_list_of_rows_it_was_given():
 
     rng = np.random.default_rng(1)
     rows = [{"step": i, "epoch": 1 + i // 7, "loss": float(rng.normal()), "grad_norm": float(abs(rng.normal())),
-             "clipped_norm": 0.5, "clip_ratio": float(rng.uniform()), "clipped": bool(i % 2), "lr": 0.1,
+             "clipped_norm": 0.5, "clip_ratio": float(rng.uniform()), "clipped": bool(i % 2), "threshold": 1.5, "lr": 0.1,
              "nonfinite": i == 5, "nonfinite_input": False, "loss_spike": i in (3, 5), "time_ms": 1.25}
             for i in range(1, 30)]
     rows[4]["loss"] = float("nan")

@@ -1,7 +1,8 @@
-"""Clipping strategies: one contract (base), TensorFlow's clippers (tf_ops), the registry."""
+"""Clipping strategies: one contract (base), TensorFlow's clippers (tf_ops), adaptive ones
+(adaptive), and the registry that names them (registry)."""
 
 from .base import ClipResult, dedupe, global_norm, map_values, values_of
-from .registry import STRATEGIES, Clipping, format_threshold, parse_variants
+from .registry import STRATEGIES, Clipping, format_param, parse_variant_list, parse_variants
 
-__all__ = ["STRATEGIES", "ClipResult", "Clipping", "dedupe", "format_threshold", "global_norm", "map_values",
-           "parse_variants", "values_of"]
+__all__ = ["STRATEGIES", "ClipResult", "Clipping", "dedupe", "format_param", "global_norm", "map_values",
+           "parse_variant_list", "parse_variants", "values_of"]

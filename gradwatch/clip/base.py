@@ -5,8 +5,12 @@ transformations:
 
 * ``init(variables) -> state`` builds the strategy's explicit state (a tuple, empty for the
   stateless TensorFlow clippers);
-* ``apply(grads, threshold, variables, state) -> ClipResult`` returns the clipped gradients,
-  a boolean "did this change anything" and the new state.
+* ``apply(grads, param, variables, state) -> ClipResult`` returns the clipped gradients,
+  a boolean "did this change anything", the new state and the threshold it used this step
+  (``param`` is the strategy's one parameter, a float32 tensor: N, V, λ, p or Z).
+
+Class attributes describe the parameter to the command line: ``option`` (its name, e.g.
+``norm``), ``default`` (None: it must be given) and ``upper`` (an inclusive upper bound, or None).
 
 ``grads`` is a list of dense tensors and ``tf.IndexedSlices``. The training step deduplicates
 IndexedSlices (see :func:`dedupe`) before a strategy sees them, so ``values`` hold the true
@@ -26,6 +30,7 @@ class ClipResult:
     grads: list
     clipped: Any  # scalar bool tensor: did the strategy change any gradient?
     state: tuple = ()
+    threshold: Any = None  # scalar: the threshold the strategy used this step (None: none, recorded as NaN)
 
 
 def dedupe(grad):

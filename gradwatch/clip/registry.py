@@ -9,33 +9,41 @@ import math
 from dataclasses import dataclass
 
 from ..errors import OptionError
+from .adaptive import AGC, AutoClip, ZClip
 from .tf_ops import ClipByAverageNorm, ClipByGlobalNorm, ClipByNorm, ClipByValue, NoClip
 
-STRATEGIES = {s.name: s for s in (NoClip(), ClipByValue(), ClipByNorm(), ClipByAverageNorm(), ClipByGlobalNorm())}
+STRATEGIES = {
+    s.name: s
+    for s in (NoClip(), ClipByValue(), ClipByNorm(), ClipByAverageNorm(), ClipByGlobalNorm(), AGC(), AutoClip(), ZClip())
+}
 
 
 @dataclass(frozen=True)
 class Clipping:
-    """A strategy with its threshold, validated once at construction."""
+    """A strategy with its parameter (N, V, λ, p or Z), validated once at construction."""
 
     strategy: str
-    threshold: float | None = None
+    param: float | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise OptionError(
                 f"unknown clipping strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
-        option = STRATEGIES[self.strategy].option
+        impl = STRATEGIES[self.strategy]
+        option = impl.option
         if option is None:
-            object.__setattr__(self, "threshold", None)
+            object.__setattr__(self, "param", None)
             return
-        if self.threshold is None:
+        value = self.param if self.param is not None else impl.default
+        if value is None:
             raise OptionError(f"--clip {self.strategy} needs a threshold: add --{option} N (N > 0)")
-        value = float(self.threshold)
-        if not math.isfinite(value) or value <= 0:
-            raise OptionError(f"`--{option}` must be a finite number > 0. Received: {option}={self.threshold}")
-        object.__setattr__(self, "threshold", value)
+        value = float(value)
+        upper = getattr(impl, "upper", None)
+        if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
+            bound = f"in (0, {upper:g}]" if upper is not None else "a finite number > 0"
+            raise OptionError(f"`--{option}` must be {bound}. Received: {option}={self.param}")
+        object.__setattr__(self, "param", value)
 
     @property
     def impl(self):
@@ -43,12 +51,12 @@ class Clipping:
 
     @property
     def label(self) -> str:
-        """Short name of the variant, as tables and the CSV show it: 'global 5', 'none'."""
-        return "none" if self.threshold is None else f"{self.strategy} {format_threshold(self.threshold)}"
+        """Short name of the variant, as tables show it: 'global 5', 'autoclip 10', 'none'."""
+        return "none" if self.param is None else f"{self.strategy} {format_param(self.param)}"
 
 
-def format_threshold(value: float | None) -> str:
-    """How a threshold appears in tables and CSV cells: 'none', '5', '0.25'."""
+def format_param(value: float | None) -> str:
+    """How a parameter appears in labels: 'none', '5', '0.25'."""
     if value is None:
         return "none"
     return f"{value:g}"
@@ -75,13 +83,42 @@ def parse_variants(strategies: str, thresholds: str, baseline: bool = True) -> l
         except ValueError:
             raise OptionError(f"--thresholds item {t!r} is not a number or 'none'; write e.g. --thresholds none,1,5,10") from None
     variants = [Clipping("none")] if baseline or "none" in items else []
-    seen = set()
     for n in names:
         for v in values:
-            clipping = Clipping(n, v)
-            if (n, clipping.threshold) not in seen:
-                seen.add((n, clipping.threshold))
-                variants.append(clipping)
-    if not variants:
+            variants.append(Clipping(n, v))
+    return _unique(variants)
+
+
+def parse_variant_list(text: str) -> list[Clipping]:
+    """`compare --variants none,global:5,agc:0.01,autoclip:10,zclip`: exactly these variants, in
+    this order; ``strategy`` alone takes the strategy's default parameter."""
+    variants = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            raise OptionError(f"--variants {text!r} has an empty item; write e.g. --variants none,global:5,zclip:2.5")
+        name, _, value = item.partition(":")
+        name = name.strip().lower()
+        if name not in STRATEGIES:
+            raise OptionError(f"--variants item {item!r}: unknown clipping strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        if value.strip():
+            try:
+                param = float(value)
+            except ValueError:
+                raise OptionError(f"--variants item {item!r}: {value.strip()!r} is not a number; write e.g. global:5") from None
+        else:
+            param = None
+        if name == "none" and param is not None:
+            raise OptionError(f"--variants item {item!r}: the baseline takes no parameter; write none")
+        variants.append(Clipping(name, param))
+    return _unique(variants)
+
+
+def _unique(variants: list[Clipping]) -> list[Clipping]:
+    seen, out = set(), []
+    for v in variants:
+        if (v.strategy, v.param) not in seen:
+            seen.add((v.strategy, v.param))
+            out.append(v)
+    if not out:
         raise OptionError("nothing to compare: give thresholds, or keep the baseline")
-    return variants
+    return out

@@ -10,13 +10,15 @@ class NoClip:
 
     name = "none"
     option = None
+    default = None
+    upper = None
     summary = "no clipping (the baseline)"
 
     def init(self, variables):
         return ()
 
     def apply(self, grads, threshold, variables, state):
-        return ClipResult(list(grads), _any([]), state)
+        return ClipResult(list(grads), _any([]), state, None)
 
 
 class ClipByValue:
@@ -27,6 +29,8 @@ class ClipByValue:
 
     name = "value"
     option = "value"
+    default = None
+    upper = None
     summary = "tf.clip_by_value(g, -V, V) on every element"
 
     def init(self, variables):
@@ -37,7 +41,7 @@ class ClipByValue:
 
         clipped = [map_values(g, lambda v: tf.clip_by_value(v, -threshold, threshold)) for g in grads]
         changed = [tf.reduce_any(tf.abs(values_of(g)) > threshold) for g in grads]
-        return ClipResult(clipped, _any(changed), state)
+        return ClipResult(clipped, _any(changed), state, threshold)
 
 
 class ClipByNorm:
@@ -45,6 +49,8 @@ class ClipByNorm:
 
     name = "norm"
     option = "norm"
+    default = None
+    upper = None
     summary = "tf.clip_by_norm(g, N) on each tensor separately"
 
     def init(self, variables):
@@ -55,7 +61,7 @@ class ClipByNorm:
 
         clipped = [tf.clip_by_norm(g, threshold) for g in grads]
         changed = [tf.norm(values_of(g)) > threshold for g in grads]
-        return ClipResult(clipped, _any(changed), state)
+        return ClipResult(clipped, _any(changed), state, threshold)
 
 
 class ClipByAverageNorm:
@@ -67,6 +73,8 @@ class ClipByAverageNorm:
 
     name = "avg-norm"
     option = "norm"
+    default = None
+    upper = None
     summary = "TF1 clip_by_average_norm: scale g when ‖g‖ / size(g) > N"
 
     def init(self, variables):
@@ -84,7 +92,7 @@ class ClipByAverageNorm:
             scale = threshold * tf.minimum(inv_norm * size, 1.0 / threshold)
             clipped.append(map_values(g, lambda v, s=scale: v * s))
             changed.append(tf.norm(values) / size > threshold)
-        return ClipResult(clipped, _any(changed), state)
+        return ClipResult(clipped, _any(changed), state, threshold)
 
 
 class ClipByGlobalNorm:
@@ -96,6 +104,8 @@ class ClipByGlobalNorm:
 
     name = "global"
     option = "norm"
+    default = None
+    upper = None
     summary = "tf.clip_by_global_norm(grads, N) on all gradients together"
 
     def init(self, variables):
@@ -105,4 +115,4 @@ class ClipByGlobalNorm:
         import tensorflow as tf
 
         clipped, norm = tf.clip_by_global_norm(grads, threshold)
-        return ClipResult(list(clipped), norm > threshold, state)
+        return ClipResult(list(clipped), norm > threshold, state, threshold)
