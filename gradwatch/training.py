@@ -309,12 +309,13 @@ class Trainer:
         strategy with state needs the used variables before its first trace, found by tracing
         the gradient alone once.
         """
+        sized = {"steps": self.total_steps} if getattr(strategy, "takes_steps", False) else {}
         if self.used is None:
-            state = strategy.init(self.model.trainable)
+            state = strategy.init(self.model.trainable, **sized)
             if state == ():
                 return state
             self._find_used()
-        return strategy.init(self.used)
+        return strategy.init(self.used, **sized)
 
     def _find_used(self) -> None:
         import tensorflow as tf

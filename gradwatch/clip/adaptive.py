@@ -91,10 +91,11 @@ class AutoClip:
     """AutoClip: clip by global norm to the p-th percentile of every global norm so far, the
     current step's included (linear interpolation, as NumPy's default ``np.percentile``).
 
-    The history is state: a sorted buffer of the norms (exact percentiles) and a ring buffer of
-    the same norms in step order. Up to ``AUTOCLIP_CAP`` (65,536) steps the percentile is over the
-    whole history, exactly as the paper; beyond, the oldest norm leaves as a new one comes, so the
-    percentile is over the most recent 65,536 steps. Memory: 1 MB, whatever the run's length.
+    The history is state: a sorted buffer of the norms (exact percentiles), as long as the run
+    (each step costs a few passes over it). Up to ``AUTOCLIP_CAP`` (65,536) steps the percentile
+    is over the whole history, exactly as the paper; a longer run also keeps the norms in step
+    order (a ring), and the oldest norm leaves as a new one comes, so the percentile is over the
+    most recent 65,536 steps. Memory: at most 1 MB, whatever the run's length.
     """
 
     name = "autoclip"
@@ -103,46 +104,52 @@ class AutoClip:
     upper = 100.0
     summary = "AutoClip (Seetharaman et al. 2020): clip by global norm to the p-th percentile of all norms so far"
 
+    takes_steps = True  # init() gets the run's length: the buffer is no larger than the run
+
     def __init__(self, cap: int = AUTOCLIP_CAP):
         self.cap = cap
 
-    def init(self, variables):
+    def init(self, variables, steps: int | None = None):
         import tensorflow as tf
 
-        return (
-            tf.fill([self.cap], tf.constant(float("inf"), tf.float64)),  # sorted norms, +inf where empty
-            tf.zeros([self.cap], tf.float64),  # the same norms in step order (a ring)
-            tf.constant(0, tf.int64),  # how many norms were seen
-        )
+        size = min(self.cap, steps) if steps else self.cap
+        sorted_norms = tf.fill([size], tf.constant(float("inf"), tf.float64))  # ascending, +inf where empty
+        count = tf.constant(0, tf.int64)  # how many norms were seen
+        if steps is not None and steps <= self.cap:
+            return (sorted_norms, count)  # the whole run fits: no norm ever leaves
+        return (sorted_norms, tf.zeros([size], tf.float64), count)  # + the same norms in step order (a ring)
 
     def apply(self, grads, threshold, variables, state):
         import tensorflow as tf
 
-        ordered, ring, count = state
+        ordered, count = state[0], state[-1]
+        ring = state[1] if len(state) == 3 else None
         norm = global_norm(grads)
         g = tf.cast(norm, tf.float64)
-        cap = self.cap
-        index = tf.range(cap, dtype=tf.int64)
+        size = ordered.shape[0]
+        index = tf.range(size, dtype=tf.int64)
         inf = tf.constant([float("inf")], tf.float64)
-        slot = count % cap
-        # Full: the oldest norm leaves the sorted buffer (shift left over its place).
-        oldest = ring[slot]
-        at = tf.reduce_sum(tf.cast(ordered < oldest, tf.int64))
-        shifted_left = tf.concat([ordered[1:], inf], 0)
-        ordered = tf.where((count >= cap) & (index >= at), shifted_left, ordered)
+        if ring is not None:
+            # Full: the oldest norm leaves the sorted buffer (shift left over its place).
+            slot = count % size
+            oldest = ring[slot]
+            at = tf.reduce_sum(tf.cast(ordered < oldest, tf.int64))
+            shifted_left = tf.concat([ordered[1:], inf], 0)
+            ordered = tf.where((count >= size) & (index >= at), shifted_left, ordered)
+            ring = tf.tensor_scatter_nd_update(ring, [[slot]], [g])
         # The new norm goes in at its sorted place (shift right after it).
         at = tf.reduce_sum(tf.cast(ordered < g, tf.int64))
         shifted_right = tf.concat([inf, ordered[:-1]], 0)
         ordered = tf.where(index < at, ordered, tf.where(index == at, g, shifted_right))
-        ring = tf.tensor_scatter_nd_update(ring, [[slot]], [g])
         count = count + 1
-        n = tf.minimum(count, cap)
+        n = tf.minimum(count, size)
         limit = _percentile_sorted(ordered, n, tf.cast(threshold, tf.float64))
         # tf.clip_by_global_norm's scale, N / max(g, N), but 1 when nothing exceeds (0 / 0 for zero gradients)
         clip = g > limit
         scale = tf.cast(tf.where(clip, limit / g, tf.constant(1.0, tf.float64)), values_of(grads[0]).dtype)
         clipped = [map_values(grad, lambda v: v * scale) for grad in grads]
-        return ClipResult(clipped, clip, (ordered, ring, count), limit)
+        new_state = (ordered, count) if ring is None else (ordered, ring, count)
+        return ClipResult(clipped, clip, new_state, limit)
 
 
 def _percentile_sorted(ordered, n, percentile):

@@ -9,7 +9,9 @@ transformations:
   a boolean "did this change anything", the new state and the threshold it used this step
   (``param`` is the strategy's one parameter, a float32 tensor: N, V, λ, p or Z).
 
-Class attributes describe the parameter to the command line: ``option`` (its name, e.g.
+A strategy whose state should be sized to the run sets ``takes_steps = True``; its ``init``
+then also gets ``steps=`` (the run's length). Class attributes describe the parameter to the
+command line: ``option`` (its name, e.g.
 ``norm``), ``default`` (None: it must be given) and ``upper`` (an inclusive upper bound, or None).
 
 ``grads`` is a list of dense tensors and ``tf.IndexedSlices``. The training step deduplicates
