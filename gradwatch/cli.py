@@ -52,15 +52,16 @@ YKeyOpt = Annotated[Optional[str], typer.Option("--y-key", help="Array of target
 TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column of a .csv file.  [default: the last column]", show_default=False)]
 VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary for a .txt corpus, one word a line.  [default: the model's assets/vocab.txt]", show_default=False)]
 NumStepsOpt = Annotated[Optional[int], typer.Option("--num-steps", help="Window length for a .txt corpus.  [default: the model's input length]", show_default=False)]
-LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Keras loss: mse, mae, huber, binary_crossentropy, categorical_crossentropy, sparse_categorical_crossentropy.  [default: the model's own loss(inputs, targets)]", show_default=False)]
+LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Any Keras loss identifier: mse, huber, binary_crossentropy, sparse_categorical_crossentropy, kl_divergence, ...  [default: the model's compiled loss, or its loss(inputs, targets)]", show_default=False)]
 FromLogitsOpt = Annotated[Optional[bool], typer.Option("--from-logits", help="The model outputs logits (crossentropy losses).", show_default=False)]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.  [default: 32, or the sample's]", show_default=False)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Number of training steps.  [default: one epoch, or the sample's]", show_default=False)]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs (instead of --steps).", show_default=False)]
 ShuffleOpt = Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="Shuffle rows each epoch.  [default: shuffle arrays, keep a text corpus in order]", show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the shuffle order and TF's random ops.  [default: 0]", show_default=False)]
-OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="sgd, momentum (0.9), adam, rmsprop or adagrad.  [default: sgd]", show_default=False)]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: 0.01, or the sample's]", show_default=False)]
+OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="Any Keras optimizer identifier: sgd, momentum (SGD, 0.9), adam, adamw, rmsprop, nadam, lion, ...  [default: the model's compiled optimizer, else sgd]", show_default=False)]
+OptOpt = Annotated[Optional[list[str]], typer.Option("--opt", help="An optimizer hyperparameter NAME=VALUE, e.g. --opt beta_1=0.8 --opt weight_decay=1e-4 (repeat it).", show_default=False)]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: the optimizer's own (compiled), else 0.01, or the sample's]", show_default=False)]
 LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False)]
 DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
 OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights as they were and go on; stop: exit 3 after writing the rows so far.  [default: skip]", show_default=False)]
@@ -132,6 +133,7 @@ def _spec(**options):
     from .session import RunSpec
 
     options["on_nonfinite"] = options["on_nonfinite"].value if options.get("on_nonfinite") else None
+    options["opt"] = tuple(options["opt"]) if options.get("opt") else None
     return RunSpec(**options)
 
 
@@ -141,6 +143,8 @@ def _say(quiet: bool, message: str):
 
 
 def _warn_skipped(trainer):
+    for warning in trainer.model.warnings:
+        _stderr().print(escape(f"gradwatch: warning: {warning}"))
     if trainer.skipped:
         _stderr().print(escape(f"gradwatch: warning: no gradient reaches {', '.join(trainer.skipped)}; left out of training and norms"))
 
@@ -168,7 +172,7 @@ def run(
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
-    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, lr: LrOpt = None,
+    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
@@ -240,9 +244,20 @@ def _train_one(spec, clipping, sink, quiet, progress):
     trainer = prepare(spec)
     trainer.trace(clipping.impl)
     _warn_skipped(trainer)
-    _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}")
+    _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}; "
+                f"{_setup(trainer)}")
     progress.label = f"clip {clipping.label}"
     return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
+
+
+def _setup(trainer) -> str:
+    """Which optimizer and loss the run uses, for the start line."""
+    text = f"optimizer {trainer.optimizer_text}; loss: {trainer.loss_source}"
+    if trainer.model.compiled_optimizer is not None:
+        text += " (the model's own clipping options, if any, are replaced by gradwatch's --clip)"
+    if trainer.loss_scaling:
+        text += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
+    return text
 
 
 def _steps(n: int) -> str:
@@ -314,7 +329,7 @@ def compare(
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
-    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, lr: LrOpt = None,
+    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
@@ -335,7 +350,12 @@ def compare(
     _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv})
     long_columns = VARIANT_COLUMNS + COLUMNS
     sink = CsvSink(csv, long_columns) if csv else None
-    summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS, "--summary-csv") if summary_csv else None
+    try:
+        summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS, "--summary-csv") if summary_csv else None
+    except BaseException:
+        if sink:
+            sink.discard()  # nothing recorded yet: leave no empty .partial behind
+        raise
     title = f"gradwatch compare: {_describe(spec)}"
 
     def shown(results):
@@ -380,7 +400,8 @@ def _train_many(spec, variants, sink, quiet, progress):
         trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     labels = ", ".join(v.label for v in variants)
-    _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each")
+    _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each; "
+                f"{_setup(trainer)}")
 
     def write(clipping, rows):
         if sink:

@@ -29,26 +29,29 @@ EOS = "<eos>"
 
 @dataclass
 class Dataset:
-    x: np.ndarray
+    x: np.ndarray | dict  # one array, or {input name: array} for a model with several inputs
     y: np.ndarray
     kind: str
     path: str
     columns: tuple | None = None  # (feature names, target name) of a CSV, to name cells in errors
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.y)
 
-    @property
-    def description(self) -> str:
-        return f"{self.path} ({self.kind}, {len(self)} rows, x {tuple(self.x.shape[1:])})"
+    def inputs(self) -> list[tuple[str, np.ndarray]]:
+        """(name, array) of every input: ``x`` alone, or ``x['ids']`` ... for several."""
+        if isinstance(self.x, dict):
+            return [(f"x[{name!r}]", array) for name, array in self.x.items()]
+        return [("x", self.x)]
 
 
 @dataclass(frozen=True)
 class DataOptions:
     """Options that only some kinds of data read."""
 
-    x_key: str = "x"
+    x_key: str | None = None  # None: "x", or arrays named after the model's inputs
     y_key: str = "y"
+    input_names: tuple | None = None  # the model's input names, when it has several
     target: str | None = None
     vocab: str | None = None
     num_steps: int | None = None
@@ -62,18 +65,28 @@ def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
-            missing = [k for k in (options.x_key, options.y_key) if k not in keys]
+            names = options.input_names
+            if options.x_key is not None:
+                x_keys = [k.strip() for k in options.x_key.split(",")]
+            elif names and len(names) > 1 and all(n in keys for n in names):
+                x_keys = list(names)  # arrays named after the model's inputs
+            else:
+                x_keys = ["x"]
+            missing = [k for k in x_keys + [options.y_key] if k not in keys]
             if missing:
-                raise DataError(
-                    f"{path} has no array {missing[0]!r} (it has: {', '.join(keys) or 'none'}); "
-                    "pass --x-key / --y-key to name the inputs and targets"
-                )
-            x, y = archive[options.x_key], archive[options.y_key]
+                hint = (f"name its arrays after the model's inputs ({', '.join(names)}) or pass --x-key a,b in input order"
+                        if names and len(names) > 1 else "pass --x-key / --y-key to name the inputs and targets")
+                raise DataError(f"{path} has no array {missing[0]!r} (it has: {', '.join(keys) or 'none'}); {hint}")
+            y = archive[options.y_key]
+            if len(x_keys) == 1:
+                x = archive[x_keys[0]]
+            else:
+                x = {k: archive[k] for k in x_keys}
     except ValueError as exc:  # object arrays need pickle, which is never allowed
         raise DataError(f"cannot read {path} without pickle ({exc}); save plain numeric arrays with numpy.savez") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
-    return _checked(x, y, "npz", path)
+    return _checked(_by_input(x, options, path), y, "npz", path)
 
 
 def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
@@ -108,9 +121,14 @@ def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) ->
     except (tf.errors.OpError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({first_line(exc)})") from None
     spec = dataset.element_spec
-    if not (isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, tf.TensorSpec) for s in spec)):
-        raise DataError(f"{path}: elements must be (x, y) pairs of tensors, found {spec}; save dataset.map(lambda ...: (x, y))")
-    if spec[0].shape.rank and spec[0].shape[0] is None:
+    flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) == 2 else []
+    if not (flat_x and isinstance(spec[1], tf.TensorSpec) and all(isinstance(s, tf.TensorSpec) for s in flat_x)
+            and isinstance(spec[0], (tf.TensorSpec, dict, tuple, list))):
+        raise DataError(
+            f"{path}: elements must be (x, y) pairs, x a tensor or a dict/tuple of tensors, found {spec}; "
+            "save dataset.map(lambda ...: (x, y))"
+        )
+    if flat_x[0].shape.rank and flat_x[0].shape[0] is None:
         dataset = dataset.unbatch()  # saved after .batch(): go back to one example per element
     xs, ys = [], []
     for x, y in dataset.as_numpy_iterator():
@@ -118,7 +136,32 @@ def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) ->
         ys.append(y)
     if not xs:
         raise DataError(f"{path} holds no elements")
-    return _checked(np.stack(xs), np.stack(ys), "tf.data", path)
+    if isinstance(spec[0], dict):
+        x = {k: np.stack([e[k] for e in xs]) for k in spec[0]}
+    elif isinstance(spec[0], (tuple, list)):
+        x = tuple(np.stack([e[i] for e in xs]) for i in range(len(spec[0])))
+    else:
+        x = np.stack(xs)
+    return _checked(_by_input(x, options, path), np.stack(ys), "tf.data", path)
+
+
+def _by_input(x, options: DataOptions, path: Path):
+    """Several input arrays -> {model input name: array}: by name, or in the model's input order."""
+    if isinstance(x, np.ndarray):
+        return x
+    names = options.input_names
+    if isinstance(x, dict):
+        if names and set(x) != set(names):
+            if len(x) == len(names) and not set(x) & set(names):
+                return dict(zip(names, x.values()))  # --x-key a,b: in input order
+            raise DataError(
+                f"{path} has inputs {', '.join(x)} but the model's inputs are {', '.join(names)}; "
+                "name the arrays after them, or pass --x-key a,b in input order"
+            )
+        return {n: x[n] for n in names} if names else dict(x)
+    if names is None or len(names) != len(x):
+        raise DataError(f"{path} holds {len(x)} input arrays but the model takes {len(names or ()) or 1}; check the data")
+    return dict(zip(names, x))
 
 
 def load_text(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
@@ -202,15 +245,16 @@ def load(path: str, options: DataOptions, model_assets: Path | None = None) -> D
     return loader(p, options, model_assets)
 
 
-def _checked(x: np.ndarray, y: np.ndarray, kind: str, path: Path) -> Dataset:
-    if x.ndim == 0 or y.ndim == 0:
-        raise DataError(f"{path}: x and y need a leading example dimension; got shapes {x.shape} and {y.shape}")
-    if len(x) != len(y):
-        raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}; they must match")
-    for name, array in (("x", x), ("y", y)):
+def _checked(x, y: np.ndarray, kind: str, path: Path) -> Dataset:
+    dataset = Dataset(x, y, kind, str(path))
+    for name, array in dataset.inputs() + [("y", y)]:
+        if array.ndim == 0:
+            raise DataError(f"{path}: {name} needs a leading example dimension; got shape {array.shape}")
+        if len(array) != len(y):
+            raise DataError(f"{path}: {name} has {len(array)} rows but y has {len(y)}; they must match")
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
-    return Dataset(x, y, kind, str(path))
+    return dataset
 
 
 # --- checks before training -----------------------------------------------------------------
@@ -223,7 +267,7 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
     loop can mark the steps that trained on them.
     """
     bad_rows = None
-    for name, array in (("x", data.x), ("y", data.y)):
+    for name, array in data.inputs() + [("y", data.y)]:
         if not np.issubdtype(array.dtype, np.floating):
             continue
         finite = np.isfinite(array)
@@ -248,6 +292,13 @@ def _where(data: Dataset, name: str, index: tuple) -> str:
         column = target if name == "y" else features[index[1]]
         return f"line {index[0] + 2}, column {column!r}"
     return f"{name}[{', '.join(str(int(i)) for i in index)}]"
+
+
+def take(x, rows):
+    """Rows of one input array or of every array of several."""
+    if isinstance(x, dict):
+        return {k: v[rows] for k, v in x.items()}
+    return x[rows]
 
 
 SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy"}
@@ -317,7 +368,8 @@ def batches(data: Dataset, batch_size: int, total_steps: int, shuffle: bool, see
                 return
             rows = order[k * batch_size : (k + 1) * batch_size]
             if not shuffle:
-                yield epoch, data.x[k * batch_size : (k + 1) * batch_size], data.y[k * batch_size : (k + 1) * batch_size]
+                window = slice(k * batch_size, (k + 1) * batch_size)
+                yield epoch, take(data.x, window), data.y[window]
             else:
-                yield epoch, data.x[rows], data.y[rows]
+                yield epoch, take(data.x, rows), data.y[rows]
             step += 1

@@ -35,18 +35,31 @@ class LoadedModel:
     own_loss: Callable | None  # (x, y) -> scalar, if the model brings one
     trainable: list  # variables that training may change
     variables: list  # every variable (trainable or not): the state restored between variants
-    input_spec: Any  # tf.TensorSpec of the input (leading batch dim), or None if unknown
+    input_spec: Any  # tf.TensorSpec of the input (leading batch dim), {name: spec} for several inputs, or None
     assets: Path | None = None
     keep_alive: Any = field(default=None, repr=False)
     output_dim: int | None = None  # static last dimension of the output (classes of a classifier), if known
+    # Keras models only: Keras' own compute_loss(x, y, y_pred) when compiled with a loss, the
+    # extra losses (regularizers, add_loss) of the last call, the compiled optimizer's config,
+    # and whether layers compute in float16 (mixed precision: the loss must be scaled).
+    compiled_loss: Callable | None = None
+    extra_losses: Callable | None = None
+    compiled_optimizer: dict | None = None
+    loss_scaling: bool = False
+    warnings: list = field(default_factory=list)  # said once on stderr before training
 
     @property
     def input_length(self) -> int | None:
         """Static length of the second input dimension (the window of a word LM), if known."""
         spec = self.input_spec
-        if spec is None or spec.shape.rank is None or spec.shape.rank < 2:
+        if spec is None or isinstance(spec, dict) or spec.shape.rank is None or spec.shape.rank < 2:
             return None
         return spec.shape[1]
+
+    @property
+    def input_names(self) -> tuple | None:
+        """Names of the inputs, in order, for a model with several; None for one."""
+        return tuple(self.input_spec) if isinstance(self.input_spec, dict) else None
 
 
 def load(path: str, endpoint: str | None = None, output: str | None = None) -> LoadedModel:
@@ -73,30 +86,46 @@ def _load_keras(p: Path) -> LoadedModel:
         raise ModelError(f"cannot load {p} ({first_line(exc)}); re-save it with Keras 3 model.save()") from None
     if not model.trainable_variables:
         raise ModelError(f"{p} has no trainable variables; set layer.trainable = True before saving")
-    own_loss = None
-    compiled = getattr(model, "loss", None)
-    if compiled is not None and not isinstance(compiled, (dict, list, tuple)):
-        loss_obj = keras.losses.get(compiled)
-        own_loss = lambda x, y: loss_obj(y, model(x, training=True))  # noqa: E731
-    spec = None
+    compiled_loss = None
+    if getattr(model, "_compile_loss", None) is not None:
+        # Keras' own loss of fit: the compiled loss plus model.losses (regularizers, add_loss).
+        compiled_loss = lambda x, y, y_pred: model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)  # noqa: E731
+    compiled_optimizer = None
+    if getattr(model, "optimizer", None) is not None:
+        inner = getattr(model.optimizer, "inner_optimizer", None) or model.optimizer  # unwrap a LossScaleOptimizer
+        compiled_optimizer = {"class_name": type(inner).__name__, "config": inner.get_config()}
+        schedule = getattr(inner, "_learning_rate", None)
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            compiled_optimizer["config"]["learning_rate"] = keras.optimizers.schedules.serialize(schedule)
+    policy = getattr(model, "dtype_policy", None)
+    loss_scaling = getattr(policy, "name", "") == "mixed_float16" or any(
+        getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16" for layer in model._flatten_layers()
+    )
     outputs = getattr(model, "outputs", None)
     output_dim = outputs[0].shape[-1] if outputs and len(outputs) == 1 and outputs[0].shape else None
+    import tensorflow as tf
+
+    spec = None
     inputs = getattr(model, "inputs", None)
     if inputs and len(inputs) == 1:
-        import tensorflow as tf
-
         spec = tf.TensorSpec(inputs[0].shape, inputs[0].dtype)
+    elif inputs:
+        spec = {t.name: tf.TensorSpec(t.shape, t.dtype, name=t.name) for t in inputs}
     return LoadedModel(
         path=str(p),
         kind="keras",
         endpoint="call",
         forward=lambda x: model(x, training=True),
-        own_loss=own_loss,
+        own_loss=None,
         trainable=list(model.trainable_variables),
         variables=list(model.variables),
         input_spec=spec,
         keep_alive=model,
         output_dim=output_dim,
+        compiled_loss=compiled_loss,
+        extra_losses=lambda: model.losses,
+        compiled_optimizer=compiled_optimizer,
+        loss_scaling=loss_scaling,
     )
 
 
@@ -115,7 +144,14 @@ def _load_saved_model(p: Path, endpoint: str | None, output: str | None) -> Load
         own_loss = None  # an attribute called loss that is not a restored function
 
     spec, is_keyword = _input_spec(concrete, name, p)
-    forward = _output_picker(fn, spec, is_keyword, output, name, p)
+    forward = _output_picker(fn, concrete, is_keyword, output, name, p)
+    warnings = []
+    if _inference_mode(concrete[0]):
+        warnings.append(
+            f"endpoint {name!r} of {p} was traced in inference mode: its BatchNormalization uses the moving "
+            "statistics and never updates them (and Dropout, if any, is off), so this is not the training fit "
+            "runs; export a training endpoint (README, 'Training endpoints') and pick it with --endpoint"
+        )
 
     trainable = _unique(getattr(obj, "trainable_variables", None) or [])
     if not trainable:
@@ -143,6 +179,7 @@ def _load_saved_model(p: Path, endpoint: str | None, output: str | None) -> Load
         assets=assets,
         keep_alive=obj,
         output_dim=_output_dim(concrete, output),
+        warnings=warnings,
     )
 
 
@@ -179,6 +216,8 @@ def _pick_endpoint(obj, endpoint: str | None):
 
 
 def _input_spec(concrete: list, name: str, p: Path):
+    """(spec, how to call): one TensorSpec and False (positional) or its keyword; several inputs:
+    {name: spec} and "keywords" (a signature's keyword inputs) or "positional" (in order)."""
     import tensorflow as tf
 
     args, kwargs = concrete[0].structured_input_signature
@@ -188,13 +227,25 @@ def _input_spec(concrete: list, name: str, p: Path):
         return tensors[0], False
     if not tensors and len(keyword) == 1:
         return next(iter(keyword.values())), next(iter(keyword))
-    n = len(tensors) + len(keyword)
-    raise ModelError(f"endpoint {name!r} of {p} takes {n} tensor inputs; gradwatch trains models with one input tensor")
+    if keyword and not tensors:
+        return dict(sorted(keyword.items())), "keywords"
+    if tensors and not keyword:
+        return {(t.name or f"input_{i + 1}"): t for i, t in enumerate(tensors)}, "positional"
+    raise ModelError(f"endpoint {name!r} of {p} mixes positional and keyword inputs; export one kind")
 
 
-def _output_picker(fn, spec, keyword, output: str | None, name: str, p: Path) -> Callable:
+def _output_picker(fn, concrete, keyword, output: str | None, name: str, p: Path) -> Callable:
+    import tensorflow as tf
+
+    args_structure = concrete[0].structured_input_signature[0]
+
     def forward(x):
-        result = fn(**{keyword: x}) if keyword else fn(x)
+        if keyword == "keywords":
+            result = fn(**x)
+        elif keyword == "positional":  # the inputs in the nesting the endpoint was traced with
+            result = fn(*tf.nest.pack_sequence_as(args_structure, list(x.values())))
+        else:
+            result = fn(**{keyword: x}) if keyword else fn(x)
         if isinstance(result, dict):
             if output is not None:
                 if output not in result:
@@ -210,6 +261,21 @@ def _output_picker(fn, spec, keyword, output: str | None, name: str, p: Path) ->
         return result
 
     return forward
+
+
+ASSIGN_OPS = {"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp", "AssignMovingAvg"}
+
+
+def _inference_mode(concrete) -> bool:
+    """Is this a BatchNormalization graph traced with training=False? Seen where it can be: a fused
+    batch norm op with is_training false, or moving-statistics variables read but never assigned."""
+    graph_def = concrete.graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    for node in nodes:
+        if node.op.startswith("FusedBatchNorm") and "is_training" in node.attr and not node.attr["is_training"].b:
+            return True
+    moving = [v for v in concrete.variables if "moving_mean" in v.name or "moving_variance" in v.name]
+    return bool(moving) and not any(node.op in ASSIGN_OPS for node in nodes)
 
 
 def _output_dim(concrete: list, output: str | None) -> int | None:

@@ -22,13 +22,16 @@ from .errors import GradwatchError
 COLUMNS = [
     "step",          # 1-based step number within the run
     "epoch",         # 1-based epoch number
-    "loss",          # loss of the batch, before the update
+    "loss",          # loss of the batch, before the update (regularization included)
+    "reg_loss",      # its regularization part: model.losses of a Keras model (NaN when unknown)
     "grad_norm",     # global L2 norm of the raw gradients (repeated embedding rows summed)
     "clipped_norm",  # global L2 norm after clipping
     "clip_ratio",    # clipped_norm / grad_norm (1.0 when nothing changed or grad_norm is 0)
     "clipped",       # did the strategy change any gradient?
     "threshold",     # the threshold the strategy used this step (empty for none; AGC: its factor)
     "lr",            # learning rate used for the step
+    "loss_scale",    # dynamic loss scale of a float16 model (1 without loss scaling)
+    "overflow",      # float16 gradients overflowed: the update was skipped and the scale halved
     "nonfinite",     # loss or a gradient not finite: the update was skipped
     "nonfinite_input",  # the batch held NaN/inf input values (trained on with --allow-nonfinite-data)
     "loss_spike",    # the spike rule fired (see SpikeRule)
@@ -37,10 +40,11 @@ COLUMNS = [
 # `compare` writes these two first, so one long CSV holds every variant: the strategy and its
 # parameter (N, V, λ, p or Z; empty for the baseline).
 VARIANT_COLUMNS = ["clip", "param"]
-BOOL_COLUMNS = {"clipped", "nonfinite", "nonfinite_input", "loss_spike"}
+BOOL_COLUMNS = {"clipped", "overflow", "nonfinite", "nonfinite_input", "loss_spike"}
 INT_COLUMNS = {"step", "epoch"}
 # Columns added after 0.1.0, with the value they take when reading an older CSV.
-ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan")}
+ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan"), "reg_loss": float("nan"),
+                 "loss_scale": 1.0, "overflow": False}
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,13 @@ def _stat(fn, values) -> float:
     return float(fn(finite)) if finite.size else float("nan")
 
 
+def _reg_share(loss, reg) -> float:
+    """Median share of the regularization in the loss over finite steps (NaN when unknown)."""
+    loss, reg = np.asarray(loss, np.float64), np.asarray(reg, np.float64)
+    keep = np.isfinite(loss) & np.isfinite(reg) & (loss != 0)
+    return float(np.median(reg[keep] / loss[keep])) if keep.any() else float("nan")
+
+
 def summarize(rows: list[dict]) -> dict:
     """Summary of one run's rows: what the tables and the verdict are made of.
 
@@ -140,6 +151,8 @@ def summarize(rows: list[dict]) -> dict:
         "spike_steps_clean": [int(step) for step, spike, bad in zip(col["step"], col["loss_spike"], col["nonfinite_input"])
                               if spike and not bad],
         "nonfinite": int(sum(bool(v) for v in col["nonfinite"])),
+        "overflow": int(sum(bool(v) for v in col["overflow"])),
+        "reg_share": _reg_share(col["loss"], col["reg_loss"]),
         # steps whose batch held non-finite input data, and the non-finite / spike steps among them
         "bad_input_steps": int(sum(bool(v) for v in col["nonfinite_input"])),
         "nonfinite_from_data": int(sum(bool(a) and bool(b) for a, b in zip(col["nonfinite"], col["nonfinite_input"]))),
@@ -155,7 +168,8 @@ def summarize(rows: list[dict]) -> dict:
 
 # --- keeping rows in memory -------------------------------------------------------------------
 
-_KINDS = {"step": "q", "epoch": "q", "clipped": "b", "nonfinite": "b", "nonfinite_input": "b", "loss_spike": "b"}  # others: "d"
+_KINDS = {"step": "q", "epoch": "q", "clipped": "b", "overflow": "b", "nonfinite": "b", "nonfinite_input": "b",
+          "loss_spike": "b"}  # others: "d"
 
 
 class RowStore(Sequence):

@@ -93,6 +93,11 @@ def run_table(summary: dict, title: str) -> Table:
     table.add_row("mean clip ratio", fmt(summary["mean_clip_ratio"], 3))
     table.add_row("loss spikes", str(summary["spikes"]))
     table.add_row("non-finite steps", str(summary["nonfinite"]))
+    if summary.get("overflow"):
+        table.add_row("float16 overflow steps (skipped, scale halved)", str(summary["overflow"]))
+    share = summary.get("reg_share", float("nan"))
+    if isinstance(share, float) and math.isfinite(share) and share != 0:
+        table.add_row("regularization share of the loss (median)", f"{100 * share:.1f} %")
     table.add_row("wall time", f"{summary['wall_s']:.1f} s")
     return table
 

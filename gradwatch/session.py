@@ -13,8 +13,6 @@ from .errors import OptionError
 DEFAULTS = {
     "batch_size": 32,
     "seed": 0,
-    "optimizer": "sgd",
-    "lr": 0.01,
     "decay_after_epoch": 1,
     "on_nonfinite": "skip",
     "xla": False,
@@ -47,6 +45,7 @@ class RunSpec:
     shuffle: bool | None = None
     seed: int | None = None
     optimizer: str | None = None
+    opt: tuple | None = None  # --opt NAME=VALUE hyperparameters of the optimizer
     lr: float | None = None
     lr_decay: float | None = None
     decay_after_epoch: int | None = None
@@ -93,13 +92,15 @@ def prepare(spec: RunSpec):
     from . import data as data_mod
     from . import models
     from .records import SpikeRule
-    from .training import TrainOptions, Trainer, make_loss
+    from .objective import make_loss, parse_opt_args
+    from .training import TrainOptions, Trainer
 
     spike_rule = SpikeRule(factor=spec.spike_factor, window=spec.spike_window)
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
     options = data_mod.DataOptions(
-        x_key=spec.x_key or "x",
+        x_key=spec.x_key,
+        input_names=model.input_names,
         y_key=spec.y_key or "y",
         target=spec.target,
         vocab=spec.vocab,
@@ -118,6 +119,7 @@ def prepare(spec: RunSpec):
         shuffle=shuffle,
         seed=spec.seed,
         optimizer=spec.optimizer,
+        optimizer_args=parse_opt_args(list(spec.opt or ())),
         lr=spec.lr,
         lr_decay=spec.lr_decay,
         decay_after_epoch=spec.decay_after_epoch,

@@ -20,20 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as data_mod
-from .clip import Clipping, dedupe, global_norm
+from .clip import Clipping, dedupe, global_norm, map_values
+from .objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import RowStore, SpikeRule, clip_ratio, summarize
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
-LOSSES = {
-    "mse": "MeanSquaredError",
-    "mae": "MeanAbsoluteError",
-    "huber": "Huber",
-    "binary_crossentropy": "BinaryCrossentropy",
-    "categorical_crossentropy": "CategoricalCrossentropy",
-    "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
-}
-MOMENTUM = 0.9  # of --optimizer momentum (SGD with momentum, as in Keras)
+# What the traced step records for every step, fetched once per block: (name, dtype).
+RECORDED = (
+    ("loss", "float32"), ("grad_norm", "float64"), ("clipped_norm", "float64"), ("threshold", "float64"),
+    ("reg_loss", "float32"), ("lr", "float32"), ("loss_scale", "float32"),
+    ("clipped", "bool"), ("overflow", "bool"), ("nonfinite", "bool"),
+)
+# Dynamic loss scaling, as keras.optimizers.LossScaleOptimizer: start, growth interval.
+INITIAL_LOSS_SCALE = 2.0**15
+LOSS_SCALE_GROWTH_STEPS = 2000
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class TrainOptions:
     epochs: int | None = None
     shuffle: bool = True
     seed: int = 0
-    optimizer: str = "sgd"
-    lr: float = 0.01
+    optimizer: str | None = None  # a Keras identifier; None: the model's compiled optimizer, else SGD
+    lr: float | None = None  # None: the optimizer's own (compiled, or 0.01)
+    optimizer_args: dict = field(default_factory=dict)  # --opt NAME=VALUE
     lr_decay: float | None = None
     decay_after_epoch: int = 1
     on_nonfinite: str = "skip"
@@ -58,8 +59,7 @@ class TrainOptions:
             (self.steps is None or self.steps >= 1, f"`--steps` must be >= 1. Received: steps={self.steps}"),
             (self.epochs is None or self.epochs >= 1, f"`--epochs` must be >= 1. Received: epochs={self.epochs}"),
             (not (self.steps and self.epochs), "give --steps or --epochs, not both"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"`--lr` must be > 0. Received: lr={self.lr}"),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"`--lr` must be > 0. Received: lr={self.lr}"),
             (self.lr_decay is None or (math.isfinite(self.lr_decay) and self.lr_decay > 0),
              f"`--lr-decay` must be > 0. Received: lr_decay={self.lr_decay}"),
             (self.decay_after_epoch >= 0, f"`--decay-after-epoch` must be >= 0. Received: {self.decay_after_epoch}"),
@@ -70,11 +70,12 @@ class TrainOptions:
             if not ok:
                 raise OptionError(message)
 
-    def lr_at(self, epoch: int) -> float:
+    def lr_at(self, epoch: int, base: float | None = None) -> float:
         """The PTB tutorial's schedule: lr * lr_decay ** max(epoch - decay_after_epoch, 0)."""
+        lr = self.lr if base is None else base
         if self.lr_decay is None:
-            return self.lr
-        return self.lr * self.lr_decay ** max(epoch - self.decay_after_epoch, 0)
+            return lr
+        return lr * self.lr_decay ** max(epoch - self.decay_after_epoch, 0)
 
 
 @dataclass
@@ -88,44 +89,21 @@ class RunResult:
         return summarize(self.rows)
 
 
-def make_loss(name: str, from_logits: bool):
-    import keras
-
-    if name not in LOSSES:
-        raise OptionError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    cls = getattr(keras.losses, LOSSES[name])
-    if from_logits:
-        if "crossentropy" not in name:
-            raise OptionError(f"--from-logits applies to crossentropy losses, not {name}; drop it")
-        return cls(from_logits=True)
-    return cls()
-
-
-def make_optimizer(name: str, lr: float):
-    import keras
-
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr)
-    if name == "momentum":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=MOMENTUM)
-    return {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "adagrad": keras.optimizers.Adagrad}[name](
-        learning_rate=lr
-    )
-
-
 def fit_to_model(dataset: data_mod.Dataset, model, target_spec=None) -> data_mod.Dataset:
-    """Check the data's shape against the model's input and cast it to the model's dtypes."""
+    """Check the data's shape against the model's input(s) and cast it to the model's dtypes."""
     x, y = dataset.x, dataset.y
     spec = model.input_spec
-    if spec is not None and spec.shape.rank is not None:
-        wanted = spec.shape
-        got = (None,) + tuple(x.shape[1:])
-        if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
+    if isinstance(spec, dict):
+        if not isinstance(x, dict):
             raise DataError(
-                f"data x has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; "
-                "reshape the data or pick another --endpoint"
+                f"the model takes {len(spec)} inputs ({', '.join(spec)}) but {dataset.path} holds one; "
+                "give an .npz with one array per input (named after them, or --x-key a,b) or a tf.data folder of (dict, y)"
             )
-        x = _cast(x, spec.dtype, "x")
+        x = {name: _fit_input(x[name], input_spec, f"input {name!r}") for name, input_spec in spec.items()}
+    elif isinstance(x, dict):
+        raise DataError(f"{dataset.path} holds {len(x)} inputs ({', '.join(x)}) but the model takes one; pass --x-key NAME")
+    elif spec is not None:
+        x = _fit_input(x, spec, "x")
     elif x.dtype == np.float64:
         x = x.astype(np.float32)
     if target_spec is not None:
@@ -133,6 +111,20 @@ def fit_to_model(dataset: data_mod.Dataset, model, target_spec=None) -> data_mod
     elif y.dtype == np.float64 or y.dtype == np.bool_:
         y = y.astype(np.float32)
     return data_mod.Dataset(x, y, dataset.kind, dataset.path)
+
+
+def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
+    if spec.shape.rank is None:
+        return array.astype(np.float32) if array.dtype == np.float64 else array
+    wanted = spec.shape
+    got = (None,) + tuple(array.shape[1:])
+    if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
+        where = "data x" if name == "x" else f"data for {name}"
+        raise DataError(
+            f"{where} has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; "
+            "reshape the data or pick another --endpoint"
+        )
+    return _cast(array, spec.dtype, name)
 
 
 def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
@@ -165,16 +157,8 @@ class Trainer:
         self.bad_rows = bad_rows  # rows with NaN/inf values (--allow-nonfinite-data), or None
         self._bad_steps: dict[int, np.ndarray] = {}
         self.options = options
-        if loss is None and model.own_loss is None:
-            raise OptionError(
-                f"{model.path} has no loss(inputs, targets) function; pass --loss NAME ({', '.join(LOSSES)})"
-            )
-        if loss is not None:
-            self.objective = lambda x, y: loss(y, model.forward(x))
-            target_spec = None
-        else:
-            self.objective = model.own_loss
-            target_spec = _second_input(model.own_loss)
+        self.loss_source = self._pick_objective(model, loss)
+        target_spec = _second_input(model.own_loss) if self.loss_source == "the model's loss(inputs, targets)" else None
         self.data = fit_to_model(dataset, model, target_spec)
         self.steps_per_epoch = data_mod.steps_per_epoch(len(self.data), options.batch_size)
         if self.steps_per_epoch == 0:
@@ -189,12 +173,25 @@ class Trainer:
 
         # Built for every trainable variable, so that no separate trace is needed to find the
         # ones the loss does not reach; those get no gradient and the optimizer never sees them.
-        self.optimizer = make_optimizer(options.optimizer, options.lr)
+        config, source = optimizer_config(options.optimizer, options.lr, options.optimizer_args, model.compiled_optimizer)
+        self.optimizer = make_optimizer(config)
+        self.optimizer_text = describe_optimizer(self.optimizer, source)
+        self.scheduled = has_schedule(self.optimizer)  # its own schedule sets the lr of every step
+        if self.scheduled and options.lr_decay is not None:
+            raise OptionError("the optimizer has its own learning-rate schedule; drop --lr-decay (or set --lr)")
+        self.base_lr = None if self.scheduled else float(self.optimizer.learning_rate.numpy())
+        if options.lr is not None:
+            self.base_lr = options.lr  # exactly as given, not its float32 rounding
         self.optimizer.build(model.trainable)
+        self.loss_scaling = bool(model.loss_scaling)
+        import tensorflow as tf
+
+        self._loss_scale = tf.Variable(INITIAL_LOSS_SCALE, dtype=tf.float32, trainable=False, name="loss_scale")
+        self._good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good_steps")
         self.used: list | None = None  # variables with a gradient, known after the first trace
         self.skipped: list[str] = []
         self.traces = 0  # how often a block was traced: once per strategy (tests check it)
-        self._state = list(model.variables) + list(self.optimizer.variables)
+        self._state = list(model.variables) + list(self.optimizer.variables) + [self._loss_scale, self._good_steps]
         self._initial = [v.numpy() for v in self._state]
         self._blocks: dict[str, object] = {}
         self._pipeline = None  # the tf.data pipeline, built on first use
@@ -215,22 +212,21 @@ class Trainer:
         if self.options.xla:
             # tf.data's iterator cannot be XLA-compiled, the step inside the loop can.
             step = tf.function(step, jit_compile=True, autograph=False)
-        learning_rate = self.optimizer.learning_rate
+        learning_rate = None if self.scheduled else self.optimizer.learning_rate
+
+        scheduled = self.scheduled
 
         def block(iterator, n, param, state, stop_on_nonfinite):
             self.traces += 1
-            arrays = tuple(
-                tf.TensorArray(dtype, size=n, element_shape=())
-                for dtype in (tf.float32, tf.float64, tf.float64, tf.float64, tf.bool, tf.bool)
-            )
+            arrays = tuple(tf.TensorArray(tf.as_dtype(dtype), size=n, element_shape=()) for _, dtype in RECORDED)
 
             def body(i, state, stop, arrays):
                 x, y, lr = iterator.get_next()
-                learning_rate.assign(lr)
-                *values, state = step(x, y, param, state)
-                arrays = tuple(a.write(i, v) for a, v in zip(arrays, values))
-                finite = values[-1]
-                return i + 1, state, stop_on_nonfinite & tf.logical_not(finite), arrays
+                if not scheduled:
+                    learning_rate.assign(lr)
+                values, state = step(x, y, param, state)
+                arrays = tuple(a.write(i, values[name]) for a, (name, _) in zip(arrays, RECORDED))
+                return i + 1, state, stop_on_nonfinite & values["nonfinite"], arrays
 
             def more(i, state, stop, arrays):
                 return (i < n) & tf.logical_not(stop)
@@ -248,26 +244,93 @@ class Trainer:
         self._blocks[strategy.name] = traced
         return traced
 
+    def _pick_objective(self, model, loss) -> str:
+        """Set ``self.objective(x, y) -> (total loss, regularization part)``; say where it comes from.
+
+        Keras models: the data loss plus ``model.losses`` (regularizers, ``add_loss``), as
+        ``fit`` minimises; with their compiled loss, Keras' own ``model.compute_loss``.
+        """
+
+        def extra_loss():
+            import tensorflow as tf
+
+            if model.extra_losses is None:
+                return None
+            terms = [tf.reduce_sum(tf.cast(t, tf.float32)) for t in model.extra_losses()]
+            return tf.add_n(terms) if terms else tf.constant(0.0)
+
+        if loss is not None:
+            def objective(x, y):
+                y_pred = model.forward(x)
+                reg = extra_loss()
+                data_loss = loss(y, y_pred)
+                return (data_loss if reg is None else data_loss + reg), reg
+
+            self.objective = objective
+            return f"--loss {getattr(loss, 'name', type(loss).__name__)}"
+        if model.compiled_loss is not None:
+            def objective(x, y):
+                y_pred = model.forward(x)
+                return model.compiled_loss(x, y, y_pred), extra_loss()
+
+            self.objective = objective
+            return "the model's compiled loss"
+        if model.own_loss is not None:
+            self.objective = lambda x, y: (model.own_loss(x, y), None)
+            return "the model's loss(inputs, targets)"
+        raise OptionError(
+            f"{model.path} brings no loss (no loss(inputs, targets) function, not compiled with one); "
+            "pass --loss NAME, e.g. mse or sparse_categorical_crossentropy"
+        )
+
     def _step_fn(self, strategy):
         """One step as a Python function of tensors: tape -> grads -> clip -> apply -> values."""
         import tensorflow as tf
 
         optimizer = self.optimizer
+        scaling = self.loss_scaling
+        loss_scale, good_steps = self._loss_scale, self._good_steps
 
         def step(x, y, param, state):
-            loss, grads, used = self._loss_and_grads(x, y)
+            loss, reg, grads, used = self._loss_and_grads(x, y)
             grads = [dedupe(g) for g in grads]
             grad_norm = global_norm(grads)
             result = strategy.apply(grads, param, used, state)
             clipped_norm = global_norm(result.grads)
             loss = tf.cast(loss, tf.float32)
-            finite = tf.math.is_finite(loss) & tf.math.is_finite(grad_norm)
+            grads_finite = tf.math.is_finite(grad_norm)
+            finite = tf.math.is_finite(loss) & grads_finite
+            lr = tf.cast(optimizer.learning_rate, tf.float32)  # before the update: the rate this step uses
 
             def update():
                 optimizer.apply_gradients(zip(result.grads, used))
                 return tf.constant(True)
 
             tf.cond(finite, update, lambda: tf.constant(False))
+            scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
+            if scaling:
+                # LossScaleOptimizer's rule: halve on non-finite gradients, double after 2000 good steps.
+                def shrink():
+                    good_steps.assign(0)
+                    loss_scale.assign(loss_scale * 0.5)
+                    return tf.constant(True)
+
+                def grow_or_count():
+                    def grow():
+                        good_steps.assign(0)
+                        loss_scale.assign(loss_scale * 2.0)
+                        return tf.constant(True)
+
+                    def count():
+                        good_steps.assign_add(1)
+                        return tf.constant(True)
+
+                    return tf.cond(good_steps >= LOSS_SCALE_GROWTH_STEPS - 1, grow, count)
+
+                tf.cond(grads_finite, grow_or_count, shrink)
+                overflow = tf.math.is_finite(loss) & tf.logical_not(grads_finite)
+            else:
+                overflow = tf.constant(False)
             # A skipped step leaves the strategy's state as it was too: one inf norm must not
             # poison AutoClip's history or ZClip's running mean for the rest of the run.
             new_state = tf.nest.map_structure(lambda new, old: tf.where(finite, new, old), result.state, state)
@@ -275,13 +338,27 @@ class Trainer:
                 threshold = tf.constant(float("nan"), tf.float64)
             else:
                 threshold = tf.cast(result.threshold, tf.float64)
-            norms = (tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64), threshold)
-            return (loss, *norms, result.clipped, finite, new_state)
+            reg = tf.constant(float("nan")) if reg is None else tf.cast(reg, tf.float32)
+            values = {
+                "loss": loss,
+                "grad_norm": tf.cast(grad_norm, tf.float64),
+                "clipped_norm": tf.cast(clipped_norm, tf.float64),
+                "threshold": threshold,
+                "reg_loss": reg,
+                "lr": lr,
+                "loss_scale": scale_used,
+                "clipped": result.clipped,
+                "overflow": overflow,
+                "nonfinite": tf.logical_not(finite) & tf.logical_not(overflow),
+            }
+            return values, new_state
 
         return step
 
     def _loss_and_grads(self, x, y):
-        """Loss, and the gradients of the variables it reaches with those variables (traced code).
+        """Loss, its regularization part, and the gradients of the variables it reaches with those
+        variables (traced code). With loss scaling (float16 layers) the gradient is that of the
+        scaled loss, divided by the scale again before anything looks at it.
 
         The first trace records which variables get a gradient (``used``) and which do not.
         """
@@ -289,10 +366,11 @@ class Trainer:
 
         trainable = self.model.trainable
         with tf.GradientTape() as tape:
-            loss = self.objective(x, y)
+            loss, reg = self.objective(x, y)
+            target = loss * tf.cast(self._loss_scale, loss.dtype) if self.loss_scaling else loss
         if loss.shape.rank not in (0, None):
             raise ModelError(f"the loss must be a scalar, got shape {loss.shape}; reduce it to one number")
-        pairs = [(g, v) for g, v in zip(tape.gradient(loss, trainable), trainable) if g is not None]
+        pairs = [(g, v) for g, v in zip(tape.gradient(target, trainable), trainable) if g is not None]
         if not pairs:
             raise ModelError(f"the loss of {self.model.path} does not depend on any trainable variable; check the endpoint")
         used = [v for _, v in pairs]
@@ -300,7 +378,10 @@ class Trainer:
             self.used = used
             ids = {id(v) for v in used}
             self.skipped = [_name(v) for v in trainable if id(v) not in ids]
-        return loss, [g for g, _ in pairs], used
+        grads = [g for g, _ in pairs]
+        if self.loss_scaling:
+            grads = [map_values(g, lambda t: t / tf.cast(self._loss_scale, t.dtype)) for g in grads]
+        return loss, reg, grads, used
 
     def _initial_state(self, strategy):
         """``strategy.init`` over the variables that get a gradient.
@@ -323,6 +404,7 @@ class Trainer:
         def probe(x, y):
             return self._loss_and_grads(x, y)[0]
 
+
         x0, y0 = self._batch_specs()
         with _loss_errors():
             tf.function(probe, autograph=False).get_concrete_function(x0, y0)
@@ -331,10 +413,11 @@ class Trainer:
         import tensorflow as tf
 
         size = self.options.batch_size
-        return (
-            tf.TensorSpec((size,) + self.data.x.shape[1:], tf.as_dtype(self.data.x.dtype)),
-            tf.TensorSpec((size,) + self.data.y.shape[1:], tf.as_dtype(self.data.y.dtype)),
-        )
+
+        def spec(array):
+            return tf.TensorSpec((size,) + array.shape[1:], tf.as_dtype(array.dtype))
+
+        return tf.nest.map_structure(spec, self.data.x), spec(self.data.y)
 
     def _dataset(self):
         """Batches of every step as a prefetching tf.data pipeline: ``(x, y, learning rate)``.
@@ -349,9 +432,9 @@ class Trainer:
             return self._pipeline
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
         with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
-            x, y = tf.constant(self.data.x), tf.constant(self.data.y)
+            x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
         epochs = -(-self.total_steps // per)
-        rates = tf.constant([options.lr_at(e) for e in range(1, epochs + 1)], tf.float32)
+        rates = tf.constant([options.lr_at(e, self.base_lr or 0.0) for e in range(1, epochs + 1)], tf.float32)
         n_rows = len(self.data)
 
         def orders():
@@ -363,7 +446,7 @@ class Trainer:
         steps = tf.data.Dataset.range(self.total_steps)
         pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
         batches = pairs.map(
-            lambda s, r: (tf.gather(x, r), tf.gather(y, r), tf.gather(rates, s // per)),
+            lambda s, r: (tf.nest.map_structure(lambda t: tf.gather(t, r), x), tf.gather(y, r), tf.gather(rates, s // per)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         self._pipeline = batches.prefetch(tf.data.AUTOTUNE)
@@ -438,26 +521,32 @@ class Trainer:
     def _rows(self, before: int, columns, detector, time_ms: float) -> list[dict]:
         """One row per step of a fetched block; step numbers continue after ``before``."""
         rows = []
-        for k, (loss, grad_norm, clipped_norm, threshold, clipped, finite) in enumerate(zip(*columns)):
+        names = [name for name, _ in RECORDED]
+        for k, values in enumerate(zip(*columns)):
+            got = dict(zip(names, values))
             step_no = before + k + 1
             epoch = (step_no - 1) // self.steps_per_epoch + 1
+            loss, grad_norm, clipped_norm = got["loss"], got["grad_norm"], got["clipped_norm"]
+            lr = _float32_text(got["lr"]) if self.scheduled else float(self.options.lr_at(epoch, self.base_lr))
             rows.append({
                 "step": step_no,
                 "epoch": epoch,
                 "loss": loss,
+                "reg_loss": got["reg_loss"],
                 "grad_norm": grad_norm,
                 "clipped_norm": clipped_norm,
                 "clip_ratio": clip_ratio(grad_norm, clipped_norm),
-                "clipped": clipped,
-                "threshold": threshold,
-                "lr": float(self.options.lr_at(epoch)),
-                "nonfinite": not finite,
+                "clipped": got["clipped"],
+                "threshold": got["threshold"],
+                "lr": lr,
+                "loss_scale": got["loss_scale"],
+                "overflow": got["overflow"],
+                "nonfinite": got["nonfinite"],
                 "nonfinite_input": self._bad_input(epoch, (step_no - 1) % self.steps_per_epoch),
                 "loss_spike": detector.update(loss),
                 "time_ms": time_ms,
             })
         return rows
-
 
     def _bad_input(self, epoch: int, k: int) -> bool:
         """Did batch ``k`` of ``epoch`` hold a row with non-finite values? (the rows of data.batches)"""
@@ -468,6 +557,11 @@ class Trainer:
             per, size = self.steps_per_epoch, self.options.batch_size
             self._bad_steps = {epoch: self.bad_rows[order[: per * size]].reshape(per, size).any(axis=1)}
         return bool(self._bad_steps[epoch][k])
+
+
+def _float32_text(value: float) -> float:
+    """A float32 read back as the decimal it was written as (0.001, not 0.0010000000474974513)."""
+    return float(str(np.float32(value)))
 
 
 def _next_block(size: int, seconds_per_step: float) -> int:

@@ -1,0 +1,192 @@
+"""What a run minimises and how: the loss and the optimizer, the user's own or named on the command line.
+
+* Loss: ``--loss`` takes any Keras loss identifier (``mse``, ``huber``, ``kl_divergence``,
+  ``SparseCategoricalCrossentropy``, ...). Without it, a compiled ``.keras`` model trains with its
+  compiled loss through Keras' own ``model.compute_loss`` (so ``model.losses``: regularizers and
+  ``add_loss`` terms are in it, as in ``fit``), and a SavedModel with ``loss(inputs, targets)``
+  with that function.
+* Optimizer: ``--optimizer`` takes any Keras optimizer identifier (``sgd``, ``adamw``, ``lion``, ...,
+  and ``momentum`` for SGD with momentum 0.9) with ``--opt NAME=VALUE`` hyperparameters. Without
+  it, a compiled ``.keras`` model trains with its compiled optimizer (class, hyperparameters,
+  learning-rate schedule; a fresh state), otherwise SGD. The optimizer's own clipping options
+  (``clipnorm``, ``clipvalue``, ``global_clipnorm``) are always removed: gradwatch's strategy clips.
+
+Nothing here runs at import time; Keras is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import OptionError
+
+MOMENTUM = 0.9  # of --optimizer momentum (SGD with momentum, as in Keras)
+CLIP_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
+DEFAULT_LR = 0.01
+
+
+def make_loss(name: str, from_logits: bool = False):
+    """A Keras Loss object (reduction: mean over the batch, as ``compile`` uses) for an identifier."""
+    import keras
+
+    try:
+        found = keras.losses.get(name)
+    except (ValueError, TypeError):
+        found = None
+    if found is None:
+        raise OptionError(
+            f"unknown loss {name!r}; give a Keras loss identifier, e.g. mse, huber, binary_crossentropy, "
+            "sparse_categorical_crossentropy, kl_divergence"
+        )
+    cls = _loss_class(found)
+    if from_logits:
+        if cls is None or "from_logits" not in cls.__init__.__code__.co_varnames:
+            raise OptionError(f"--from-logits applies to crossentropy-like losses, not {name}; drop it")
+        return cls(from_logits=True)
+    if isinstance(found, keras.losses.Loss):
+        return found
+    if cls is not None:
+        return cls()
+    return _FunctionLoss(found, name)
+
+
+def _loss_class(found):
+    """The Keras Loss class behind an identifier (``mse`` -> MeanSquaredError), if there is one."""
+    import keras
+
+    if isinstance(found, type) and issubclass(found, keras.losses.Loss):
+        return found
+    if isinstance(found, keras.losses.Loss):
+        found = getattr(found, "fn", None) or found
+        if isinstance(found, keras.losses.Loss):
+            return type(found)
+    wanted = getattr(found, "__name__", "").replace("_", "").lower()
+    for attr in dir(keras.losses):
+        candidate = getattr(keras.losses, attr)
+        if isinstance(candidate, type) and issubclass(candidate, keras.losses.Loss) and attr.lower() == wanted:
+            return candidate
+    return None
+
+
+def _FunctionLoss(fn, name):  # noqa: N802  (a factory that reads like the class it returns)
+    import keras
+
+    class FunctionLoss(keras.losses.Loss):
+        """A plain loss function with Keras' default reduction (mean over the batch)."""
+
+        def call(self, y_true, y_pred):
+            return fn(y_true, y_pred)
+
+    return FunctionLoss(name=name)
+
+
+def parse_opt_args(items: list[str] | None) -> dict:
+    """``--opt beta_1=0.8 --opt amsgrad=true`` -> {'beta_1': 0.8, 'amsgrad': True}."""
+    args = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OptionError(f"--opt {item!r} is not NAME=VALUE; write e.g. --opt beta_1=0.8")
+        text = text.strip()
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif lowered in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        args[key] = value
+    return args
+
+
+def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: dict | None) -> tuple[dict, str]:
+    """The Keras config (``{"class_name", "config"}``) of the run's optimizer, and where it came from.
+
+    ``name`` (``--optimizer``) wins; else the model's ``compiled`` optimizer; else SGD. ``lr``
+    (``--lr``) and ``args`` (``--opt``) override its hyperparameters; clipping options are removed.
+    """
+    if name is not None:
+        key = name.strip()
+        extra = {"momentum": MOMENTUM} if key.lower() == "momentum" else {}
+        class_name = "SGD" if key.lower() == "momentum" else key
+        config = {"class_name": class_name, "config": {**extra}}
+        source = "--optimizer"
+    elif compiled is not None:
+        config = {"class_name": compiled["class_name"], "config": dict(compiled["config"])}
+        source = "the model's compiled optimizer"
+    else:
+        config = {"class_name": "SGD", "config": {}}
+        source = "default"
+    inner = config["config"]
+    if lr is not None:
+        inner["learning_rate"] = lr
+    elif "learning_rate" not in inner:
+        inner["learning_rate"] = DEFAULT_LR
+    inner.update(args)
+    for option in CLIP_OPTIONS:
+        inner.pop(option, None)
+    return config, source
+
+
+def make_optimizer(config: dict):
+    """Build a Keras optimizer from a config; bad names and hyperparameters become OptionErrors."""
+    import keras
+
+    class_name = config["class_name"]
+    resolved = _optimizer_class_name(class_name)
+    if resolved is None:
+        raise OptionError(
+            f"unknown optimizer {class_name!r}; give a Keras optimizer identifier, e.g. sgd, momentum, adam, "
+            "adamw, rmsprop, adagrad, nadam, lion"
+        )
+    try:
+        optimizer = keras.optimizers.get({"class_name": resolved, "config": dict(config["config"])})
+    except (ValueError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
+    lr = getattr(optimizer, "_learning_rate", None)
+    if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
+        raise OptionError(f"`--lr` must be > 0. Received: lr={lr}")
+    return optimizer
+
+
+def _optimizer_class_name(name: str) -> str | None:
+    """``adamw`` -> ``AdamW`` (Keras' get() takes lower-case names only for some); None if unknown."""
+    import keras
+
+    for attr in dir(keras.optimizers):
+        candidate = getattr(keras.optimizers, attr)
+        if (isinstance(candidate, type) and issubclass(candidate, keras.optimizers.Optimizer)
+                and attr.lower() == name.lower() and attr not in ("Optimizer", "LossScaleOptimizer")):
+            return attr
+    return None
+
+
+def has_schedule(optimizer) -> bool:
+    """Does the optimizer compute its learning rate from a schedule (and so from its step count)?"""
+    import keras
+
+    return isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule)
+
+
+def describe_optimizer(optimizer, source: str) -> str:
+    """'AdamW(learning_rate=0.001, weight_decay=0.004), the model's compiled optimizer'."""
+    config = optimizer.get_config()
+    lr = config.get("learning_rate")
+    if isinstance(lr, dict):
+        lr_text = f"schedule {lr.get('class_name', '?')}"
+    else:
+        lr_text = f"{float(lr):.4g}"
+    shown = [f"learning_rate={lr_text}"]
+    for key in ("momentum", "weight_decay", "beta_1", "beta_2"):
+        if config.get(key) not in (None, 0, 0.0):
+            shown.append(f"{key}={config[key]:g}" if isinstance(config[key], float) else f"{key}={config[key]}")
+    where = "" if source in ("--optimizer", "default") else f", {source}"
+    return f"{type(optimizer).__name__}({', '.join(shown)}){where}"

@@ -1,0 +1,334 @@
+"""Real users' Keras models, trained as Keras trains them (issue 10). Keras itself is the reference:
+`train_on_batch` with the optimizer's own clipnorm / global_clipnorm / clipvalue, same batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import read_csv
+
+RTOL = 1e-5
+
+
+def keras_losses(path, x, y, batch_size, steps, clip_option, clip_value, inputs=None):
+    """Per-step loss of Keras' own training: the saved file, its compiled loss and optimizer with
+    the clip option set, train_on_batch over consecutive batches."""
+    import keras
+
+    model = keras.saving.load_model(str(path), safe_mode=True)
+    config = keras.optimizers.serialize(model.optimizer)
+    config["config"][clip_option] = clip_value
+    model.compile(optimizer=keras.optimizers.deserialize(config), loss=model.loss)
+    out = []
+    for k in range(steps):
+        rows = slice(k * batch_size, (k + 1) * batch_size)
+        xb = {name: array[rows] for name, array in x.items()} if isinstance(x, dict) else x[rows]
+        out.append(float(model.train_on_batch(xb, y[rows])))
+    return out, model
+
+
+def gradwatch_rows(cli, path, data, tmp_path, batch_size, steps, *clip):
+    csv = tmp_path / "steps.csv"
+    code, out, err = cli("run", path, "--data", data, "--no-shuffle", "--batch-size", batch_size, "--steps", steps,
+                         *clip, "--csv", csv)
+    assert code == 0, err
+    return read_csv(csv), out, err
+
+
+@pytest.fixture(scope="session")
+def conv_bn_model(models_dir, data_dir):
+    """A small Conv + BatchNorm net with L2/L1 regularizers, compiled with SGD (momentum) and sparse CE."""
+    import keras
+
+    keras.utils.set_random_seed(21)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, kernel_regularizer=keras.regularizers.L2(1e-2)),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L1(1e-3), bias_regularizer=keras.regularizers.L2(1e-2)),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = models_dir / "conv_bn.keras"
+    model.save(path)
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.int64) + (x[:, 0, 0, 0] > 1).astype(np.int64)
+    data = data_dir / "images.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_conv_batchnorm_regularizers_equal_keras_with_global_clipnorm(cli, conv_bn_model, tmp_path):
+    path, data, x, y = conv_bn_model
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 8, "--clip", "global", "--norm", 0.5)
+    want, keras_model = keras_losses(path, x, y, 8, 8, "global_clipnorm", 0.5)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert (rows["reg_loss"] > 0).all() and (rows["reg_loss"] < rows["loss"]).all()
+    assert rows["clipped"].any()
+    assert "SGD(learning_rate=0.05, momentum=0.9), the model's compiled optimizer" in err
+    assert "loss: the model's compiled loss" in err
+
+
+def test_regularization_is_recorded_apart_and_matches_model_losses(conv_bn_model):
+    """Step 1: loss = compiled data loss + sum(model.losses); reg_loss = sum(model.losses)."""
+    import keras
+
+    from gradwatch import Clipping, RunSpec, prepare, resolve
+
+    path, data, x, y = conv_bn_model
+    trainer = prepare(resolve(RunSpec(model=str(path), data=str(data), batch_size=8, steps=1, shuffle=False)))
+    row = trainer.run(Clipping("none")).rows[0]
+    model = keras.saving.load_model(str(path))
+    logits = model(x[:8], training=True)
+    reg = float(sum(float(v) for v in model.losses))
+    data_loss = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y[:8], logits))
+    assert row["reg_loss"] == pytest.approx(reg, rel=RTOL)
+    assert row["loss"] == pytest.approx(data_loss + reg, rel=RTOL)
+
+
+@pytest.fixture(scope="session")
+def lstm_lm(models_dir, data_dir):
+    """An Embedding + LSTM language model compiled with Adam and an ExponentialDecay schedule."""
+    import keras
+
+    keras.utils.set_random_seed(22)
+    model = keras.Sequential([
+        keras.Input((10,), dtype="int32"),
+        keras.layers.Embedding(100, 8),
+        keras.layers.LSTM(16, return_sequences=True),
+        keras.layers.Dense(100),
+    ])
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=3, decay_rate=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, beta_1=0.8),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = models_dir / "lstm_lm.keras"
+    model.save(path)
+    rng = np.random.default_rng(22)
+    # No id repeats within a batch of 8 windows: Keras' clipnorm squares repeated embedding rows
+    # apart (see test_keras_clipnorm_counts_repeated_embedding_rows_apart), gradwatch sums them first.
+    x = np.concatenate([rng.permutation(100)[:80].reshape(8, 10) for _ in range(6)]).astype(np.int32)
+    y = rng.integers(0, 100, size=(48, 10)).astype(np.int32)
+    data = data_dir / "lm.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_embedding_lstm_with_schedule_equals_keras_with_clipnorm(cli, lstm_lm, tmp_path):
+    path, data, x, y = lstm_lm
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 6, "--clip", "norm", "--norm", 0.05)
+    want, keras_model = keras_losses(path, x, y, 8, 6, "clipnorm", 0.05)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert rows["clipped"].any()
+    # the schedule's learning rate of every step: 0.02 * 0.5 ** (step / 3)
+    np.testing.assert_allclose(rows["lr"], [0.02 * 0.5 ** (k / 3) for k in range(6)], rtol=1e-6)
+    assert "Adam(learning_rate=schedule ExponentialDecay, beta_1=0.8" in err
+
+
+@pytest.fixture(scope="session")
+def attention_block(models_dir, data_dir):
+    """A MultiHeadAttention block with LayerNorm and an add_loss on its activations, RMSprop, MSE."""
+    import keras
+
+    keras.utils.set_random_seed(23)
+    inputs = keras.Input((6, 8))
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
+    normed = keras.layers.LayerNormalization()(inputs + attended)
+    pooled = keras.layers.GlobalAveragePooling1D()(normed)
+    outputs = keras.layers.Dense(1, activity_regularizer=keras.regularizers.L2(1e-2))(pooled)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.RMSprop(0.01), loss="mse")
+    path = models_dir / "attention.keras"
+    model.save(path)
+    rng = np.random.default_rng(23)
+    x = rng.normal(size=(40, 6, 8)).astype(np.float32)
+    y = x[:, :, 0].sum(axis=1, keepdims=True).astype(np.float32)
+    data = data_dir / "sequences.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_attention_block_equals_keras_with_clipvalue(cli, attention_block, tmp_path):
+    path, data, x, y = attention_block
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 5, "--clip", "value", "--value", 0.05)
+    want, _ = keras_losses(path, x, y, 8, 5, "clipvalue", 0.05)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert (rows["reg_loss"] > 0).all()  # the activity regularizer is an add_loss term
+
+
+@pytest.fixture(scope="session")
+def two_input_model(models_dir, data_dir):
+    """Numeric features and token ids, compiled with AdamW(weight_decay) and MSE."""
+    import keras
+
+    keras.utils.set_random_seed(24)
+    numbers = keras.Input((4,), name="numbers")
+    ids = keras.Input((5,), dtype="int32", name="ids")
+    embedded = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(64, 4)(ids))
+    hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Concatenate()([numbers, embedded]))
+    model = keras.Model([numbers, ids], keras.layers.Dense(1)(hidden))  # input order: numbers, ids
+    model.compile(optimizer=keras.optimizers.AdamW(0.01, weight_decay=0.05), loss="mse")
+    path = models_dir / "two_inputs.keras"
+    model.save(path)
+    rng = np.random.default_rng(24)
+    x = {"numbers": rng.normal(size=(48, 4)).astype(np.float32),  # ids: no repeats within a batch of 8
+         "ids": np.concatenate([rng.permutation(64)[:40].reshape(8, 5) for _ in range(6)]).astype(np.int32)}
+    y = (x["numbers"].sum(axis=1, keepdims=True) + x["ids"].mean(axis=1, keepdims=True) / 10).astype(np.float32)
+    data = data_dir / "two_inputs.npz"
+    np.savez(data, numbers=x["numbers"], ids=x["ids"], y=y)
+    return path, data, x, y
+
+
+def test_two_input_model_equals_keras_with_global_clipnorm(cli, two_input_model, tmp_path):
+    path, data, x, y = two_input_model
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 6, "--clip", "global", "--norm", 0.3)
+    want, _ = keras_losses(path, x, y, 8, 6, "global_clipnorm", 0.3)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert "AdamW(learning_rate=0.01, weight_decay=0.05" in err
+
+
+def test_two_inputs_by_x_key_and_from_tf_data(cli, two_input_model, tmp_path):
+    import tensorflow as tf
+
+    path, _, x, y = two_input_model
+    renamed = tmp_path / "renamed.npz"
+    np.savez(renamed, a=x["numbers"], b=x["ids"], target=y)
+    first, _, err = gradwatch_rows(cli, path, renamed, tmp_path, 8, 4, "--x-key", "a,b", "--y-key", "target")
+    folder = tmp_path / "two_inputs_tfdata"
+    tf.data.Dataset.from_tensor_slices(({"ids": x["ids"], "numbers": x["numbers"]}, y)).save(str(folder))
+    second, _, err = gradwatch_rows(cli, path, folder, tmp_path, 8, 4)
+    np.testing.assert_allclose(first["loss"], second["loss"], rtol=1e-6)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, numbers=x["numbers"], ids=x["ids"][:, :3], y=y)
+    code, _, err = cli("run", path, "--data", wrong, "--batch-size", 8, "--steps", 2)
+    assert code == 2 and "data for input 'ids' has shape (None, 3)" in err and "(None, 5)" in err
+
+
+def test_keras_clipnorm_counts_repeated_embedding_rows_apart(lstm_lm):
+    """Why the embedding tests avoid repeated ids: Keras' clipnorm measures an IndexedSlices
+    gradient by its raw rows, one per occurrence; the gradient applied sums them. gradwatch's
+    norm is that of the applied gradient (the dense one)."""
+    import tensorflow as tf
+
+    from gradwatch.clip import dedupe, global_norm
+
+    raw = tf.IndexedSlices(tf.constant([[3.0, 4.0], [3.0, 4.0]]), tf.constant([7, 7]), tf.constant([10, 2]))
+    assert float(tf.norm(raw.values)) == pytest.approx(50**0.5)  # what clipnorm measures
+    assert float(tf.norm(tf.convert_to_tensor(raw))) == pytest.approx(10.0)  # the gradient applied
+    assert float(global_norm([dedupe(raw)])) == pytest.approx(10.0)  # what gradwatch reports and clips by
+
+
+def test_dropout_runs_in_training_mode(models_dir):
+    import keras
+    import tensorflow as tf
+
+    from gradwatch import models
+
+    keras.utils.set_random_seed(25)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dropout(0.5), keras.layers.Dense(4)])
+    path = models_dir / "dropout.keras"
+    model.save(path)
+    loaded = models.load(str(path))
+    x = tf.ones((4, 16))
+    assert not np.allclose(loaded.forward(x).numpy(), loaded.forward(x).numpy())  # new masks each call
+
+
+def test_an_inference_mode_export_is_named_with_the_fix(cli, models_dir, data_dir):
+    import keras
+
+    keras.utils.set_random_seed(26)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(1)])
+    served = models_dir / "bn_served"
+    model.export(str(served), verbose=False)
+    trained = models_dir / "bn_training"
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("train", lambda x: model(x, training=True),
+                         input_signature=[keras.InputSpec(shape=(None, 4), dtype="float32")])
+    archive.write_out(str(trained), verbose=False)
+    rng = np.random.default_rng(26)
+    data = data_dir / "bn.npz"
+    np.savez(data, x=rng.normal(size=(32, 4)).astype(np.float32), y=rng.normal(size=(32, 1)).astype(np.float32))
+    base = ["--data", data, "--loss", "mse", "--batch-size", 8, "--steps", 4, "-q"]
+    code, _, err = cli("run", served, *base)
+    assert code == 0 and err.count("inference") == 1 and "--endpoint" in err
+    code, _, err = cli("run", trained, *base, "--endpoint", "train")
+    assert code == 0 and "inference" not in err, err
+
+
+def test_batchnorm_statistics_are_restored_between_compare_variants(cli, conv_bn_model, tmp_path):
+    path, data, *_ = conv_bn_model
+    long_csv = tmp_path / "long.csv"
+    code, _, err = cli("compare", path, "--data", data, "--no-shuffle", "--batch-size", 8, "--steps", 4,
+                       "--variants", "none,global:0.5,none", "--csv", long_csv, "-q")
+    assert code == 0, err
+    long = read_csv(long_csv)
+    solo, _, _ = gradwatch_rows(cli, path, data, tmp_path, 8, 4, "--clip", "global", "--norm", 0.5)
+    part = long[long["clip"] == "global"].reset_index(drop=True)
+    np.testing.assert_allclose(part["loss"], solo["loss"], rtol=1e-6)
+
+
+def test_any_keras_optimizer_and_loss_by_name(cli, module_model, regression_npz, tmp_path):
+    csv = tmp_path / "steps.csv"
+    code, _, err = cli("run", module_model, "--data", regression_npz, "--loss", "log_cosh", "--optimizer", "lion",
+                       "--opt", "beta_1=0.8", "--lr", 1e-3, "--steps", 3, "--csv", csv)
+    assert code == 0, err
+    assert "Lion(learning_rate=0.001, beta_1=0.8" in err and "loss: --loss log_cosh" in err
+    for args, expected in [(["--optimizer", "bogus"], "unknown optimizer 'bogus'"),
+                           (["--optimizer", "adam", "--opt", "nonsense=1"], "optimizer adam"),
+                           (["--opt", "beta_1"], "is not NAME=VALUE"),
+                           (["--loss", "nonsense"], "unknown loss 'nonsense'")]:
+        code, _, err = cli("run", module_model, "--data", regression_npz, "--loss", "mse", *args, "--steps", 2)
+        assert code == 2 and expected in err, (args, err)
+
+
+@pytest.fixture(scope="session")
+def mixed_precision_model(models_dir, data_dir):
+    """Dense layers computing in float16 (mixed_float16 policy), a float32 output layer, SGD."""
+    import keras
+
+    keras.utils.set_random_seed(27)
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(16, activation="tanh", dtype="mixed_float16"),
+        keras.layers.Dense(16, activation="tanh", dtype="mixed_float16"),
+        keras.layers.Dense(1, dtype="float32"),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    path = models_dir / "mixed.keras"
+    model.save(path)
+    rng = np.random.default_rng(27)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x.sum(axis=1, keepdims=True) * 3).astype(np.float32)
+    data = data_dir / "mixed.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_mixed_precision_unscales_before_clipping_and_marks_overflow(cli, mixed_precision_model, tmp_path):
+    """Reference: Keras' LossScaleOptimizer around SGD with global_clipnorm (clipping the unscaled
+    gradient), the same steps; the first steps overflow at scale 2**15 and are skipped by both."""
+    import keras
+
+    path, data, x, y = mixed_precision_model
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 8, "--clip", "global", "--norm", 1.0)
+    model = keras.saving.load_model(str(path))
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05, global_clipnorm=1.0))
+    model.compile(optimizer=optimizer, loss="mse")
+    want, scales = [], []
+    for k in range(8):
+        if optimizer.built:
+            scales.append(float(optimizer.dynamic_scale.numpy()))
+        else:
+            scales.append(optimizer.initial_scale)
+        want.append(float(model.train_on_batch(x[8 * k : 8 * k + 8], y[8 * k : 8 * k + 8])))
+    np.testing.assert_allclose(rows["loss"], want, rtol=1e-3)  # float16 forward: 1e-3, not 1e-5
+    np.testing.assert_allclose(rows["loss_scale"], scales)
+    assert rows["overflow"].any() and not rows["nonfinite"].any()
+    finite = rows[~rows["overflow"]]
+    assert (finite["clipped_norm"] <= 1.0 * (1 + 1e-5)).all()  # the unscaled gradient was clipped
+    assert "dynamic loss scaling" in err
