@@ -332,3 +332,23 @@ def test_mixed_precision_unscales_before_clipping_and_marks_overflow(cli, mixed_
     finite = rows[~rows["overflow"]]
     assert (finite["clipped_norm"] <= 1.0 * (1 + 1e-5)).all()  # the unscaled gradient was clipped
     assert "dynamic loss scaling" in err
+
+
+def test_a_signature_with_several_keyword_inputs(cli, two_input_model, models_dir, tmp_path):
+    """tf.saved_model.save(keras_model): serving_default takes one keyword per input; the npz names them."""
+    import keras
+    import tensorflow as tf
+
+    path, data, x, y = two_input_model
+    model = keras.saving.load_model(str(path))
+    saved = models_dir / "two_inputs_saved"
+    tf.saved_model.save(model, str(saved))
+    signature = tf.saved_model.load(str(saved)).signatures["serving_default"]
+    specs = signature.structured_input_signature[1]  # keyword -> TensorSpec; the ids take 5 columns
+    renamed = tmp_path / "by_signature.npz"
+    np.savez(renamed, y=y, **{name: x["ids" if spec.shape[-1] == 5 else "numbers"] for name, spec in specs.items()})
+    rows, _, err = gradwatch_rows(cli, saved, renamed, tmp_path, 8, 3, "--loss", "mse", "--lr", 0.01)
+    assert len(rows) == 3 and np.isfinite(rows["loss"]).all()
+    with tf.GradientTape():
+        first = float(keras.losses.MeanSquaredError()(y[:8], model({"numbers": x["numbers"][:8], "ids": x["ids"][:8]})))
+    assert rows["loss"][0] == pytest.approx(first, rel=RTOL)
