@@ -253,8 +253,6 @@ def _train_one(spec, clipping, sink, quiet, progress):
 def _setup(trainer) -> str:
     """Which optimizer and loss the run uses, for the start line."""
     text = f"optimizer {trainer.optimizer_text}; loss: {trainer.loss_source}"
-    if trainer.model.compiled_optimizer is not None:
-        text += " (the model's own clipping options, if any, are replaced by gradwatch's --clip)"
     if trainer.loss_scaling:
         text += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
     return text

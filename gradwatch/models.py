@@ -80,8 +80,13 @@ def load(path: str, endpoint: str | None = None, output: str | None = None) -> L
 def _load_keras(p: Path) -> LoadedModel:
     import keras
 
+    import warnings
+
     try:
-        model = keras.saving.load_model(str(p), safe_mode=True)
+        with warnings.catch_warnings():
+            # Keras warns when the saved optimizer state does not match: gradwatch builds a fresh one.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(str(p), safe_mode=True)
     except Exception as exc:  # Keras raises many types for bad archives and unsafe content
         raise ModelError(f"cannot load {p} ({first_line(exc)}); re-save it with Keras 3 model.save()") from None
     if not model.trainable_variables:

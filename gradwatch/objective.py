@@ -130,8 +130,11 @@ def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: d
     elif "learning_rate" not in inner:
         inner["learning_rate"] = DEFAULT_LR
     inner.update(args)
+    dropped = [f"{option}={inner[option]:g}" for option in CLIP_OPTIONS if inner.get(option) is not None]
     for option in CLIP_OPTIONS:
         inner.pop(option, None)
+    if dropped:
+        source += f" (its {', '.join(dropped)} dropped: --clip decides the clipping)"
     return config, source
 
 

@@ -96,6 +96,11 @@ def prepare(spec: RunSpec):
     from .training import TrainOptions, Trainer
 
     spike_rule = SpikeRule(factor=spec.spike_factor, window=spec.spike_window)
+    import keras
+
+    # Keras layers draw their random streams (Dropout's masks, ...) from seeds set when the model is
+    # built: seed them from --seed before loading, so a run is the same run every time.
+    keras.utils.set_random_seed(spec.seed)
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
     options = data_mod.DataOptions(

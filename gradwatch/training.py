@@ -179,7 +179,7 @@ class Trainer:
         self.scheduled = has_schedule(self.optimizer)  # its own schedule sets the lr of every step
         if self.scheduled and options.lr_decay is not None:
             raise OptionError("the optimizer has its own learning-rate schedule; drop --lr-decay (or set --lr)")
-        self.base_lr = None if self.scheduled else float(self.optimizer.learning_rate.numpy())
+        self.base_lr = None if self.scheduled else _float32_text(self.optimizer.learning_rate.numpy())
         if options.lr is not None:
             self.base_lr = options.lr  # exactly as given, not its float32 rounding
         self.optimizer.build(model.trainable)

@@ -236,6 +236,20 @@ def test_dropout_runs_in_training_mode(models_dir):
     assert not np.allclose(loaded.forward(x).numpy(), loaded.forward(x).numpy())  # new masks each call
 
 
+def test_dropout_masks_follow_the_seed(cli, models_dir, data_dir, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(28)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16), keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    path = models_dir / "dropout_seed.keras"
+    model.save(path)
+    data = data_dir / "dropout.npz"
+    np.savez(data, x=np.ones((32, 6), np.float32), y=np.ones((32, 1), np.float32))
+    runs = [gradwatch_rows(cli, path, data, tmp_path, 8, 4, "--seed", seed)[0]["loss"].tolist() for seed in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
 def test_an_inference_mode_export_is_named_with_the_fix(cli, models_dir, data_dir):
     import keras
 
