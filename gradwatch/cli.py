@@ -490,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("GRADWATCH_DEBUG"))
-    with _stop_signals_unwind():
+    from .signals import stop_signals_unwind
+
+    with stop_signals_unwind():
         try:
             result = app(args=args, prog_name="gradwatch", standalone_mode=False)
             from .sinks import stdout_errors
@@ -527,36 +529,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             _error(f"unexpected {type(exc).__name__}: {exc} (set GRADWATCH_DEBUG=1 for the traceback, and please report it)")
             return 1
-
-
-class _stop_signals_unwind:
-    """While the CLI runs, SIGTERM and SIGHUP unwind like Ctrl-C (so outputs are kept or
-    cleaned up) instead of killing the process on the spot. Training blocks defer them further
-    (see ``training._deferred_interrupt``)."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.previous = {}
-        if threading.current_thread() is not threading.main_thread():
-            return self
-
-        def unwind(signum, frame):
-            raise Signalled(signum)
-
-        for name in ("SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                number = getattr(signal, name)
-                self.previous[number] = signal.signal(number, unwind)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-        return False
 
 
 def _silence_stdout() -> None:

@@ -301,6 +301,55 @@ def take(x, rows):
     return x[rows]
 
 
+def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
+    """Check the data's shape against the model's input(s) and cast it to the model's dtypes."""
+    x, y = dataset.x, dataset.y
+    spec = model.input_spec
+    if isinstance(spec, dict):
+        if not isinstance(x, dict):
+            raise DataError(
+                f"the model takes {len(spec)} inputs ({', '.join(spec)}) but {dataset.path} holds one; "
+                "give an .npz with one array per input (named after them, or --x-key a,b) or a tf.data folder of (dict, y)"
+            )
+        x = {name: _fit_input(x[name], input_spec, f"input {name!r}") for name, input_spec in spec.items()}
+    elif isinstance(x, dict):
+        raise DataError(f"{dataset.path} holds {len(x)} inputs ({', '.join(x)}) but the model takes one; pass --x-key NAME")
+    elif spec is not None:
+        x = _fit_input(x, spec, "x")
+    elif x.dtype == np.float64:
+        x = x.astype(np.float32)
+    if target_spec is not None:
+        y = _cast(y, target_spec.dtype, "y")
+    elif y.dtype == np.float64 or y.dtype == np.bool_:
+        y = y.astype(np.float32)
+    return Dataset(x, y, dataset.kind, dataset.path)
+
+
+def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
+    if spec.shape.rank is None:
+        return array.astype(np.float32) if array.dtype == np.float64 else array
+    wanted = spec.shape
+    got = (None,) + tuple(array.shape[1:])
+    if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
+        where = "data x" if name == "x" else f"data for {name}"
+        raise DataError(
+            f"{where} has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; "
+            "reshape the data or pick another --endpoint"
+        )
+    return _cast(array, spec.dtype, name)
+
+
+def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
+    target = np.dtype(dtype.as_numpy_dtype)
+    if np.issubdtype(target, np.integer) and not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"the model expects integer {name} ({target}) but the data has {array.dtype}; store ids as integers")
+    return array.astype(target, copy=False)
+
+
+def _shape(dims) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in dims) + ")"
+
+
 SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy"}
 PROBABILITY_LOSSES = {"binary_crossentropy"}
 

@@ -11,8 +11,6 @@ variant of a comparison) starts from that snapshot and sees the same batches.
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from .clip import Clipping, dedupe, global_norm, map_values
 from .objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import RowStore, SpikeRule, clip_ratio, summarize
+from .signals import deferred_interrupt
 
 # What the traced step records for every step, fetched once per block: (name, dtype).
 RECORDED = (
@@ -89,55 +88,6 @@ class RunResult:
         return summarize(self.rows)
 
 
-def fit_to_model(dataset: data_mod.Dataset, model, target_spec=None) -> data_mod.Dataset:
-    """Check the data's shape against the model's input(s) and cast it to the model's dtypes."""
-    x, y = dataset.x, dataset.y
-    spec = model.input_spec
-    if isinstance(spec, dict):
-        if not isinstance(x, dict):
-            raise DataError(
-                f"the model takes {len(spec)} inputs ({', '.join(spec)}) but {dataset.path} holds one; "
-                "give an .npz with one array per input (named after them, or --x-key a,b) or a tf.data folder of (dict, y)"
-            )
-        x = {name: _fit_input(x[name], input_spec, f"input {name!r}") for name, input_spec in spec.items()}
-    elif isinstance(x, dict):
-        raise DataError(f"{dataset.path} holds {len(x)} inputs ({', '.join(x)}) but the model takes one; pass --x-key NAME")
-    elif spec is not None:
-        x = _fit_input(x, spec, "x")
-    elif x.dtype == np.float64:
-        x = x.astype(np.float32)
-    if target_spec is not None:
-        y = _cast(y, target_spec.dtype, "y")
-    elif y.dtype == np.float64 or y.dtype == np.bool_:
-        y = y.astype(np.float32)
-    return data_mod.Dataset(x, y, dataset.kind, dataset.path)
-
-
-def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
-    if spec.shape.rank is None:
-        return array.astype(np.float32) if array.dtype == np.float64 else array
-    wanted = spec.shape
-    got = (None,) + tuple(array.shape[1:])
-    if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
-        where = "data x" if name == "x" else f"data for {name}"
-        raise DataError(
-            f"{where} has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; "
-            "reshape the data or pick another --endpoint"
-        )
-    return _cast(array, spec.dtype, name)
-
-
-def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
-    target = np.dtype(dtype.as_numpy_dtype)
-    if np.issubdtype(target, np.integer) and not np.issubdtype(array.dtype, np.integer):
-        raise DataError(f"the model expects integer {name} ({target}) but the data has {array.dtype}; store ids as integers")
-    return array.astype(target, copy=False)
-
-
-def _shape(dims) -> str:
-    return "(" + ", ".join("None" if d is None else str(d) for d in dims) + ")"
-
-
 AUTO_BLOCK_SECONDS = 0.25  # --fetch-every auto: aim for one device-to-host fetch per this much training
 AUTO_BLOCK_MAX = 1000
 
@@ -159,7 +109,7 @@ class Trainer:
         self.options = options
         self.loss_source = self._pick_objective(model, loss)
         target_spec = _second_input(model.own_loss) if self.loss_source == "the model's loss(inputs, targets)" else None
-        self.data = fit_to_model(dataset, model, target_spec)
+        self.data = data_mod.fit_to_model(dataset, model, target_spec)
         self.steps_per_epoch = data_mod.steps_per_epoch(len(self.data), options.batch_size)
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -480,7 +430,7 @@ class Trainer:
         iterator = iter(self._dataset())
         size = options.fetch_every or 1
         try:
-            with _deferred_interrupt() as interrupted:
+            with deferred_interrupt() as interrupted:
                 while len(result.rows) < self.total_steps and not interrupted():
                     size = min(size, self.total_steps - len(result.rows))
                     start = time.perf_counter()
@@ -583,31 +533,6 @@ def _loss_errors():
         raise DataError(
             f"the model cannot compute the loss on this data: {first_line(exc)}; check --loss, --target and the shapes"
         ) from None
-
-
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what a user, `timeout`, a scheduler or a closed terminal send
-
-
-@contextmanager
-def _deferred_interrupt():
-    """Ctrl-C, SIGTERM or SIGHUP during a block sets a flag instead of raising inside TensorFlow's call.
-
-    The block then finishes, its rows are recorded, and the loop stops with
-    :class:`Interrupted` carrying the signal: nothing that was computed is lost. The flag
-    reads as the signal's number (0: none). Outside the main thread (where signal handlers
-    cannot be set) signals act as usual.
-    """
-    seen: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: 0
-        return
-    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-    previous = {n: signal.signal(n, lambda signum, frame: seen.append(signum)) for n in numbers}
-    try:
-        yield lambda: seen[0] if seen else 0
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None) -> list[RunResult]:

@@ -1,0 +1,63 @@
+"""Ctrl-C, SIGTERM and SIGHUP: deferred to the end of a training block, unwound like Ctrl-C elsewhere.
+
+Both keep every recorded row: a signal during a block lets the block finish (its rows are
+written); outside a block the CLI unwinds so its outputs are committed or cleaned up. The exit
+code is 128 + the signal's number.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+from .errors import Signalled
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what a user, `timeout`, a scheduler or a closed terminal send
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C, SIGTERM or SIGHUP during a block sets a flag instead of raising inside TensorFlow's call.
+
+    The block then finishes, its rows are recorded, and the loop stops with
+    :class:`Interrupted` carrying the signal: nothing that was computed is lost. The flag
+    reads as the signal's number (0: none). Outside the main thread (where signal handlers
+    cannot be set) signals act as usual.
+    """
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {n: signal.signal(n, lambda signum, frame: seen.append(signum)) for n in numbers}
+    try:
+        yield lambda: seen[0] if seen else 0
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+class stop_signals_unwind:
+    """While the CLI runs, SIGTERM and SIGHUP unwind like Ctrl-C (so outputs are kept or
+    cleaned up) instead of killing the process on the spot. Training blocks defer them further
+    (see ``training._deferred_interrupt``)."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+
+        def unwind(signum, frame):
+            raise Signalled(signum)
+
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, unwind)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        return False
