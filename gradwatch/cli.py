@@ -64,7 +64,7 @@ OptOpt = Annotated[Optional[list[str]], typer.Option("--opt", help="An optimizer
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: the optimizer's own (compiled), else 0.01, or the sample's]", show_default=False)]
 LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False)]
 DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
-OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights as they were and go on; stop: exit 3 after writing the rows so far.  [default: skip]", show_default=False)]
+OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights as they were and go on; stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False)]
 FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
 XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
@@ -359,7 +359,7 @@ def compare(
     def shown(results):
         from .report import Variant
 
-        return [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in results]
+        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped) for r in results]
 
     def render(results, stopped=None):
         from .report import compare_table, compare_verdict
@@ -409,7 +409,13 @@ def _train_many(spec, variants, sink, quiet, progress):
     def advance(clipping, done, total):
         progress.update(done, total, f"clip {clipping.label}")
 
-    return compare_runs(trainer, variants, on_rows=write, on_progress=advance)
+    def stopped(clipping, error):
+        step = error.result.rows[-1]["step"]
+        progress.close()
+        _stderr().print(escape(f"gradwatch: variant {clipping.label} stopped at step {step}: loss or gradient not finite "
+                               "(--on-nonfinite stop); the other variants go on"))
+
+    return compare_runs(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped)
 
 
 @app.command()

@@ -25,12 +25,18 @@ class Variant:
     clip: str  # strategy name ("none" for the baseline, "run" for a run CSV without it)
     param: float | None  # the strategy's parameter (N, V, λ, p or Z); None for the baseline
     rows: list
+    stopped: str = "finished"  # "nonfinite": --on-nonfinite stop ended it early
 
     @property
     def label(self) -> str:
         if self.clip in ("none", "run") or self.param is None:
             return self.clip
         return f"{self.clip} {self.param:g}"
+
+    @property
+    def shown_label(self) -> str:
+        """The label in tables: marked when --on-nonfinite stop ended the variant early."""
+        return f"{self.label} (stopped: non-finite)" if self.stopped == "nonfinite" else self.label
 
     @property
     def is_baseline(self) -> bool:
@@ -84,7 +90,7 @@ def run_table(summary: dict, title: str) -> Table:
     table.add_column("value")
     table.add_row("steps", str(summary["steps"]))
     table.add_row("loss first → last", f"{fmt(summary['loss_first'])} → {fmt(summary['loss_last'])}")
-    table.add_row("loss best / final (last 10 %)", f"{fmt(summary['best_loss'])} / {fmt(summary['final_loss'])}")
+    table.add_row("loss best / final (last 10 %)", f"{fmt(summary['best_loss'])} / {final_text(summary)}")
     table.add_row(
         "grad norm median / p95 / max",
         f"{fmt(summary['grad_norm_median'])} / {fmt(summary['grad_norm_p95'])} / {fmt(summary['grad_norm_max'])}",
@@ -187,7 +193,7 @@ def compare_table(variants: list[Variant], title: str = "gradwatch compare") -> 
     for v in variants:
         s = v.summary
         table.add_row(
-            escape(v.label), fmt(s["final_loss"]), fmt(s["best_loss"]), str(s["spikes"]), fmt(s["largest_jump"]),
+            escape(v.shown_label), fmt(s["final_loss"]) if math.isfinite(s["final_loss"]) else "diverged", fmt(s["best_loss"]), str(s["spikes"]), fmt(s["largest_jump"]),
             str(s["nonfinite"]), f"{s['pct_clipped']:.1f}", fmt(s["mean_clip_ratio"], 3), fmt(s["grad_norm_median"]),
             fmt(s["grad_norm_p95"]), fmt(s["grad_norm_max"]), f"{s['wall_s']:.1f}",
             sparkline([r["loss"] for r in v.rows]),
@@ -204,38 +210,89 @@ def _final(summary: dict) -> float:
     return value if math.isfinite(value) else math.inf
 
 
+def final_text(summary: dict) -> str:
+    """The final loss, or what happened instead of one."""
+    value = summary["final_loss"]
+    return fmt(value) if math.isfinite(value) else "diverged (non-finite)"
+
+
+# How much lower a final loss must be to count as better: 1 % of the larger magnitude.
+FINAL_LOSS_MARGIN = 0.01
+
+
+def clearly_lower(a: float, b: float) -> bool:
+    """Is final loss ``a`` lower than ``b`` by more than the margin? (inf: diverged)"""
+    if math.isinf(b) and not math.isinf(a):
+        return True
+    if math.isinf(a):
+        return False
+    return b - a > FINAL_LOSS_MARGIN * max(abs(a), abs(b))
+
+
 def best_variant(variants: list[Variant]) -> Variant:
     """Fewest spikes + non-finite steps; among those, the lowest final loss."""
     return min(variants, key=lambda v: (instability(v.summary), _final(v.summary)))
 
 
 def compare_verdict(variants: list[Variant]) -> list[str]:
-    """Sentences under the comparison table: does the baseline jump, which variant is best, why."""
+    """Sentences under the comparison table: does the baseline jump, and is any variant clearly better.
+
+    The rule (also in the README): a variant is clearly better than unclipped when it does not
+    end worse (its final loss is not higher by more than 1 %) and either jumps less (fewer spikes
+    + non-finite steps) or, as stable, ends lower by more than 1 %. Among those, the one with
+    the fewest jumps, then the lowest final loss, is named. Otherwise no variant is recommended.
+    """
     lines = []
     baseline = next((v for v in variants if v.is_baseline), None)
     if baseline is not None:
         b = baseline.summary
-        lines.append(f"Unclipped: {jump_sentence(b)}; final loss {fmt(b['final_loss'])}.")
+        lines.append(f"Unclipped: {jump_sentence(b)}; final loss {final_text(b)}.")
     clipped = [v for v in variants if not v.is_baseline] or variants
-    best = best_variant(clipped)
-    s = best.summary
-    reason = (
-        f"{s['spikes']} spike{'s' * (s['spikes'] != 1)}, {s['nonfinite']} non-finite, "
-        f"final loss {fmt(s['final_loss'])}, clipped on {s['pct_clipped']:.0f}% of steps"
-    )
-    if baseline is not None and best is not baseline:
-        b = baseline.summary
-        if instability(b) == 0 and _final(s) > _final(b):
-            lines.append(
-                f"The unclipped run does not jump, and clipping slows progress here: best clipped variant "
-                f"{best.label} ends at {fmt(s['final_loss'])} against {fmt(b['final_loss'])} unclipped."
-            )
-            return lines
-        better = "calms the loss" if instability(s) < instability(b) else "is as stable as the baseline"
-        lines.append(f"Most stable: {best.label} {better} ({reason}; unclipped {fmt(b['final_loss'])}).")
+    if baseline is None:
+        best = best_variant(clipped)
+        lines.append(f"Most stable: {best.label} ({_reason(best.summary)}).")
+        return lines
+    b = baseline.summary
+
+    def clearly_better(v: Variant) -> bool:
+        s = v.summary
+        if clearly_lower(_final(b), _final(s)):  # it ends worse than unclipped
+            return False
+        return instability(s) < instability(b) or clearly_lower(_final(s), _final(b))
+
+    better = [v for v in clipped if clearly_better(v)]
+    if better:
+        best = best_variant(better)
+        s = best.summary
+        if instability(s) == 0:
+            how = "calms the loss" if instability(b) else "ends lower, as stable"
+        else:
+            how = f"jumps less ({instability(s)} spikes/non-finite steps against {instability(b)})"
+        lines.append(f"Most stable: {best.label} {how} ({_reason(s)}; unclipped {final_text(b)}).")
+        return lines
+    pick = best_variant(clipped)
+    s = pick.summary
+    if instability(b) == 0 and clearly_lower(_final(b), _final(s)):
+        lines.append(
+            f"The unclipped run does not jump, and clipping slows progress here: best clipped variant "
+            f"{pick.label} ends at {final_text(s)} against {final_text(b)} unclipped."
+        )
+    elif instability(s) < instability(b):
+        lines.append(
+            f"No variant is clearly better: {pick.label} jumps less ({instability(s)} against {instability(b)}) "
+            f"but ends worse ({final_text(s)} against {final_text(b)} unclipped)."
+        )
     else:
-        lines.append(f"Most stable: {best.label} ({reason}).")
+        lines.append(
+            f"No variant is clearly better than unclipped: none jumps less, and none ends more than "
+            f"{FINAL_LOSS_MARGIN:.0%} lower (best final loss {final_text(s)}, {pick.label}; unclipped {final_text(b)})."
+        )
     return lines
+
+
+def _reason(s: dict) -> str:
+    return (f"{s['spikes']} spike{'s' * (s['spikes'] != 1)}, {s['nonfinite']} non-finite, "
+            f"final loss {final_text(s)}, clipped on {s['pct_clipped']:.0f}% of steps")
 
 
 # --- pictures -----------------------------------------------------------------------------------

@@ -535,14 +535,22 @@ def _loss_errors():
         ) from None
 
 
-def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None) -> list[RunResult]:
-    """Run every variant from the same initial state on the same batches, one after another."""
+def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None, on_stop=None) -> list[RunResult]:
+    """Run every variant from the same initial state on the same batches, one after another.
+
+    With ``--on-nonfinite stop`` a variant that meets a non-finite step stops there (its result
+    says ``stopped == "nonfinite"``, ``on_stop(clipping, error)`` is told) and the others still run.
+    """
     results: list[RunResult] = []
     for clipping in variants:
         forward = (lambda rows, c=clipping: on_rows(c, rows)) if on_rows else None
         progress = (lambda done, total, c=clipping: on_progress(c, done, total)) if on_progress else None
         try:
             results.append(trainer.run(clipping, forward, progress))
+        except NonFiniteStop as stop:
+            results.append(stop.result)
+            if on_stop:
+                on_stop(clipping, stop)
         except Interrupted as stop:
             raise Interrupted(results + stop.results, stop.signum) from None
         except KeyboardInterrupt as stop:  # between two variants: keep the finished ones

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -126,6 +127,36 @@ def test_verdict_says_when_clipping_only_slows_progress():
     assert "clipping slows progress" in lines[1] and "global 1" in lines[1]
 
 
+def test_verdict_never_recommends_a_run_that_ends_worse():
+    base = [0.5 * 0.97**k for k in range(60)]
+    jumpy = list(base)
+    jumpy[20], jumpy[35] = 2.0, 2.5  # spikes, but it ends low
+    worse = [0.6 * 0.995**k for k in range(60)]  # calm, but ends higher than unclipped
+    lines = compare_verdict([_variant("none", "none", jumpy), _variant("norm", "0.5", worse)])
+    assert "No variant is clearly better" in lines[1] and "ends worse" in lines[1]
+    assert "Most stable" not in " ".join(lines)
+
+
+def test_verdict_does_not_call_a_variant_with_spikes_calm():
+    diverging = [1.0] * 10 + [float("nan")] * 50
+    spiky = [1.0 * 0.99**k for k in range(60)]
+    for k in range(5, 60, 7):
+        spiky[k] = 5.0
+    lines = compare_verdict([_variant("none", "none", diverging), _variant("global", "1", spiky)])
+    assert "final loss diverged (non-finite)" in lines[0]
+    assert "global 1 jumps less" in lines[1] and "calms" not in lines[1]
+
+
+def test_verdict_picks_nothing_on_a_tiny_difference():
+    a = [0.5 + 0.1 * 0.9**k for k in range(60)]
+    b = [x - 0.001 for x in a]  # 0.2 % lower: within the 1 % margin
+    lines = compare_verdict([_variant("none", "none", a), _variant("global", "5", b)])
+    assert "No variant is clearly better than unclipped" in lines[1]
+    c = [x * 0.9 for x in a]  # 10 % lower: clearly better
+    lines = compare_verdict([_variant("none", "none", a), _variant("global", "5", c)])
+    assert "Most stable: global 5 ends lower, as stable" in lines[1]
+
+
 def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, regression_npz, tmp_path):
     csv = tmp_path / "long.csv"
     def when_the_second_variant_has_rows(proc):
@@ -146,3 +177,22 @@ def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, r
     rows = read_csv(csv)
     assert (rows["clip"] == "none").sum() == 400
     assert (rows["clip"] == "global").sum() >= 1
+
+
+def test_on_nonfinite_stop_ends_only_the_diverging_variant(cli, module_model, data_dir, tmp_path):
+    rng = np.random.default_rng(9)
+    x = (3 * rng.normal(size=(256, 4))).astype(np.float32)
+    y = x.sum(axis=1, keepdims=True).astype(np.float32)
+    path = data_dir / "diverges.npz"
+    np.savez(path, x=x, y=y)
+    long_csv = tmp_path / "long.csv"
+    code, out, err = cli("compare", module_model, "--data", path, "--loss", "mse", "--batch-size", 8, "--steps", 300,
+                         "--no-shuffle", "--lr", 0.5, "--variants", "none,global:0.1", "--on-nonfinite", "stop",
+                         "--csv", long_csv, "-q")
+    assert code == 0, err
+    long = read_csv(long_csv)
+    baseline, clipped = long[long["clip"] == "none"], long[long["clip"] == "global"]
+    assert len(baseline) < 300 and baseline["nonfinite"].iloc[-1] and not baseline["nonfinite"].iloc[:-1].any()
+    assert len(clipped) == 300 and not clipped["nonfinite"].any()
+    assert f"variant none stopped at step {len(baseline)}" in err
+    assert "none (stopped: non-finite)" in out
