@@ -407,7 +407,9 @@ def _train_many(spec, variants, sink, quiet, progress):
             sink.write(tagged)
 
     def advance(clipping, done, total):
-        progress.update(done, total, f"clip {clipping.label}")
+        # One bar over the whole comparison, so its time estimate covers every variant.
+        k = variants.index(clipping)
+        progress.update(k * total + done, len(variants) * total, f"variant {k + 1}/{len(variants)}: clip {clipping.label}")
 
     def stopped(clipping, error):
         step = error.result.rows[-1]["step"]

@@ -196,3 +196,17 @@ def test_on_nonfinite_stop_ends_only_the_diverging_variant(cli, module_model, da
     assert len(clipped) == 300 and not clipped["nonfinite"].any()
     assert f"variant none stopped at step {len(baseline)}" in err
     assert "none (stopped: non-finite)" in out
+
+
+def test_progress_covers_the_whole_comparison(cli, module_model, regression_npz, monkeypatch):
+    """One bar for all variants: done only grows, ends at K x steps, and says which variant runs."""
+    from gradwatch import cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(cli_module.Progress, "update", lambda self, done, total, label=None: seen.append((done, total, label)))
+    code, _, err = cli("compare", module_model, "--data", regression_npz, "--loss", "mse", "--batch-size", 4,
+                       "--steps", 30, "--fetch-every", 5, "--variants", "none,global:1,value:0.5", "-q")
+    assert code == 0, err
+    dones = [d for d, _, _ in seen]
+    assert dones == sorted(dones) and dones[-1] == 90 and {t for _, t, _ in seen} == {90}
+    assert seen[0][2] == "variant 1/3: clip none" and seen[-1][2] == "variant 3/3: clip value 0.5"
