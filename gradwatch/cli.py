@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
             _error(str(exc))
             return exc.exit_code
         except Exception as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+                sys.stdout.write(exc.ctx.get_help() + "\n")  # `gradwatch` alone: the help, readable, as typer does
+                return 2
             if _is_usage_error(exc):
                 ctx = getattr(exc, "ctx", None)
                 command = ctx.command_path if ctx is not None else "gradwatch"

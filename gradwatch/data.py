@@ -332,10 +332,10 @@ def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
     got = (None,) + tuple(array.shape[1:])
     if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
         where = "data x" if name == "x" else f"data for {name}"
-        raise DataError(
-            f"{where} has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; "
-            "reshape the data or pick another --endpoint"
-        )
+        fix = "reshape the data or pick another --endpoint"
+        if len(got) == 2 and wanted.rank == 2 and np.issubdtype(array.dtype, np.integer) and wanted[1] is not None:
+            fix = f"for a text corpus, pass --num-steps {wanted[1]} (the model's window), or reshape the data"
+        raise DataError(f"{where} has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; {fix}")
     return _cast(array, spec.dtype, name)
 
 

@@ -88,9 +88,23 @@ def _load_keras(p: Path) -> LoadedModel:
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model = keras.saving.load_model(str(p), safe_mode=True)
     except Exception as exc:  # Keras raises many types for bad archives and unsafe content
-        raise ModelError(f"cannot load {p} ({first_line(exc)}); re-save it with Keras 3 model.save()") from None
+        text = first_line(exc)
+        if "Lambda" in text and "safe_mode" in text:
+            raise ModelError(
+                f"cannot load {p}: it has a Lambda layer holding a Python lambda, and Keras' safe_mode (which "
+                "gradwatch keeps on: loading runs the model's code) refuses to deserialize arbitrary Python; "
+                "replace the Lambda with a registered custom layer, or export a SavedModel"
+            ) from None
+        raise ModelError(f"cannot load {p} ({text}); re-save it with Keras 3 model.save()") from None
     if not model.trainable_variables:
         raise ModelError(f"{p} has no trainable variables; set layer.trainable = True before saving")
+    outputs = getattr(model, "outputs", None)
+    if outputs and len(outputs) > 1:
+        raise ModelError(
+            f"{p} has {len(outputs)} outputs; gradwatch trains single-output models for now: save one that "
+            "returns the output you train (keras.Model(model.inputs, model.outputs[0])), or export a "
+            "SavedModel and pick the output with --output NAME"
+        )
     compiled_loss = None
     if getattr(model, "_compile_loss", None) is not None:
         # Keras' own loss of fit: the compiled loss plus model.losses (regularizers, add_loss).
@@ -106,7 +120,6 @@ def _load_keras(p: Path) -> LoadedModel:
     loss_scaling = getattr(policy, "name", "") == "mixed_float16" or any(
         getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16" for layer in model._flatten_layers()
     )
-    outputs = getattr(model, "outputs", None)
     output_dim = outputs[0].shape[-1] if outputs and len(outputs) == 1 and outputs[0].shape else None
     import tensorflow as tf
 

@@ -55,6 +55,27 @@ def test_bad_inputs_give_one_line_and_exit_2(cli, module_model, regression_npz, 
         assert expected in line, (expected, line)
 
 
+def test_no_arguments_prints_the_help_readably(cli):
+    code, out, err = cli()
+    assert code == 2 and err == ""
+    assert out.startswith("Usage: gradwatch") and "run" in out and len(out.splitlines()) > 8
+
+
+def test_errors_whose_fix_is_specific(cli, tmp_path):
+    import keras
+
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Lambda(lambda t: t * 2)(inputs))).save(tmp_path / "lambda.keras")
+    keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(2)(inputs)]).save(tmp_path / "two.keras")
+    np.savez(tmp_path / "d.npz", x=np.ones((16, 4), np.float32), y=np.ones((16, 1), np.float32))
+    line = one_line_error(*cli("run", tmp_path / "lambda.keras", "--data", tmp_path / "d.npz", "--loss", "mse"))
+    assert "Lambda layer" in line and "safe_mode" in line and "re-save" not in line
+    line = one_line_error(*cli("run", tmp_path / "two.keras", "--data", tmp_path / "d.npz", "--loss", "mse"))
+    assert "has 2 outputs" in line and "--output NAME" in line
+    line = one_line_error(*cli("run", "--num-steps", 30, "--steps", 2))
+    assert "pass --num-steps 20" in line
+
+
 def test_shape_mismatch_names_both_shapes(cli, module_model, tmp_path):
     path = tmp_path / "wide.npz"
     np.savez(path, x=np.ones((8, 5), np.float32), y=np.ones((8, 1), np.float32))
