@@ -70,6 +70,7 @@ XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile 
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
 SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
 AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-data", help="Train even when the data holds NaN or inf (the verdict then blames the data, not the training).", show_default=False)]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this .png, .svg or .pdf.", show_default=False)]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False)]
 FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv/json: the rows, on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
@@ -168,6 +169,7 @@ def run(
     percentile: Annotated[Optional[float], typer.Option("--percentile", help="AutoClip's p: clip to the p-th percentile of all global norms so far, in (0, 100].  [default: 10]", show_default=False)] = None,
     z: Annotated[Optional[float], typer.Option("--z", help="ZClip's Z: clip a global norm whose z-score against its running mean exceeds Z.  [default: 2.5]", show_default=False)] = None,
     csv: CsvOpt = None,
+    plot: PlotOpt = None,
     format: FormatOpt = Format.table,
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
@@ -192,7 +194,8 @@ def run(
         raise OptionError(f"--clip {clip} takes {takes}, not {', '.join(extra)}; drop {', '.join(extra)}")
     clipping = Clipping(clip, given.get(option))
     spec = _resolved(locals())
-    _check_paths(spec, {"--csv": csv})
+    _check_plot(plot)
+    _check_paths(spec, {"--csv": csv, "--plot": plot})
     sink = CsvSink(csv, COLUMNS) if csv else None
     title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
 
@@ -212,8 +215,15 @@ def run(
         else:
             _emit_rows([row for r in results for row in r.rows], COLUMNS, format)
 
-    results = _train_then_keep([sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress)], show=render, quiet=quiet)
+    info: dict = {}
+    results = _train_then_keep([sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
+                               show=render, quiet=quiet)
     render(results)
+    if plot is not None:
+        from .report import Variant, plot as draw
+
+        shown = [Variant(clipping.strategy, clipping.param, results[0].rows)]
+        _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind), plot)
 
 
 def _describe(spec) -> str:
@@ -238,10 +248,11 @@ def _check_paths(spec, outputs: dict) -> None:
     check_outputs(outputs, {model_kind: spec.model, data_kind: spec.data, "vocabulary": spec.vocab})
 
 
-def _train_one(spec, clipping, sink, quiet, progress):
+def _train_one(spec, clipping, sink, quiet, progress, info: dict):
     from .session import prepare
 
     trainer = prepare(spec)
+    info["setup"] = _setup(trainer)
     trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}; "
@@ -323,6 +334,7 @@ def compare(
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the unclipped baseline when --thresholds lacks 'none'.")] = True,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Long CSV: one row per variant and step, with clip and param columns.", show_default=False)] = None,
     summary_csv: Annotated[Optional[Path], typer.Option("--summary-csv", help="The summary table, one row per variant.", show_default=False)] = None,
+    plot: PlotOpt = None,
     format: FormatOpt = Format.table,
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
@@ -345,7 +357,8 @@ def compare(
     else:
         variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
     spec = _resolved(locals())
-    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv})
+    _check_plot(plot)
+    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot})
     long_columns = VARIANT_COLUMNS + COLUMNS
     sink = CsvSink(csv, long_columns) if csv else None
     try:
@@ -384,16 +397,22 @@ def compare(
 
             summary_sink.write(summary_rows(shown(results)))
 
-    train = lambda progress: _train_many(spec, variants, sink, quiet, progress)  # noqa: E731
+    info: dict = {}
+    train = lambda progress: _train_many(spec, variants, sink, quiet, progress, info)  # noqa: E731
     results = _train_then_keep([sink, summary_sink], train, show=render, quiet=quiet, before_commit=record)
     render(results)
+    if plot is not None:
+        from .report import plot as draw
+
+        _write_plot(lambda path, kind: draw(shown(results), path, f"{title}\n{info.get('setup', '')}", kind), plot)
 
 
-def _train_many(spec, variants, sink, quiet, progress):
+def _train_many(spec, variants, sink, quiet, progress, info: dict):
     from .session import prepare
     from .training import compare as compare_runs
 
     trainer = prepare(spec)
+    info["setup"] = _setup(trainer)
     for clipping in variants:
         trainer.trace(clipping.impl)
     _warn_skipped(trainer)
@@ -423,17 +442,14 @@ def _train_many(spec, variants, sink, quiet, progress):
 @app.command()
 def report(
     file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv` or `gradwatch compare --csv`.", show_default=False)],
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this PNG.", show_default=False)] = None,
+    plot: PlotOpt = None,
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
     from .records import read_rows, split_variants
     from .report import Variant, compare_table, compare_verdict, plot as draw, run_table, run_verdict
     from .sinks import check_outputs, stdout_errors
 
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise OptionError(f"--plot writes a PNG; give a file name ending in .png (got {plot})")
-    if plot is not None and not plot.parent.is_dir():
-        raise OptionError(f"cannot write {plot}: folder {plot.parent} does not exist; create it first")
+    _check_plot(plot)
     check_outputs({"--plot": plot}, {"CSV it reads": file})
     rows, unfinished = read_rows(file), file.name.endswith(".partial")
     groups = split_variants(rows)
@@ -452,16 +468,28 @@ def report(
     if unfinished:
         _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({len(rows)} rows)"))
     if plot is not None:
-        _write_plot(lambda path: draw(variants, path), plot)
+        _write_plot(lambda path, kind: draw(variants, path, f"gradwatch report: {file.name}{note}", kind), plot)
+
+
+def _check_plot(plot: Path | None) -> None:
+    from .report import PLOT_FORMATS
+
+    if plot is None:
+        return
+    if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise OptionError(f"--plot writes {', '.join(PLOT_FORMATS)}; give a file name ending in one of them (got {plot})")
+    if not plot.parent.is_dir():
+        raise OptionError(f"cannot write {plot}: folder {plot.parent} does not exist; create it first")
 
 
 def _write_plot(draw, plot: Path) -> None:
     """Draw into a temporary file beside ``plot`` and move it into place; OS errors exit 74."""
     from .errors import OutputError
 
-    tmp = plot.with_name(f".{plot.name}.partial.png")
+    kind = plot.suffix.lower().lstrip(".")
+    tmp = plot.with_name(f".{plot.name}.partial.{kind}")
     try:
-        draw(str(tmp))
+        draw(str(tmp), kind)
         os.replace(tmp, plot)
     except OSError as exc:
         raise OutputError(f"cannot write {plot}: {exc.strerror or exc}") from None

@@ -298,15 +298,23 @@ def _reason(s: dict) -> str:
 # --- pictures -----------------------------------------------------------------------------------
 
 
-def plot(variants: list[Variant], path: str) -> None:
-    """Loss per step (spikes marked), grad norm before clipping on a log scale with each
-    threshold as a line, and the fraction of steps clipped (rolling over 20 steps)."""
+PLOT_FORMATS = ("png", "svg", "pdf")
+LOSS_AXIS_SPAN = 1e4  # the loss axis reaches at most this far above the highest variant's median loss
+
+
+def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "png") -> None:
+    """Loss per step (spikes marked, non-finite steps marked on the top edge), grad norm before
+    clipping on a log scale with each global-norm threshold as a line, and the fraction of steps
+    clipped (rolling over 20 steps). A diverging run (loss to 1e35) would flatten the others:
+    the loss axis then stops at LOSS_AXIS_SPAN x the highest median loss, and says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
+    if title:
+        fig.suptitle(title, fontsize="medium")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, v in enumerate(variants):
         color = colors[i % len(colors)]
@@ -316,6 +324,10 @@ def plot(variants: list[Variant], path: str) -> None:
         spikes = [(r["step"], r["loss"]) for r in v.rows if r["loss_spike"] and math.isfinite(r["loss"])]
         if spikes:
             axes[0].scatter(*zip(*spikes), color=color, marker="x", s=30, zorder=3)
+        broken = [r["step"] for r in v.rows if r["nonfinite"]]
+        if broken:  # where the line stops: a triangle on the top edge per non-finite step
+            axes[0].scatter(broken, [0.97] * len(broken), color=color, marker="v", s=25, zorder=3,
+                            transform=axes[0].get_xaxis_transform(), clip_on=False)
         norms = [r["grad_norm"] if math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 else math.nan for r in v.rows]
         axes[1].plot(steps, norms, color=color, lw=1)
         if v.clip in GLOBAL_NORM_STRATEGIES:  # thresholds on the global-norm axis (fixed or moving)
@@ -329,8 +341,15 @@ def plot(variants: list[Variant], path: str) -> None:
     finite_losses = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
     if finite_losses and min(finite_losses) > 0 and max(finite_losses) / min(finite_losses) > 10:
         axes[0].set_yscale("log")  # a diverged baseline would flatten the clipped curves
+    medians = [_median([r["loss"] for r in v.rows if math.isfinite(r["loss"])]) for v in variants]
+    medians = [m for m in medians if m is not None and m > 0]
+    if finite_losses and medians and max(finite_losses) > LOSS_AXIS_SPAN * max(medians):
+        top = LOSS_AXIS_SPAN * max(medians)
+        axes[0].set_ylim(top=top)
+        axes[0].text(0.01, 0.02, f"axis cut at {top:.3g}; the loss reaches {max(finite_losses):.3g}",
+                     transform=axes[0].transAxes, va="bottom", fontsize="small")
     axes[0].set_ylabel("loss")
-    axes[0].set_title("loss per step (x: spike)")
+    axes[0].set_title("loss per step (x: spike, ▼: non-finite step)")
     axes[0].legend(loc="upper right", fontsize="small")
     axes[1].set_yscale("log")
     axes[1].set_ylabel("grad norm (before clipping)")
@@ -340,5 +359,10 @@ def plot(variants: list[Variant], path: str) -> None:
     axes[2].set_title("fraction of steps clipped (last 20 steps)")
     axes[2].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    fig.savefig(path, dpi=100, format=fmt_name)
     plt.close(fig)
+
+
+def _median(values: list) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None

@@ -94,7 +94,7 @@ def test_report_rejects_bad_csvs(cli, tmp_path):
     for args, expected in [
         (["report", tmp_path / "other.csv"], "missing columns step, epoch, loss"),
         (["report", tmp_path / "none.csv"], "no such file"),
-        (["report", tmp_path / "other.csv", "--plot", tmp_path / "x.jpg"], "PNG"),
+        (["report", tmp_path / "other.csv", "--plot", tmp_path / "x.jpg"], "png, svg, pdf"),
     ]:
         code, _, err = cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
@@ -210,3 +210,23 @@ def test_progress_covers_the_whole_comparison(cli, module_model, regression_npz,
     dones = [d for d, _, _ in seen]
     assert dones == sorted(dones) and dones[-1] == 90 and {t for _, t, _ in seen} == {90}
     assert seen[0][2] == "variant 1/3: clip none" and seen[-1][2] == "variant 3/3: clip value 0.5"
+
+
+def test_plots_from_run_and_compare_in_svg_and_pdf(cli, module_model, data_dir, tmp_path):
+    rng = np.random.default_rng(9)
+    x = (3 * rng.normal(size=(256, 4))).astype(np.float32)
+    path = data_dir / "diverges_plot.npz"
+    np.savez(path, x=x, y=x.sum(axis=1, keepdims=True).astype(np.float32))
+    base = ["--data", path, "--loss", "mse", "--batch-size", 8, "--steps", 200, "--no-shuffle", "--lr", 0.5, "-q"]
+    svg, pdf = tmp_path / "compare.svg", tmp_path / "run.pdf"
+    code, _, err = cli("compare", module_model, *base, "--variants", "none,global:0.1", "--plot", svg)
+    assert code == 0, err
+    text = svg.read_text()
+    assert "gradwatch compare: module on diverges_plot.npz" in text and "SGD(learning_rate=0.5)" in text
+    assert "axis cut at" in text  # the diverging baseline does not flatten the clipped curve
+    code, _, err = cli("run", module_model, *base, "--clip", "global", "--norm", 0.1, "--plot", pdf)
+    assert code == 0, err
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    code, _, err = cli("run", module_model, *base, "--plot", tmp_path / "x.jpg")
+    assert code == 2 and "png, svg, pdf" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.svg", "run.pdf"]
