@@ -81,9 +81,11 @@ def _stderr() -> Console:
 
 
 def _stdout() -> Console:
-    # Piped or redirected output is read later in an editor or a log: don't wrap it at 80.
-    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(highlight=False, width=160 if wide else None)
+    # Piped or redirected output is read later in an editor or a log: tables take the width their
+    # content needs and sentences stay on one line (no hard wrap).
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        return Console(highlight=False, width=100_000, soft_wrap=True)
+    return Console(highlight=False)
 
 
 def _version(value: bool):
@@ -210,7 +212,8 @@ def run(
 
             with stdout_errors():
                 console = _stdout()
-                console.print(run_table(summary, title + (f" ({stopped})" if stopped else "")))
+                console.print(escape(title + (f" ({stopped})" if stopped else "")), style="italic")
+                console.print(run_table(summary))
                 console.print(escape(run_verdict(summary)))
         else:
             _emit_rows([row for r in results for row in r.rows], COLUMNS, format)
@@ -375,7 +378,7 @@ def compare(
         return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped) for r in results]
 
     def render(results, stopped=None):
-        from .report import compare_table, compare_verdict
+        from .report import compare_verdict, print_compare
 
         if format is Format.table:
             if not results:
@@ -384,7 +387,7 @@ def compare(
 
             with stdout_errors():
                 console = _stdout()
-                console.print(compare_table(shown(results), title + (f" ({stopped})" if stopped else "")))
+                print_compare(console, shown(results), title + (f" ({stopped})" if stopped else ""))
                 for line in compare_verdict(shown(results)):
                     console.print(escape(line))
         else:
@@ -446,7 +449,7 @@ def report(
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
     from .records import read_rows, split_variants
-    from .report import Variant, compare_table, compare_verdict, plot as draw, run_table, run_verdict
+    from .report import Variant, compare_verdict, plot as draw, print_compare, run_table, run_verdict
     from .sinks import check_outputs, stdout_errors
 
     _check_plot(plot)
@@ -459,10 +462,11 @@ def report(
         console = _stdout()
         if len(variants) == 1 and variants[0].clip == "run":
             v = variants[0]
-            console.print(run_table(v.summary, f"gradwatch report: {file.name}{note}"))
+            console.print(escape(f"gradwatch report: {file.name}{note}"), style="italic")
+            console.print(run_table(v.summary))
             console.print(escape(run_verdict(v.summary)))
         else:
-            console.print(compare_table(variants, f"gradwatch report: {file.name}{note}"))
+            print_compare(console, variants, f"gradwatch report: {file.name}{note}")
             for line in compare_verdict(variants):
                 console.print(escape(line))
     if unfinished:

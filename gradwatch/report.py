@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from .records import summarize
@@ -83,11 +84,12 @@ def sparkline(values, width: int = 24) -> str:
 # --- a single run -----------------------------------------------------------------------------
 
 
-def run_table(summary: dict, title: str) -> Table:
-    """One run's summary as metric / value lines (reads well in any terminal width)."""
-    table = Table(title=escape(title), show_header=False, title_justify="left")
+def run_table(summary: dict, title: str = "") -> Table:
+    """One run's summary as metric / value lines (reads well in any terminal width). The CLI
+    prints the title as a line of its own, so it wraps at the terminal, not at the table."""
+    table = Table(title=escape(title) if title else None, show_header=False, title_justify="left")
     table.add_column("metric", style="bold")
-    table.add_column("value")
+    table.add_column("value", no_wrap=True)
     table.add_row("steps", str(summary["steps"]))
     table.add_row("loss first → last", f"{fmt(summary['loss_first'])} → {fmt(summary['loss_last'])}")
     table.add_row("loss best / final (last 10 %)", f"{fmt(summary['best_loss'])} / {final_text(summary)}")
@@ -182,23 +184,71 @@ def summary_rows(variants: list[Variant]) -> list[dict]:
     return out
 
 
-def compare_table(variants: list[Variant], title: str = "gradwatch compare") -> Table:
+COMPARE_HEADERS = [
+    ("variant", "left"), ("final loss", "right"), ("best", "right"), ("spikes", "right"),
+    ("largest jump", "right"), ("nonfinite", "right"), ("% clipped", "right"), ("clip ratio", "right"),
+    ("grad norm med", "right"), ("p95", "right"), ("max", "right"), ("wall s", "right"),
+]
+
+
+def compare_cells(v: Variant) -> list[str]:
+    """One variant's numbers as the tables show them (never cut: see print_compare)."""
+    s = v.summary
+    return [
+        escape(v.shown_label), fmt(s["final_loss"]) if math.isfinite(s["final_loss"]) else "diverged",
+        fmt(s["best_loss"]), str(s["spikes"]), fmt(s["largest_jump"]), str(s["nonfinite"]),
+        f"{s['pct_clipped']:.1f}", fmt(s["mean_clip_ratio"], 3), fmt(s["grad_norm_median"]),
+        fmt(s["grad_norm_p95"]), fmt(s["grad_norm_max"]), f"{s['wall_s']:.1f}",
+    ]
+
+
+def compare_table(variants: list[Variant], title: str = "gradwatch compare", spark: int = 24) -> Table:
+    """Variants as rows; the last column a loss sparkline of ``spark`` characters (0: none)."""
     table = Table(title=escape(title), header_style="bold")
-    for name, justify in [
-        ("variant", "left"), ("final loss", "right"), ("best", "right"), ("spikes", "right"),
-        ("largest jump", "right"), ("nonfinite", "right"), ("% clipped", "right"), ("clip ratio", "right"),
-        ("grad norm med", "right"), ("p95", "right"), ("max", "right"), ("wall s", "right"), ("loss", "left"),
-    ]:
-        table.add_column(name, justify=justify, no_wrap=name in ("loss", "variant"))
-    for v in variants:
-        s = v.summary
-        table.add_row(
-            escape(v.shown_label), fmt(s["final_loss"]) if math.isfinite(s["final_loss"]) else "diverged", fmt(s["best_loss"]), str(s["spikes"]), fmt(s["largest_jump"]),
-            str(s["nonfinite"]), f"{s['pct_clipped']:.1f}", fmt(s["mean_clip_ratio"], 3), fmt(s["grad_norm_median"]),
-            fmt(s["grad_norm_p95"]), fmt(s["grad_norm_max"]), f"{s['wall_s']:.1f}",
-            sparkline([r["loss"] for r in v.rows]),
-        )
+    rows = [compare_cells(v) for v in variants]
+    for name, justify in COMPARE_HEADERS:
+        table.add_column(name, justify=justify, no_wrap=True)  # print_compare makes sure it fits
+    if spark:
+        table.add_column("loss", justify="left", no_wrap=True)
+    for v, row in zip(variants, rows):
+        table.add_row(*row, *([sparkline([r["loss"] for r in v.rows], spark)] if spark else []))
     return table
+
+
+def stacked_compare_table(variants: list[Variant], title: str) -> Table:
+    """The same numbers with variants as columns: for terminals too narrow for one row each."""
+    table = Table(title=escape(title), header_style="bold")
+    table.add_column("", no_wrap=True)
+    cells = [compare_cells(v) for v in variants]
+    for v, column in zip(variants, cells):
+        table.add_column(column[0], justify="right", no_wrap=True)
+    for k, (name, _) in enumerate(COMPARE_HEADERS[1:], start=1):
+        table.add_row(name, *[column[k] for column in cells])
+    return table
+
+
+def print_compare(console, variants: list[Variant], title: str) -> None:
+    """The comparison at the console's width with every number whole: the full table; else
+    with a shorter, then no sparkline; else stacked (variants as columns, in groups that fit)."""
+    def natural_width(table) -> int:  # what it needs, not what the console would squeeze it to
+        return Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+
+    for spark in (24, 12, 0):
+        table = compare_table(variants, title, spark)
+        if natural_width(table) <= console.width:
+            console.print(table)
+            return
+    groups, group = [], []
+    for v in variants:
+        trial = stacked_compare_table(group + [v], title)
+        if group and natural_width(trial) > console.width:
+            groups.append(group)
+            group = []
+        group.append(v)
+    groups.append(group)
+    for k, group in enumerate(groups):
+        part = f" ({k + 1}/{len(groups)})" if len(groups) > 1 else ""
+        console.print(stacked_compare_table(group, title + part))
 
 
 def instability(summary: dict) -> int:

@@ -230,3 +230,40 @@ def test_plots_from_run_and_compare_in_svg_and_pdf(cli, module_model, data_dir, 
     code, _, err = cli("run", module_model, *base, "--plot", tmp_path / "x.jpg")
     assert code == 2 and "png, svg, pdf" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.svg", "run.pdf"]
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 160])
+def test_tables_never_cut_a_number(width):
+    import io
+
+    from rich.console import Console
+
+    from gradwatch.report import compare_cells, print_compare
+
+    rng = np.random.default_rng(3)
+    variants = [_variant("none", "none", list(5.925e35 * rng.uniform(0.5, 2, size=60)))]
+    for clip, param in [("global", "0.25"), ("norm", "1"), ("value", "0.001"), ("autoclip", "10"), ("zclip", "2.5")]:
+        variants.append(_variant(clip, param, list(123.456789 * rng.uniform(0.9, 1.1, size=60))))
+    out = io.StringIO()
+    print_compare(Console(file=out, width=width, highlight=False), variants, "gradwatch compare: a title")
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    for v in variants:
+        for cell in compare_cells(v):
+            assert cell in text, (width, cell)
+
+
+def test_piped_report_takes_the_width_its_content_needs(cli, keras_export_model, regression_npz, tmp_path, monkeypatch):
+    long_csv = tmp_path / "long.csv"
+    code, _, err = cli("compare", keras_export_model, "--data", regression_npz, *BASE,
+                       "--variants", "none,global:0.5,norm:0.5,value:0.1,autoclip:50,zclip:2", "--csv", long_csv)
+    assert code == 0, err
+    monkeypatch.delenv("COLUMNS", raising=False)
+    code, piped, _ = cli("report", long_csv)
+    assert "…" not in piped
+    verdict = [line for line in piped.splitlines() if line.startswith("Unclipped:")]
+    assert verdict and verdict[0].endswith(".")  # the sentence is whole on its line
+    monkeypatch.setenv("COLUMNS", "80")
+    code, narrow, _ = cli("report", long_csv)
+    assert "…" not in narrow and max(len(line) for line in narrow.splitlines()) <= 80
