@@ -251,9 +251,17 @@ def _check_paths(spec, outputs: dict) -> None:
     check_outputs(outputs, {model_kind: spec.model, data_kind: spec.data, "vocabulary": spec.vocab})
 
 
+def _loading(quiet: bool, spec) -> None:
+    """On a terminal, say what is happening before TensorFlow's seconds of start-up (logs and
+    pipes get the start line alone, so an error stays the only line)."""
+    if not quiet and sys.stderr.isatty():
+        _stderr().print(escape(f"gradwatch: loading TensorFlow and {_describe(spec)} ..."))
+
+
 def _train_one(spec, clipping, sink, quiet, progress, info: dict):
     from .session import prepare
 
+    _loading(quiet, spec)
     trainer = prepare(spec)
     info["setup"] = _setup(trainer)
     trainer.trace(clipping.impl)
@@ -414,6 +422,7 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
     from .session import prepare
     from .training import compare as compare_runs
 
+    _loading(quiet, spec)
     trainer = prepare(spec)
     info["setup"] = _setup(trainer)
     for clipping in variants:
