@@ -267,7 +267,7 @@ def _train_one(spec, clipping, sink, quiet, progress, info: dict):
     trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}; "
-                f"{_setup(trainer)}")
+                f"{info['setup']}")
     progress.label = f"clip {clipping.label}"
     return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
 
@@ -393,10 +393,11 @@ def compare(
                 return
             from .sinks import stdout_errors
 
+            variants_shown = shown(results)
             with stdout_errors():
                 console = _stdout()
-                print_compare(console, shown(results), title + (f" ({stopped})" if stopped else ""))
-                for line in compare_verdict(shown(results)):
+                print_compare(console, variants_shown, title + (f" ({stopped})" if stopped else ""))
+                for line in compare_verdict(variants_shown):
                     console.print(escape(line))
         else:
             rows = [{"clip": v.clip, "param": v.param, **row} for v in shown(results) for row in v.rows]
@@ -430,7 +431,7 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
     _warn_skipped(trainer)
     labels = ", ".join(v.label for v in variants)
     _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each; "
-                f"{_setup(trainer)}")
+                f"{info['setup']}")
 
     def write(clipping, rows):
         if sink:
@@ -465,7 +466,7 @@ def report(
     check_outputs({"--plot": plot}, {"CSV it reads": file})
     rows, unfinished = read_rows(file), file.name.endswith(".partial")
     groups = split_variants(rows)
-    variants = [Variant(clip, param, rows) for (clip, param), rows in groups.items()]
+    variants = [Variant(clip, param, group) for (clip, param), group in groups.items()]
     note = " (a .partial file: the run did not finish)" if unfinished else ""
     with stdout_errors():
         console = _stdout()
@@ -551,9 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             return result if isinstance(result, int) else 0
         except typer.Exit as exc:
             return exc.exit_code
-        except Interrupted as exc:
-            return 128 + exc.signum
-        except Signalled as exc:
+        except (Interrupted, Signalled) as exc:
             return 128 + exc.signum
         except (typer.Abort, KeyboardInterrupt):
             return 130

@@ -274,7 +274,7 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
         if finite.all():
             continue
         count = int(array.size - np.count_nonzero(finite))
-        first = np.unravel_index(int(np.argmin(finite.reshape(-1))), array.shape)
+        first = _first(~finite)
         rows = ~finite.reshape(len(array), -1).all(axis=1)
         bad_rows = rows if bad_rows is None else bad_rows | rows
         if not allow:
@@ -284,6 +284,11 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
                 "clean the data, or pass --allow-nonfinite-data to train on it anyway"
             )
     return bad_rows
+
+
+def _first(mask: np.ndarray) -> tuple:
+    """Index of the first True of a boolean array (in C order)."""
+    return np.unravel_index(int(np.argmax(mask.reshape(-1))), mask.shape)
 
 
 def _where(data: Dataset, name: str, index: tuple) -> str:
@@ -364,7 +369,7 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
         if np.issubdtype(values.dtype, np.floating):
             fractional = values != np.round(values)
             if fractional.any():
-                at = np.unravel_index(int(np.argmax(fractional.reshape(-1))), values.shape)
+                at = _first(fractional)
                 raise DataError(
                     f"{data.path}: {loss} needs whole-number class ids, but y{list(map(int, at))} is {values[at]}; "
                     "store class ids as integers (or use categorical_crossentropy for one-hot/soft targets)"
@@ -373,7 +378,7 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
         if classes is not None:
             bad |= values >= classes
         if bad.any():
-            at = np.unravel_index(int(np.argmax(bad.reshape(-1))), values.shape)
+            at = _first(bad)
             limit = f"[0, {classes}) (the model's last output dimension is {classes})" if classes else "[0, classes)"
             raise DataError(
                 f"{data.path}: {int(bad.sum())} class id(s) outside {limit}, the first y{list(map(int, at))} = {values[at]}; "
@@ -383,7 +388,7 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
         values = np.asarray(y, dtype=np.float64)
         bad = (values < 0) | (values > 1)
         if bad.any():
-            at = np.unravel_index(int(np.argmax(bad.reshape(-1))), values.shape)
+            at = _first(bad)
             raise DataError(
                 f"{data.path}: {loss} needs targets in [0, 1], but {int(bad.sum())} are outside, the first "
                 f"y{list(map(int, at))} = {values[at]}; rescale the labels or pick another --loss"

@@ -112,15 +112,13 @@ def _load_keras(p: Path) -> LoadedModel:
     compiled_optimizer = None
     if getattr(model, "optimizer", None) is not None:
         inner = getattr(model.optimizer, "inner_optimizer", None) or model.optimizer  # unwrap a LossScaleOptimizer
+        # get_config() serializes a learning-rate schedule too, so it is rebuilt with the optimizer.
         compiled_optimizer = {"class_name": type(inner).__name__, "config": inner.get_config()}
-        schedule = getattr(inner, "_learning_rate", None)
-        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-            compiled_optimizer["config"]["learning_rate"] = keras.optimizers.schedules.serialize(schedule)
     policy = getattr(model, "dtype_policy", None)
     loss_scaling = getattr(policy, "name", "") == "mixed_float16" or any(
         getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16" for layer in model._flatten_layers()
     )
-    output_dim = outputs[0].shape[-1] if outputs and len(outputs) == 1 and outputs[0].shape else None
+    output_dim = outputs[0].shape[-1] if outputs and outputs[0].shape else None  # one output, checked above
     import tensorflow as tf
 
     spec = None

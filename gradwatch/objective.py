@@ -60,11 +60,18 @@ def _loss_class(found):
         found = getattr(found, "fn", None) or found
         if isinstance(found, keras.losses.Loss):
             return type(found)
-    wanted = getattr(found, "__name__", "").replace("_", "").lower()
-    for attr in dir(keras.losses):
-        candidate = getattr(keras.losses, attr)
-        if isinstance(candidate, type) and issubclass(candidate, keras.losses.Loss) and attr.lower() == wanted:
-            return candidate
+    name = _class_named(keras.losses, keras.losses.Loss, getattr(found, "__name__", "").replace("_", ""))
+    return getattr(keras.losses, name) if name else None
+
+
+def _class_named(module, base: type, name: str, exclude: tuple = ()) -> str | None:
+    """The attribute of ``module`` that is a subclass of ``base`` named ``name`` in any case
+    (``adamw`` -> ``AdamW``, ``meansquarederror`` -> ``MeanSquaredError``), or None."""
+    for attr in dir(module):
+        candidate = getattr(module, attr)
+        if (isinstance(candidate, type) and issubclass(candidate, base) and attr.lower() == name.lower()
+                and attr not in exclude):
+            return attr
     return None
 
 
@@ -164,12 +171,7 @@ def _optimizer_class_name(name: str) -> str | None:
     """``adamw`` -> ``AdamW`` (Keras' get() takes lower-case names only for some); None if unknown."""
     import keras
 
-    for attr in dir(keras.optimizers):
-        candidate = getattr(keras.optimizers, attr)
-        if (isinstance(candidate, type) and issubclass(candidate, keras.optimizers.Optimizer)
-                and attr.lower() == name.lower() and attr not in ("Optimizer", "LossScaleOptimizer")):
-            return attr
-    return None
+    return _class_named(keras.optimizers, keras.optimizers.Optimizer, name, exclude=("Optimizer", "LossScaleOptimizer"))
 
 
 def has_schedule(optimizer) -> bool:

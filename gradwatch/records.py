@@ -168,8 +168,7 @@ def summarize(rows: list[dict]) -> dict:
 
 # --- keeping rows in memory -------------------------------------------------------------------
 
-_KINDS = {"step": "q", "epoch": "q", "clipped": "b", "overflow": "b", "nonfinite": "b", "nonfinite_input": "b",
-          "loss_spike": "b"}  # others: "d"
+_KINDS = {**{c: "q" for c in INT_COLUMNS}, **{c: "b" for c in BOOL_COLUMNS}}  # others: "d"
 
 
 class RowStore(Sequence):

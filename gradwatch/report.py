@@ -6,6 +6,7 @@ No TensorFlow here: `gradwatch report` renders saved CSVs through this module.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 from rich.markup import escape
@@ -391,8 +392,9 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     finite_losses = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
     if finite_losses and min(finite_losses) > 0 and max(finite_losses) / min(finite_losses) > 10:
         axes[0].set_yscale("log")  # a diverged baseline would flatten the clipped curves
-    medians = [_median([r["loss"] for r in v.rows if math.isfinite(r["loss"])]) for v in variants]
-    medians = [m for m in medians if m is not None and m > 0]
+    medians = [statistics.median_high(finite) for v in variants
+               if (finite := [r["loss"] for r in v.rows if math.isfinite(r["loss"])])]
+    medians = [m for m in medians if m > 0]
     if finite_losses and medians and max(finite_losses) > LOSS_AXIS_SPAN * max(medians):
         top = LOSS_AXIS_SPAN * max(medians)
         axes[0].set_ylim(top=top)
@@ -412,7 +414,3 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     fig.savefig(path, dpi=100, format=fmt_name)
     plt.close(fig)
 
-
-def _median(values: list) -> float | None:
-    values = sorted(values)
-    return values[len(values) // 2] if values else None

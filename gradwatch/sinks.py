@@ -84,16 +84,8 @@ class CsvSink:
             self._fail(exc)
 
     def _fail(self, exc: OSError):
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        if self.direct:
-            raise OutputError(f"cannot write {self.path}: {exc.strerror}") from None
-        self.kept = self.tmp_path if self.rows_written else None
-        if not self.rows_written:
-            self.tmp_path.unlink(missing_ok=True)
-        where = f"; the rows written before it are in {self.tmp_path}" if self.kept else ""
+        self.discard()
+        where = f"; the rows written before it are in {self.kept}" if self.kept else ""
         raise OutputError(f"cannot write {self.path}: {exc.strerror}{where}") from None
 
     def write(self, rows: list[dict]) -> None:
@@ -164,13 +156,14 @@ def check_outputs(outputs: dict[str, object], inputs: dict[str, object]) -> None
     seen: dict[Path, str] = {}
     for name, path in outs.items():
         resolved = path.resolve()
-        for candidate in (resolved, resolved.with_name(resolved.name + PARTIAL_SUFFIX)):
+        candidates = (resolved, resolved.with_name(resolved.name + PARTIAL_SUFFIX))  # the file and its .partial
+        for candidate in candidates:
             if candidate in seen:
                 raise GradwatchError(f"{name} and {seen[candidate]} are the same file ({resolved}); give each output its own path")
         seen[resolved] = name
         for what, source in ins.items():
             src = source.resolve()
-            for candidate in (resolved, resolved.with_name(resolved.name + PARTIAL_SUFFIX)):
+            for candidate in candidates:
                 clash = candidate == src or _same_file(candidate, src)
                 inside = src.is_dir() and src in candidate.parents
                 if clash or inside:
@@ -191,9 +184,8 @@ def _same_file(a: Path, b: Path) -> bool:
 def write_stdout(text: str) -> None:
     """Write text to standard output and flush: a closed pipe raises :class:`BrokenPipe`, any
     other failure (a full disk behind ``> file``) :class:`OutputError`."""
-    with stdout_errors():
+    with stdout_errors():  # which flushes
         sys.stdout.write(text)
-        sys.stdout.flush()
 
 
 @contextmanager

@@ -108,7 +108,8 @@ class Trainer:
         self._bad_steps: dict[int, np.ndarray] = {}
         self.options = options
         self.loss_source = self._pick_objective(model, loss)
-        target_spec = _second_input(model.own_loss) if self.loss_source == "the model's loss(inputs, targets)" else None
+        uses_own_loss = loss is None and model.compiled_loss is None  # the targets go to the model's loss(x, y)
+        target_spec = _second_input(model.own_loss) if uses_own_loss else None
         self.data = data_mod.fit_to_model(dataset, model, target_spec)
         self.steps_per_epoch = data_mod.steps_per_epoch(len(self.data), options.batch_size)
         if self.steps_per_epoch == 0:
@@ -260,24 +261,10 @@ class Trainer:
             scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
             if scaling:
                 # LossScaleOptimizer's rule: halve on non-finite gradients, double after 2000 good steps.
-                def shrink():
-                    good_steps.assign(0)
-                    loss_scale.assign(loss_scale * 0.5)
-                    return tf.constant(True)
-
-                def grow_or_count():
-                    def grow():
-                        good_steps.assign(0)
-                        loss_scale.assign(loss_scale * 2.0)
-                        return tf.constant(True)
-
-                    def count():
-                        good_steps.assign_add(1)
-                        return tf.constant(True)
-
-                    return tf.cond(good_steps >= LOSS_SCALE_GROWTH_STEPS - 1, grow, count)
-
-                tf.cond(grads_finite, grow_or_count, shrink)
+                grow = good_steps >= LOSS_SCALE_GROWTH_STEPS - 1
+                factor = tf.where(grads_finite, tf.where(grow, 2.0, 1.0), 0.5)
+                loss_scale.assign(loss_scale * factor)
+                good_steps.assign(tf.where(grads_finite & tf.logical_not(grow), good_steps + 1, tf.zeros_like(good_steps)))
                 overflow = tf.math.is_finite(loss) & tf.logical_not(grads_finite)
             else:
                 overflow = tf.constant(False)
@@ -353,7 +340,6 @@ class Trainer:
 
         def probe(x, y):
             return self._loss_and_grads(x, y)[0]
-
 
         x0, y0 = self._batch_specs()
         with _loss_errors():
