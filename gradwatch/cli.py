@@ -183,7 +183,7 @@ def run(
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
     from .clip import STRATEGIES, Clipping
-    from .records import COLUMNS
+    from .records import CSV_COLUMNS
     from .sinks import CsvSink
 
     if clip not in STRATEGIES:
@@ -198,8 +198,9 @@ def run(
     spec = _resolved(locals())
     _check_plot(plot)
     _check_paths(spec, {"--csv": csv, "--plot": plot})
-    sink = CsvSink(csv, COLUMNS) if csv else None
+    sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
+    info: dict = {}
 
     def render(results, stopped=None):
         if format is Format.table:
@@ -216,16 +217,15 @@ def run(
                 console.print(run_table(summary))
                 console.print(escape(run_verdict(summary)))
         else:
-            _emit_rows([row for r in results for row in r.rows], COLUMNS, format)
+            _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
 
-    info: dict = {}
     results = _train_then_keep([sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
                                show=render, quiet=quiet)
     render(results)
     if plot is not None:
         from .report import Variant, plot as draw
 
-        shown = [Variant(clipping.strategy, clipping.param, results[0].rows)]
+        shown = [Variant(clipping.strategy, clipping.param, results[0].rows, meta=info.get("meta", {}))]
         _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind), plot)
 
 
@@ -263,21 +263,34 @@ def _train_one(spec, clipping, sink, quiet, progress, info: dict):
 
     _loading(quiet, spec)
     trainer = prepare(spec)
-    info["setup"] = _setup(trainer)
+    _setup(spec, trainer, info)
     trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}; "
                 f"{info['setup']}")
     progress.label = f"clip {clipping.label}"
-    return trainer.run(clipping, on_rows=sink.write if sink else None, on_progress=progress.update)
+    write = (lambda rows: sink.write(_tagged(clipping, rows, info))) if sink else None
+    return trainer.run(clipping, on_rows=write, on_progress=progress.update)
 
 
-def _setup(trainer) -> str:
-    """Which optimizer and loss the run uses, for the start line."""
-    text = f"optimizer {trainer.optimizer_text}; loss: {trainer.loss_source}"
+def _setup(spec, trainer, info: dict) -> None:
+    """What the CSVs record about the run (info["meta"]) and the start line's optimizer and
+    loss (info["setup"])."""
+    from .records import setup_text
+    from .session import run_meta
+
+    info["meta"] = {**run_meta(spec), "optimizer": trainer.optimizer_text, "loss_fn": trainer.loss_source}
+    info["setup"] = setup_text(info["meta"])
     if trainer.loss_scaling:
-        text += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
-    return text
+        info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
+
+
+def _tagged(clipping, rows, info: dict) -> list[dict]:
+    """Rows as the CSVs hold them: the variant first, what was trained on what last."""
+    from .records import META_COLUMNS
+
+    meta = {c: info.get("meta", {}).get(c, "") for c in META_COLUMNS}
+    return [{"clip": clipping.strategy, "param": clipping.param, **row, **meta} for row in rows]
 
 
 def _steps(n: int) -> str:
@@ -357,7 +370,7 @@ def compare(
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
     from .clip import parse_variant_list, parse_variants
-    from .records import COLUMNS, VARIANT_COLUMNS
+    from .records import CSV_COLUMNS
     from .sinks import CsvSink
     from .report import COMPARE_COLUMNS
 
@@ -370,8 +383,7 @@ def compare(
     spec = _resolved(locals())
     _check_plot(plot)
     _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot})
-    long_columns = VARIANT_COLUMNS + COLUMNS
-    sink = CsvSink(csv, long_columns) if csv else None
+    sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     try:
         summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS, "--summary-csv") if summary_csv else None
     except BaseException:
@@ -379,11 +391,12 @@ def compare(
             sink.discard()  # nothing recorded yet: leave no empty .partial behind
         raise
     title = f"gradwatch compare: {_describe(spec)}"
+    info: dict = {}
 
     def shown(results):
         from .report import Variant
 
-        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped) for r in results]
+        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped, info.get("meta", {})) for r in results]
 
     def render(results, stopped=None):
         from .report import compare_verdict, print_compare
@@ -400,8 +413,7 @@ def compare(
                 for line in compare_verdict(variants_shown):
                     console.print(escape(line))
         else:
-            rows = [{"clip": v.clip, "param": v.param, **row} for v in shown(results) for row in v.rows]
-            _emit_rows(rows, long_columns, format)
+            _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
 
     def record(results):
         if summary_sink:
@@ -409,7 +421,6 @@ def compare(
 
             summary_sink.write(summary_rows(shown(results)))
 
-    info: dict = {}
     train = lambda progress: _train_many(spec, variants, sink, quiet, progress, info)  # noqa: E731
     results = _train_then_keep([sink, summary_sink], train, show=render, quiet=quiet, before_commit=record)
     render(results)
@@ -425,7 +436,7 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
 
     _loading(quiet, spec)
     trainer = prepare(spec)
-    info["setup"] = _setup(trainer)
+    _setup(spec, trainer, info)
     for clipping in variants:
         trainer.trace(clipping.impl)
     _warn_skipped(trainer)
@@ -435,8 +446,7 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
 
     def write(clipping, rows):
         if sink:
-            tagged = [{"clip": clipping.strategy, "param": clipping.param, **r} for r in rows]
-            sink.write(tagged)
+            sink.write(_tagged(clipping, rows, info))
 
     def advance(clipping, done, total):
         # One bar over the whole comparison, so its time estimate covers every variant.
@@ -454,35 +464,74 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
 
 @app.command()
 def report(
-    file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv` or `gradwatch compare --csv`.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv`, `compare --csv` or `compare --summary-csv`.", show_default=False)],
     plot: PlotOpt = None,
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
-    from .records import read_rows, split_variants
+    from .records import META_COLUMNS, describe_meta, is_summary_csv, read_rows, setup_text, split_variants
     from .report import Variant, compare_verdict, plot as draw, print_compare, run_table, run_verdict
     from .sinks import check_outputs, stdout_errors
 
     _check_plot(plot)
     check_outputs({"--plot": plot}, {"CSV it reads": file})
+    if is_summary_csv(file):
+        return _report_summary(file, plot)
     rows, unfinished = read_rows(file), file.name.endswith(".partial")
     groups = split_variants(rows)
-    variants = [Variant(clip, param, group) for (clip, param), group in groups.items()]
+    variants = [Variant(clip, param, group, meta={c: group[0][c] for c in META_COLUMNS})
+                for (clip, param), group in groups.items()]
+    meta = variants[0].meta
     note = " (a .partial file: the run did not finish)" if unfinished else ""
+    title = f"gradwatch report: {file.name}{note}"
+    if meta["model"] or meta["data"]:
+        title += f": {describe_meta(meta)}"
+    single = len(variants) == 1
+    if single and variants[0].clip != "run":
+        title += f", clip {variants[0].label}"
+    setup = setup_text(meta)
     with stdout_errors():
         console = _stdout()
-        if len(variants) == 1 and variants[0].clip == "run":
-            v = variants[0]
-            console.print(escape(f"gradwatch report: {file.name}{note}"), style="italic")
-            console.print(run_table(v.summary))
-            console.print(escape(run_verdict(v.summary)))
+        if single:
+            console.print(escape(title), style="italic")
+            if setup:
+                console.print(escape(setup), style="italic")
+            console.print(run_table(variants[0].summary))
+            console.print(escape(run_verdict(variants[0].summary)))
         else:
-            print_compare(console, variants, f"gradwatch report: {file.name}{note}")
+            if setup:
+                console.print(escape(setup), style="italic")
+            print_compare(console, variants, title)
             for line in compare_verdict(variants):
                 console.print(escape(line))
     if unfinished:
         _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({len(rows)} rows)"))
     if plot is not None:
-        _write_plot(lambda path, kind: draw(variants, path, f"gradwatch report: {file.name}{note}", kind), plot)
+        full = f"{title}\n{setup}" if setup else title
+        _write_plot(lambda path, kind: draw(variants, path, full, kind), plot)
+
+
+def _report_summary(file: Path, plot: Path | None) -> None:
+    """`report` on the file of `compare --summary-csv`: its table again; the rest needs the steps."""
+    from .records import META_COLUMNS, describe_meta, read_summary, setup_text
+    from .report import Variant, print_compare
+    from .sinks import stdout_errors
+
+    if plot is not None:
+        raise OptionError(f"{file} is the summary of a comparison (compare --summary-csv), one row per variant: "
+                          "--plot needs the per-step CSV that compare --csv writes")
+    rows = read_summary(file)
+    variants = [Variant(r["clip"], r["param"], [], meta={c: r[c] for c in META_COLUMNS}, given_summary=r) for r in rows]
+    meta = variants[0].meta
+    title = f"gradwatch report: {file.name} (summary of a comparison)"
+    if meta["model"] or meta["data"]:
+        title += f": {describe_meta(meta)}"
+    with stdout_errors():
+        console = _stdout()
+        if setup_text(meta):
+            console.print(escape(setup_text(meta)), style="italic")
+        print_compare(console, variants, title)
+        console.print("This file holds one summary row per variant; the verdict, the loss sparkline and --plot "
+                      "need the per-step CSV that compare --csv writes.")
 
 
 def _check_plot(plot: Path | None) -> None:

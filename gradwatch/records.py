@@ -28,7 +28,7 @@ COLUMNS = [
     "clipped_norm",  # global L2 norm after clipping
     "clip_ratio",    # clipped_norm / grad_norm (1.0 when nothing changed or grad_norm is 0)
     "clipped",       # did the strategy change any gradient?
-    "threshold",     # the threshold the strategy used this step (empty for none; AGC: its factor)
+    "threshold",     # the threshold the strategy used this step (NaN for none; AGC: its factor)
     "lr",            # learning rate used for the step
     "loss_scale",    # dynamic loss scale of a float16 model (1 without loss scaling)
     "overflow",      # float16 gradients overflowed: the update was skipped and the scale halved
@@ -37,11 +37,46 @@ COLUMNS = [
     "loss_spike",    # the spike rule fired (see SpikeRule)
     "time_ms",       # wall time of the step in milliseconds
 ]
-# `compare` writes these two first, so one long CSV holds every variant: the strategy and its
-# parameter (N, V, λ, p or Z; empty for the baseline).
+# Every CSV starts with these two, so one long CSV holds every variant of a comparison and a run's
+# CSV says what it ran: the strategy and its parameter (N, V, λ, p or Z; empty for the baseline).
 VARIANT_COLUMNS = ["clip", "param"]
+# ...and ends with these, the same on every row, so a file alone says what was trained on what:
+META_COLUMNS = [
+    "model",      # the model path as given, or sample:NAME
+    "data",       # the data path as given (a sample's data file name)
+    "optimizer",  # the optimizer and its settings, e.g. SGD(learning_rate=1)
+    "loss_fn",    # where the loss came from, e.g. keras sparse_categorical_crossentropy
+]
+# The columns of `run --csv`, `compare --csv` and `--format csv/json`.
+CSV_COLUMNS = VARIANT_COLUMNS + COLUMNS + META_COLUMNS
 BOOL_COLUMNS = {"clipped", "overflow", "nonfinite", "nonfinite_input", "loss_spike"}
 INT_COLUMNS = {"step", "epoch"}
+def describe_meta(meta: dict) -> str:
+    """'MODEL on DATA' from the META_COLUMNS (file names; a sample by its name)."""
+    def name(text: str) -> str:
+        if text.startswith("sample:"):
+            return "sample " + text[len("sample:"):] if "/" not in text else Path(text).name
+        return Path(text).name if text else "?"
+
+    return f"{name(meta.get('model', ''))} on {name(meta.get('data', ''))}"
+
+
+def setup_text(meta: dict) -> str:
+    """'optimizer ...; loss: ...' from the META_COLUMNS ('' when the file predates them)."""
+    parts = []
+    if meta.get("optimizer"):
+        parts.append(f"optimizer {meta['optimizer']}")
+    if meta.get("loss_fn"):
+        parts.append(f"loss: {meta['loss_fn']}")
+    return "; ".join(parts)
+
+
+# `compare --summary-csv`: one row per variant (then the META_COLUMNS).
+SUMMARY_COLUMNS = [
+    "clip", "param", "steps", "final_loss", "best_loss", "spikes", "largest_jump", "nonfinite",
+    "pct_clipped", "mean_clip_ratio", "grad_norm_median", "grad_norm_p95", "grad_norm_max", "wall_s",
+]
+SUMMARY_INT_COLUMNS = {"steps", "spikes", "nonfinite"}
 # Columns added after 0.1.0, with the value they take when reading an older CSV.
 ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan"), "reg_loss": float("nan"),
                  "loss_scale": 1.0, "overflow": False}
@@ -218,7 +253,7 @@ def _parse(column: str, text: str):
         return text == "True"
     if column in INT_COLUMNS:
         return int(text)
-    if column == "clip":
+    if column == "clip" or column in META_COLUMNS:
         return text[1:] if text.startswith("'") else text
     if column == "param":
         return float(text) if text else None
@@ -227,8 +262,50 @@ def _parse(column: str, text: str):
     return float(text)
 
 
+def _header(path: Path) -> list[str] | None:
+    if not path.is_file():
+        raise GradwatchError(f"no such file: {path}; give the path of a CSV written by gradwatch run/compare --csv")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle), None)
+    except UnicodeDecodeError:
+        raise GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv") from None
+
+
+def is_summary_csv(path: str | os.PathLike) -> bool:
+    """Is this the one-row-per-variant file of `compare --summary-csv` (rather than per-step rows)?"""
+    header = _header(Path(path)) or []
+    return "step" not in header and all(c in header for c in SUMMARY_COLUMNS)
+
+
+def read_summary(path: str | os.PathLike) -> list[dict]:
+    """Read a `compare --summary-csv` file back: one dict per variant."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        records = list(csv.DictReader(handle))
+    rows = []
+    for line_no, record in enumerate(records, start=2):
+        try:
+            row = {}
+            for column in SUMMARY_COLUMNS + META_COLUMNS:
+                text = record.get(column) or ""
+                if column in SUMMARY_INT_COLUMNS:
+                    row[column] = int(text)
+                elif column in ("clip", "param") or column in META_COLUMNS:
+                    row[column] = _parse(column, text)
+                else:
+                    row[column] = float(text)
+        except (ValueError, TypeError) as exc:
+            raise GradwatchError(f"{path} line {line_no} is malformed ({exc}); re-run gradwatch compare to write it again") from None
+        rows.append(row)
+    if not rows:
+        raise GradwatchError(f"{path} has a header but no rows; the comparison recorded no variant")
+    return rows
+
+
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Read a `run` or `compare` CSV back into rows; `run` rows get clip='run', param=None.
+    """Read a `run` or `compare` CSV back into rows. A run CSV of gradwatch 0.1/0.2 (no variant
+    columns) gets clip='run', param=None; files without the META_COLUMNS get them empty.
 
     A ``.partial`` file (what a killed run leaves) may end in a row cut short: it is dropped.
     A compare CSV of gradwatch 0.1.0 (variant columns ``clip, threshold``, the threshold as
@@ -236,8 +313,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     """
     path = Path(path)
     unfinished = path.name.endswith(".partial")
-    if not path.is_file():
-        raise GradwatchError(f"no such file: {path}; give the path of a CSV written by gradwatch run/compare --csv")
+    _header(path)  # a missing or binary file says so
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)
@@ -251,7 +327,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                     "give a file written by gradwatch run/compare --csv"
                 )
             legacy = "clip" in header and "param" not in header and "threshold" in header
-            index = {c: header.index(c) for c in COLUMNS + VARIANT_COLUMNS if c in header}
+            index = {c: header.index(c) for c in CSV_COLUMNS if c in header}
             if legacy:
                 index["param"] = index.pop("threshold")
             records = [(n, r) for n, r in enumerate(reader, start=2) if r]
@@ -269,6 +345,8 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                     raise GradwatchError(f"{path} line {line_no} is malformed ({exc}); re-run gradwatch to write it again") from None
                 row.setdefault("clip", "run")
                 row.setdefault("param", None)
+                for column in META_COLUMNS:
+                    row.setdefault(column, "")
                 for column, default in ADDED_COLUMNS.items():
                     row.setdefault(column, default)
                 if legacy and row["param"] is not None:

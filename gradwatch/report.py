@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from .records import summarize
+from .records import META_COLUMNS, SUMMARY_COLUMNS, summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 # Strategies whose recorded threshold is a global norm, so it belongs on the grad-norm axis.
@@ -28,6 +28,8 @@ class Variant:
     param: float | None  # the strategy's parameter (N, V, λ, p or Z); None for the baseline
     rows: list
     stopped: str = "finished"  # "nonfinite": --on-nonfinite stop ended it early
+    meta: dict = field(default_factory=dict)  # records.META_COLUMNS: model, data, optimizer, loss_fn
+    given_summary: dict | None = None  # read from a --summary-csv file, which has no rows
 
     @property
     def label(self) -> str:
@@ -46,6 +48,8 @@ class Variant:
 
     @property
     def summary(self) -> dict:
+        if self.given_summary is not None:
+            return self.given_summary
         if not hasattr(self, "_summary"):
             self._summary = summarize(self.rows)
         return self._summary
@@ -170,10 +174,7 @@ def run_verdict(summary: dict) -> str:
 
 # --- comparisons ------------------------------------------------------------------------------
 
-COMPARE_COLUMNS = [
-    "clip", "param", "steps", "final_loss", "best_loss", "spikes", "largest_jump", "nonfinite",
-    "pct_clipped", "mean_clip_ratio", "grad_norm_median", "grad_norm_p95", "grad_norm_max", "wall_s",
-]
+COMPARE_COLUMNS = SUMMARY_COLUMNS + META_COLUMNS
 
 
 def summary_rows(variants: list[Variant]) -> list[dict]:
@@ -181,7 +182,8 @@ def summary_rows(variants: list[Variant]) -> list[dict]:
     out = []
     for v in variants:
         s = v.summary
-        out.append({"clip": v.clip, "param": v.param, **{k: s[k] for k in COMPARE_COLUMNS[2:]}})
+        out.append({"clip": v.clip, "param": v.param, **{k: s[k] for k in SUMMARY_COLUMNS[2:]},
+                    **{c: v.meta.get(c, "") for c in META_COLUMNS}})
     return out
 
 
@@ -234,7 +236,7 @@ def print_compare(console, variants: list[Variant], title: str) -> None:
     def natural_width(table) -> int:  # what it needs, not what the console would squeeze it to
         return Measurement.get(console, console.options.update_width(1_000_000), table).maximum
 
-    for spark in (24, 12, 0):
+    for spark in (24, 12, 0) if all(v.rows for v in variants) else (0,):
         table = compare_table(variants, title, spark)
         if natural_width(table) <= console.width:
             console.print(table)

@@ -139,7 +139,20 @@ def prepare(spec: RunSpec):
     return Trainer(model, dataset, train_options, loss=loss, bad_rows=bad_rows)
 
 
+def run_meta(spec: RunSpec) -> dict:
+    """What a resolved spec trains on what, as the CSVs record it (records.META_COLUMNS)."""
+    from . import samples
+
+    model, data = str(spec.model), str(spec.data)
+    if spec.sample:
+        model = f"sample:{spec.sample}"
+        if Path(data).resolve().is_relative_to(samples.cache_dir().resolve()):
+            data = f"sample:{spec.sample}/{Path(data).name}"
+    return {"model": model, "data": data}
+
+
 def describe(spec: RunSpec) -> str:
     """One line naming what is trained on what."""
-    what = f"sample {spec.sample}" if spec.sample else Path(spec.model).name
-    return f"{what} on {Path(spec.data).name}"
+    from .records import describe_meta
+
+    return describe_meta(run_meta(spec))

@@ -218,7 +218,7 @@ class Trainer:
                 return (data_loss if reg is None else data_loss + reg), reg
 
             self.objective = objective
-            return f"--loss {getattr(loss, 'name', type(loss).__name__)}"
+            return f"{getattr(loss, 'name', type(loss).__name__)} (--loss)"
         if model.compiled_loss is not None:
             def objective(x, y):
                 y_pred = model.forward(x)

@@ -319,7 +319,7 @@ def test_state_survives_blocks_and_is_reset_between_compare_variants(cli, module
     long = read_csv(long_csv)
     assert list(dict.fromkeys(zip(long["clip"], long["param"].fillna(-1)))) == [
         ("none", -1), (name, 2.0), ("global", 1.0), (name, 2.5)]
-    again = long[(long["clip"] == name) & (long["param"] == 2.0)].drop(columns=["clip", "param", "time_ms"])
+    again = long[(long["clip"] == name) & (long["param"] == 2.0)].drop(columns=["time_ms"])
     assert again.reset_index(drop=True).equals(frames[0])  # fresh state after the variants before it
 
 

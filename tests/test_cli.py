@@ -159,7 +159,7 @@ def test_installed_entry_point_flushes_everything_before_its_fast_exit(module_mo
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert lines[0].startswith("step,epoch,loss") and len(lines) == 24
+    assert lines[0].startswith("clip,param,step,epoch,loss") and len(lines) == 24
     bad = subprocess.run(base + ["--loss", "mse", "--batch-size", "500"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2  # found after TensorFlow was imported
     assert bad.stderr.strip().count("\n") == 0 and "lower --batch-size" in bad.stderr

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import interrupt_gradwatch, read_csv
-from gradwatch.records import COLUMNS, SpikeRule
+from gradwatch.records import SpikeRule
 from gradwatch.report import Variant, compare_verdict
 
 BASE = ["--loss", "mse", "--batch-size", "16", "--steps", "10", "--lr", "0.3", "-q"]
@@ -33,7 +33,7 @@ def test_each_variant_equals_its_solo_run(cli, keras_export_model, regression_np
         assert code == 0, err
         solo = read_csv(solo_csv).drop(columns=["time_ms"])
         part = long[(long["clip"] == clip) & (long["label"] == threshold)]
-        part = part[COLUMNS].drop(columns=["time_ms"]).reset_index(drop=True)
+        part = part.drop(columns=["label", "time_ms"]).reset_index(drop=True)  # a run's CSV is its variant's rows
         pd.testing.assert_frame_equal(part, solo)
 
 
@@ -72,21 +72,50 @@ def test_report_reproduces_the_live_summary_and_plots(cli, keras_export_model, r
     png = tmp_path / "plot.png"
     code, again, err = cli("report", long_csv, "--plot", png)
     assert code == 0, err
-    body = lambda text: text.split("\n", 1)[1]  # noqa: E731  (skip the title line, which names the source)
-    assert body(again) == body(live)
+    # report's first line is the optimizer and loss (compare said them on stderr); then the
+    # table's title, which names the source
+    assert again.splitlines()[0] == "optimizer SGD(learning_rate=0.3); loss: mean_squared_error (--loss)"
+    assert again.splitlines()[2:] == live.splitlines()[1:]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1000, 900)
 
 
-def test_report_of_a_run_csv(cli, module_model, regression_npz, tmp_path):
+def test_report_of_a_run_csv_says_what_was_run(cli, module_model, regression_npz, tmp_path):
     csv = tmp_path / "run.csv"
-    code, live, _ = cli("run", module_model, "--data", regression_npz, *BASE, "--csv", csv)
+    code, live, _ = cli("run", module_model, "--data", regression_npz, *BASE, "--clip", "global", "--norm", "0.5", "--csv", csv)
     code, again, err = cli("report", csv)
     assert code == 0, err
     assert live.splitlines()[-1] == again.splitlines()[-1]  # the same verdict
     assert "Verdict:" in again
+    title, setup = again.splitlines()[:2]
+    assert title == f"gradwatch report: run.csv: {module_model.name} on {regression_npz.name}, clip global 0.5"
+    assert setup == "optimizer SGD(learning_rate=0.3); loss: mean_squared_error (--loss)"
+    rows = read_csv(csv)
+    assert set(rows["clip"]) == {"global"} and set(rows["param"]) == {0.5} and set(rows["threshold"]) == {0.5}
+    assert set(rows["model"]) == {str(module_model)} and set(rows["data"]) == {str(regression_npz)}
+    assert set(rows["loss_fn"]) == {"mean_squared_error (--loss)"}  # plain text: no spreadsheet quote
+
+
+def test_report_reads_the_summary_csv_back(cli, keras_export_model, regression_npz, tmp_path):
+    long_csv, summary_csv = tmp_path / "long.csv", tmp_path / "summary.csv"
+    code, live, err = cli("compare", keras_export_model, "--data", regression_npz, *BASE,
+                          "--thresholds", "none,0.5", "--csv", long_csv, "--summary-csv", summary_csv)
+    assert code == 0, err
+    code, again, err = cli("report", summary_csv)
+    assert code == 0, err
+    assert "summary of a comparison" in again and "per-step CSV that compare --csv writes" in again
+    summary = read_csv(summary_csv)
+    for cell in ("none", "global 0.5", f"{summary['final_loss'][1]:.4g}", f"{summary['grad_norm_max'][0]:.4g}"):
+        assert cell in again, cell
+    # the same numbers as the live table, the sparkline aside
+    live_rows = [line.rsplit("│", 2)[0] for line in live.splitlines() if line.startswith("│")]
+    again_rows = [line.rsplit("│", 1)[0] for line in again.splitlines() if line.startswith("│")]
+    assert live_rows == again_rows
+    code, _, err = cli("report", summary_csv, "--plot", tmp_path / "x.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--plot needs the per-step CSV" in err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_report_rejects_bad_csvs(cli, tmp_path):

@@ -291,7 +291,7 @@ def test_any_keras_optimizer_and_loss_by_name(cli, module_model, regression_npz,
     code, _, err = cli("run", module_model, "--data", regression_npz, "--loss", "log_cosh", "--optimizer", "lion",
                        "--opt", "beta_1=0.8", "--lr", 1e-3, "--steps", 3, "--csv", csv)
     assert code == 0, err
-    assert "Lion(learning_rate=0.001, beta_1=0.8" in err and "loss: --loss log_cosh" in err
+    assert "Lion(learning_rate=0.001, beta_1=0.8" in err and "loss: log_cosh (--loss)" in err
     for args, expected in [(["--optimizer", "bogus"], "unknown optimizer 'bogus'"),
                            (["--optimizer", "adam", "--opt", "nonsense=1"], "optimizer adam"),
                            (["--opt", "beta_1"], "is not NAME=VALUE"),

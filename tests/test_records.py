@@ -141,3 +141,27 @@ def test_row_store_reads_like_the_list_of_rows_it_was_given():
     assert str(got) == str(rows)  # NaN != NaN, so compare the text
     assert store[-1] == rows[-1] and str(store[3:6]) == str(rows[3:6])
     assert str(summarize(store)) == str(summarize(rows))
+
+
+def test_files_of_earlier_versions_and_the_description_columns(tmp_path):
+    from gradwatch.records import CSV_COLUMNS, META_COLUMNS, describe_meta, setup_text
+
+    rows = make_rows([1.0, 2.0], [0.5, 0.25])
+    old = tmp_path / "old.csv"  # a run CSV of 0.2: no variant, no description
+    old.write_text(rows_to_csv(rows, COLUMNS))
+    back = read_rows(old)
+    assert [(r["clip"], r["param"]) for r in back] == [("run", None)] * 2
+    assert all(r[c] == "" for r in back for c in META_COLUMNS)
+    meta = {"model": "-models/=odd.keras", "data": "/d/train.npz", "optimizer": "Adam(learning_rate=0.001)",
+            "loss_fn": "mean_squared_error (--loss)"}
+    for row in rows:
+        row.update(clip="global", param=5.0, threshold=5.0, **meta)
+    new = tmp_path / "new.csv"
+    new.write_text(rows_to_csv(rows, CSV_COLUMNS))
+    back = read_rows(new)
+    assert {c: back[1][c] for c in META_COLUMNS} == meta  # text that looks like a formula round-trips
+    assert (back[0]["clip"], back[0]["param"]) == ("global", 5.0)
+    assert describe_meta(meta) == "=odd.keras on train.npz"
+    assert describe_meta({"model": "sample:ptb-small", "data": "sample:ptb-small/train.txt"}) == "sample ptb-small on train.txt"
+    assert setup_text(meta) == "optimizer Adam(learning_rate=0.001); loss: mean_squared_error (--loss)"
+    assert setup_text({}) == ""

@@ -226,11 +226,17 @@ def test_format_writes_rows_to_stdout(cli, module_model, regression_npz, fmt):
     import json
 
     code, out, err = cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 3,
-                         "--format", fmt, "-q")
+                         "--clip", "global", "--norm", 0.5, "--format", fmt, "-q")
     assert code == 0, err
     if fmt == "csv":
         rows = pd.read_csv(io.StringIO(out))
     else:
-        rows = pd.DataFrame(json.loads(out))
+        records = json.loads(out)
+        assert records[0]["param"] == 0.5 and records[0]["threshold"] == 0.5  # numbers, not text
+        assert records[0]["reg_loss"] is None  # NaN (unknown for a SavedModel) is null in JSON
+        rows = pd.DataFrame(records)
     assert len(rows) == 3 and "grad_norm" in rows.columns
+    assert list(rows.columns[:3]) == ["clip", "param", "step"] and list(rows.columns[-4:]) == [
+        "model", "data", "optimizer", "loss_fn"]
+    assert rows["clip"].tolist() == ["global"] * 3 and rows["optimizer"][0] == "SGD(learning_rate=0.01)"
     assert err == ""  # quiet: nothing on stderr
