@@ -6,6 +6,7 @@ TensorFlow is imported only inside the commands that train, so `--help`, `sample
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -73,6 +74,8 @@ AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-da
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this .png, .svg or .pdf.", show_default=False)]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False)]
 FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv/json: the rows, on stdout.")]
+LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False)]
+PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
 
 
@@ -179,7 +182,8 @@ def run(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    quiet: QuietOpt = False,
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
     from .clip import STRATEGIES, Clipping
@@ -197,10 +201,12 @@ def run(
     clipping = Clipping(clip, given.get(option))
     spec = _resolved(locals())
     _check_plot(plot)
-    _check_paths(spec, {"--csv": csv, "--plot": plot})
+    _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv})
+    info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
+    layers_sink = _layers_sink(layers_csv, [sink])
+    info["layers_sink"] = layers_sink
     title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
-    info: dict = {}
 
     def render(results, stopped=None):
         if format is Format.table:
@@ -216,10 +222,14 @@ def run(
                 console.print(escape(title + (f" ({stopped})" if stopped else "")), style="italic")
                 console.print(run_table(summary))
                 console.print(escape(run_verdict(summary)))
+                from .report import Variant
+                from .report_diagnose import print_section
+
+                print_section(console, [Variant(clipping.strategy, clipping.param, results[0].rows, layers=results[0].layers)])
         else:
             _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
 
-    results = _train_then_keep([sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
+    results = _train_then_keep([sink, layers_sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
                                show=render, quiet=quiet)
     render(results)
     if plot is not None:
@@ -227,6 +237,41 @@ def run(
 
         shown = [Variant(clipping.strategy, clipping.param, results[0].rows, meta=info.get("meta", {}))]
         _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind), plot)
+
+
+def _per_variable(asked: bool | None, format: Format, *outputs) -> bool:
+    """Record per-variable norms? Asked for, else when the table or an output needs them."""
+    if asked is False and any(outputs):
+        raise OptionError("--layers-csv and --tensorboard write per-variable norms; drop --no-per-variable")
+    return bool(asked) if asked is not None else (format is Format.table or any(o is not None for o in outputs))
+
+
+def _layers_sink(path, opened):
+    """The --layers-csv sink (after the others: if it cannot be opened, they are discarded)."""
+    from .diagnose import LAYER_COLUMNS
+    from .sinks import CsvSink
+
+    try:
+        return CsvSink(path, LAYER_COLUMNS, "--layers-csv") if path else None
+    except BaseException:
+        for sink in opened:
+            if sink:
+                sink.discard()
+        raise
+
+
+def _layer_rows(trainer, clipping, rows, norms) -> list[dict]:
+    """One --layers-csv row per step and variable."""
+    variables, layers = trainer.variable_names
+    shapes = ["x".join(map(str, s)) for s in trainer.variable_shapes]
+    out = []
+    for row, per in zip(rows, norms.tolist()):
+        grad, clipped, weight, update = per
+        for k, (variable, layer) in enumerate(zip(variables, layers)):
+            out.append({"clip": clipping.strategy, "param": clipping.param, "step": row["step"], "variable": variable,
+                        "layer": layer, "grad_norm": grad[k], "clipped_norm": clipped[k], "weight_norm": weight[k],
+                        "update_norm": update[k], "shape": shapes[k]})
+    return out
 
 
 def _describe(spec) -> str:
@@ -264,13 +309,16 @@ def _train_one(spec, clipping, sink, quiet, progress, info: dict):
     _loading(quiet, spec)
     trainer = prepare(spec)
     _setup(spec, trainer, info)
+    trainer.per_variable = info["per_variable"]
     trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}; "
                 f"{info['setup']}")
     progress.label = f"clip {clipping.label}"
     write = (lambda rows: sink.write(_tagged(clipping, rows, info))) if sink else None
-    return trainer.run(clipping, on_rows=write, on_progress=progress.update)
+    layers = info["layers_sink"]
+    write_layers = (lambda rows, norms: layers.write(_layer_rows(trainer, clipping, rows, norms))) if layers else None
+    return trainer.run(clipping, on_rows=write, on_progress=progress.update, on_variables=write_layers)
 
 
 def _setup(spec, trainer, info: dict) -> None:
@@ -366,7 +414,8 @@ def compare(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    quiet: QuietOpt = False,
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
     from .clip import parse_variant_list, parse_variants
@@ -382,7 +431,8 @@ def compare(
         variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
     spec = _resolved(locals())
     _check_plot(plot)
-    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot})
+    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot, "--layers-csv": layers_csv})
+    info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     try:
         summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS, "--summary-csv") if summary_csv else None
@@ -390,13 +440,14 @@ def compare(
         if sink:
             sink.discard()  # nothing recorded yet: leave no empty .partial behind
         raise
+    layers_sink = info["layers_sink"] = _layers_sink(layers_csv, [sink, summary_sink])
     title = f"gradwatch compare: {_describe(spec)}"
-    info: dict = {}
 
     def shown(results):
         from .report import Variant
 
-        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped, info.get("meta", {})) for r in results]
+        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped, info.get("meta", {}), layers=r.layers)
+                for r in results]
 
     def render(results, stopped=None):
         from .report import compare_verdict, print_compare
@@ -412,6 +463,9 @@ def compare(
                 print_compare(console, variants_shown, title + (f" ({stopped})" if stopped else ""))
                 for line in compare_verdict(variants_shown):
                     console.print(escape(line))
+                from .report_diagnose import print_section
+
+                print_section(console, variants_shown)
         else:
             _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
 
@@ -422,7 +476,7 @@ def compare(
             summary_sink.write(summary_rows(shown(results)))
 
     train = lambda progress: _train_many(spec, variants, sink, quiet, progress, info)  # noqa: E731
-    results = _train_then_keep([sink, summary_sink], train, show=render, quiet=quiet, before_commit=record)
+    results = _train_then_keep([sink, summary_sink, layers_sink], train, show=render, quiet=quiet, before_commit=record)
     render(results)
     if plot is not None:
         from .report import plot as draw
@@ -437,6 +491,7 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
     _loading(quiet, spec)
     trainer = prepare(spec)
     _setup(spec, trainer, info)
+    trainer.per_variable = info["per_variable"]
     for clipping in variants:
         trainer.trace(clipping.impl)
     _warn_skipped(trainer)
@@ -459,13 +514,16 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
         _stderr().print(escape(f"gradwatch: variant {clipping.label} stopped at step {step}: loss or gradient not finite "
                                "(--on-nonfinite stop); the other variants go on"))
 
-    return compare_runs(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped)
+    layers = info["layers_sink"]
+    write_layers = (lambda c, rows, norms: layers.write(_layer_rows(trainer, c, rows, norms))) if layers else None
+    return compare_runs(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped, on_variables=write_layers)
 
 
 @app.command()
 def report(
     file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv`, `compare --csv` or `compare --summary-csv`.", show_default=False)],
     plot: PlotOpt = None,
+    layers: Annotated[Optional[Path], typer.Option("--layers", help="The --layers-csv file of the same run: rebuild the spikes and what drove them, and the per-layer table.", show_default=False)] = None,
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
     from .records import META_COLUMNS, describe_meta, is_summary_csv, read_rows, setup_text, split_variants
@@ -473,12 +531,17 @@ def report(
     from .sinks import check_outputs, stdout_errors
 
     _check_plot(plot)
-    check_outputs({"--plot": plot}, {"CSV it reads": file})
+    check_outputs({"--plot": plot}, {"CSV it reads": file, "layers CSV it reads": layers})
     if is_summary_csv(file):
         return _report_summary(file, plot)
     rows, unfinished = read_rows(file), file.name.endswith(".partial")
     groups = split_variants(rows)
-    variants = [Variant(clip, param, group, meta={c: group[0][c] for c in META_COLUMNS})
+    watches = {}
+    if layers is not None:
+        from .diagnose.attribution import read_layers
+
+        watches = read_layers(layers, groups)
+    variants = [Variant(clip, param, group, meta={c: group[0][c] for c in META_COLUMNS}, layers=watches.get((clip, param)))
                 for (clip, param), group in groups.items()]
     meta = variants[0].meta
     note = " (a .partial file: the run did not finish)" if unfinished else ""
@@ -503,6 +566,9 @@ def report(
             print_compare(console, variants, title)
             for line in compare_verdict(variants):
                 console.print(escape(line))
+        from .report_diagnose import print_section
+
+        print_section(console, variants)
     if unfinished:
         _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({len(rows)} rows)"))
     if plot is not None:
@@ -559,6 +625,191 @@ def _write_plot(draw, plot: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _stderr().print(escape(f"gradwatch: wrote {plot}"))
+
+
+PROBE_STEPS = 100  # suggest's unclipped probe, unless --steps or --epochs says otherwise
+
+
+@app.command()
+def suggest(
+    model: Annotated[Optional[str], typer.Argument(help="SavedModel folder or .keras file to probe, or the CSV of a saved unclipped run (`run --csv`, or a compare CSV with the 'none' baseline).", show_default=False)] = None,
+    data: DataOpt = None,
+    sample: SampleOpt = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Also compare the candidates (and no clipping) over the probe's steps and pick the calmest.")] = False,
+    layers: Annotated[Optional[Path], typer.Option("--layers", help="With a run CSV: its --layers-csv file, to say which variables dominate the norm.", show_default=False)] = None,
+    endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
+    target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
+    from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Steps of the unclipped probe.  [default: {PROBE_STEPS}]", show_default=False)] = None,
+    epochs: EpochsOpt = None,
+    shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
+    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
+    fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
+):
+    """Propose a clip_by_global_norm threshold from an unclipped probe (or a saved unclipped run)."""
+    if model is not None and model.lower().endswith((".csv", ".csv.partial")) and Path(model).is_file():
+        return _suggest_from_csv(Path(model), layers, verify)
+    if layers is not None:
+        raise OptionError("--layers goes with a run CSV (gradwatch suggest RUN.csv --layers LAYERS.csv); drop it")
+    from .clip import Clipping
+
+    given = dict(locals())
+    if steps is None and epochs is None:
+        steps = PROBE_STEPS
+    spec = _resolved(locals())
+    _check_paths(spec, {})
+    info: dict = {"per_variable": True, "layers_sink": None}
+
+    def probe(progress):
+        from .session import prepare
+        from .training import compare as compare_runs
+
+        _loading(quiet, spec)
+        trainer = prepare(spec)
+        _setup(spec, trainer, info)
+        trainer.per_variable = True
+        _warn_skipped(trainer)
+        _say(quiet, f"gradwatch: probing {_describe(spec)} unclipped for {_steps(trainer.total_steps)}; {info['setup']}")
+        progress.label = "unclipped probe"
+        base = trainer.run(Clipping("none", None), on_progress=progress.update)
+        found = _suggestion(base.rows, base.layers)
+        if not verify:
+            return [base], found, None
+        candidates = [Clipping("global", t) for t, _, _ in found.candidates]
+        _say(quiet, f"gradwatch: verifying global {', '.join(f'{c.param:g}' for c in candidates)} over the same steps")
+
+        def advance(clipping, done, total):
+            k = candidates.index(clipping)
+            progress.update(k * total + done, len(candidates) * total, f"candidate {k + 1}/{len(candidates)}: clip {clipping.label}")
+
+        return [base], found, compare_runs(trainer, candidates, on_progress=advance)
+
+    runs, found, checked = _train_then_keep([], lambda progress: [probe(progress)], show=lambda *a, **k: None, quiet=quiet)[0]
+    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, _run_line(given, spec, found, checked))
+
+
+def _suggestion(rows, watch):
+    from .diagnose import suggest_threshold
+
+    grad_spikes = [s.step for s in watch.spikes if "grad" in s.kinds] if watch is not None else None
+    try:
+        return suggest_threshold(rows, grad_spikes)
+    except ValueError as exc:
+        raise GradwatchError(f"{exc}: the probe diverged at once; lower --lr and run suggest again") from None
+
+
+def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
+    from .records import read_rows, split_variants
+
+    if verify:
+        raise OptionError("--verify trains: give the MODEL and --data instead of a CSV")
+    groups = split_variants(read_rows(path))
+    key = next((k for k in groups if k[0] == "none"), None)
+    if key is None:
+        key = next((k for k in groups if k[0] == "run" and not any(r["clipped"] for r in groups[k])), None)
+    if key is None:
+        raise GradwatchError(f"{path} holds no unclipped run; suggest needs the norms before any clipping: "
+                             "record one with gradwatch run --csv (no --clip) or compare --csv (with the none baseline)")
+    rows = groups[key]
+    watch = None
+    if layers is not None:
+        from .diagnose.attribution import read_layers
+
+        watch = read_layers(layers, {key: rows}).get(key)
+    found = _suggestion(rows, watch)
+    meta = rows[0]
+    parts = ["gradwatch", "run"]
+    if meta.get("model", "").startswith("sample:"):
+        parts += ["--sample", meta["model"][len("sample:"):]]
+    elif meta.get("model"):
+        parts += [meta["model"], "--data", meta["data"]]
+    else:
+        parts += ["MODEL", "--data", "DATA"]
+    _print_suggestion(found, watch, None, rows, _quoted(parts + ["--clip", "global", "--norm", f"{found.threshold:g}"]))
+
+
+def _quoted(parts) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def _run_line(given: dict, spec, found, checked) -> str:
+    """The `gradwatch run` line with the user's own options and the suggested threshold."""
+    from .session import RunSpec
+
+    threshold = found.threshold if not checked else _calmest(checked).clipping.param
+    parts = ["gradwatch", "run"]
+    if given.get("model") is not None:
+        parts.append(given["model"])
+    flags = {"from_logits": "--from-logits", "allow_nonfinite_data": "--allow-nonfinite-data"}
+    for name in RunSpec.__dataclass_fields__:
+        value = given.get(name)
+        if name in ("model", "steps", "epochs") or value is None:
+            continue  # the probe's length is not the training's
+        option = "--" + name.replace("_", "-")
+        if name in flags:
+            parts += [flags[name]] if value else []
+        elif name in ("shuffle", "xla"):
+            parts.append(option if value else f"--no-{name}")
+        elif name == "opt":
+            for item in value:
+                parts += ["--opt", item]
+        else:
+            parts += [option, getattr(value, "value", value)]
+    return _quoted(parts + ["--clip", "global", "--norm", f"{threshold:g}"])
+
+
+def _calmest(results):
+    from .report import Variant, best_variant
+
+    shown = [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in results]
+    best = best_variant(shown)
+    return results[shown.index(best)]
+
+
+def _print_suggestion(found, watch, checked, rows, line: str) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    from .report import Variant, compare_verdict, fmt, print_compare
+    from .sinks import stdout_errors
+
+    with stdout_errors():
+        console = _stdout()
+        spikes = f"first spike at step {found.first_spike}" if found.first_spike else "no spike"
+        console.print(escape(f"gradwatch suggest: an unclipped probe of {len(rows)} steps, {spikes}"), style="italic")
+        table = Table(title="global gradient norm, unclipped", header_style="bold", title_justify="left")
+        for name, justify in (("steps", "left"), ("n", "right"), ("median", "right"), ("p90", "right"), ("max", "right")):
+            table.add_column(name, justify=justify, no_wrap=True)
+        calm = "calm (before the first spike)" if found.first_spike and found.calm_steps < len(rows) else "calm"
+        table.add_row(calm, str(found.calm_steps), *[fmt(found.stats["calm"][k]) for k in ("median", "p90", "max")])
+        finite = sum(1 for r in rows if math.isfinite(r["grad_norm"]))
+        table.add_row("all finite", str(finite), *[fmt(found.stats["all"][k]) for k in ("median", "p90", "max")])
+        console.print(table)
+        table = Table(title="candidates: how often each would clip", header_style="bold", title_justify="left")
+        for name in ("--norm", "calm steps clipped", "all steps clipped"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for t, calm_pct, all_pct in found.candidates:
+            mark = " (proposed)" if t == found.threshold else ""
+            table.add_row(f"{t:g}{mark}", f"{calm_pct:.0f} %", f"{all_pct:.0f} %")
+        console.print(table)
+        console.print(escape(f"Rule: the threshold is the {found.rule}, to two significant digits "
+                             "(candidates: half, once and twice that)."))
+        if watch is not None:
+            shares = watch.mean_shares()
+            order = [k for k in np.argsort(-np.nan_to_num(shares, nan=-1.0))[:3] if math.isfinite(shares[k])]
+            if order:
+                named = ", ".join(f"{watch.variables[k]} {100 * shares[k]:.0f}%" for k in order)
+                console.print(escape(f"The norm is dominated by: {named} (mean share of the norm² over the probe)."))
+        if checked:
+            shown = [Variant("none", None, rows)] + [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in checked]
+            print_compare(console, shown, "verification: the candidates over the probe's steps")
+            for sentence in compare_verdict(shown):
+                console.print(escape(sentence))
+            console.print(escape(f"Calmest candidate: global {_calmest(checked).clipping.param:g}."))
+        console.print(escape(f"Try: {line}"))
 
 
 @app.command()

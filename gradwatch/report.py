@@ -30,6 +30,7 @@ class Variant:
     stopped: str = "finished"  # "nonfinite": --on-nonfinite stop ended it early
     meta: dict = field(default_factory=dict)  # records.META_COLUMNS: model, data, optimizer, loss_fn
     given_summary: dict | None = None  # read from a --summary-csv file, which has no rows
+    layers: object = None  # diagnose.LayerWatch, when per-variable norms were recorded
 
     @property
     def label(self) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as data_mod
-from .clip import Clipping, dedupe, global_norm, map_values
+from .clip import Clipping, dedupe, map_values, norms
 from .objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import RowStore, SpikeRule, clip_ratio, summarize
@@ -30,6 +30,9 @@ RECORDED = (
     ("reg_loss", "float32"), ("lr", "float32"), ("loss_scale", "float32"),
     ("clipped", "bool"), ("overflow", "bool"), ("nonfinite", "bool"),
 )
+# With per-variable records on, each step also gives a (4, V) matrix: for every variable that
+# gets a gradient, these norms (fetched with the block, streamed to --layers-csv).
+PER_VARIABLE = ("grad_norm", "clipped_norm", "weight_norm", "update_norm")
 # Dynamic loss scaling, as keras.optimizers.LossScaleOptimizer: start, growth interval.
 INITIAL_LOSS_SCALE = 2.0**15
 LOSS_SCALE_GROWTH_STEPS = 2000
@@ -82,6 +85,7 @@ class RunResult:
     clipping: Clipping
     rows: RowStore  # reads like a list of row dicts
     stopped: str = "finished"  # "finished", "nonfinite" or "interrupted"
+    layers: object = None  # diagnose.LayerWatch when per-variable norms were recorded
 
     @property
     def summary(self) -> dict:
@@ -144,7 +148,9 @@ class Trainer:
         self.traces = 0  # how often a block was traced: once per strategy (tests check it)
         self._state = list(model.variables) + list(self.optimizer.variables) + [self._loss_scale, self._good_steps]
         self._initial = [v.numpy() for v in self._state]
-        self._blocks: dict[str, object] = {}
+        self._blocks: dict[tuple, object] = {}
+        # Record each variable's norms too (PER_VARIABLE): set before run(); one trace each way.
+        self.per_variable = False
         self._pipeline = None  # the tf.data pipeline, built on first use
 
     # -- set-up -------------------------------------------------------------------------------
@@ -157,9 +163,11 @@ class Trainer:
         """The traced block of ``strategy``: a ``tf.while_loop`` of up to ``n`` steps."""
         import tensorflow as tf
 
-        if strategy.name in self._blocks:
-            return self._blocks[strategy.name]
-        step = self._step_fn(strategy)
+        key = (strategy.name, self.per_variable)
+        if key in self._blocks:
+            return self._blocks[key]
+        step = self._step_fn(strategy, self.per_variable)
+        per_variable = self.per_variable
         if self.options.xla:
             # tf.data's iterator cannot be XLA-compiled, the step inside the loop can.
             step = tf.function(step, jit_compile=True, autograph=False)
@@ -170,13 +178,16 @@ class Trainer:
         def block(iterator, n, param, state, stop_on_nonfinite):
             self.traces += 1
             arrays = tuple(tf.TensorArray(tf.as_dtype(dtype), size=n, element_shape=()) for _, dtype in RECORDED)
+            if per_variable:  # (4, V) per step; V is known once the step is traced
+                arrays += (tf.TensorArray(tf.float32, size=n, element_shape=tf.TensorShape(None)),)
+            names = [name for name, _ in RECORDED] + (["per_variable"] if per_variable else [])
 
             def body(i, state, stop, arrays):
                 x, y, lr = iterator.get_next()
                 if not scheduled:
                     learning_rate.assign(lr)
                 values, state = step(x, y, param, state)
-                arrays = tuple(a.write(i, values[name]) for a, (name, _) in zip(arrays, RECORDED))
+                arrays = tuple(a.write(i, values[name]) for a, name in zip(arrays, names))
                 return i + 1, state, stop_on_nonfinite & values["nonfinite"], arrays
 
             def more(i, state, stop, arrays):
@@ -192,8 +203,17 @@ class Trainer:
             traced.get_concrete_function(
                 iter(self._dataset()), tf.constant(1), tf.constant(0.0), state, tf.constant(False)
             )
-        self._blocks[strategy.name] = traced
+        self._blocks[key] = traced
         return traced
+
+    @property
+    def variable_names(self) -> tuple[list[str], list[str]]:
+        """(variables, layers) of the per-variable records, in the order of their columns."""
+        return variable_names(self.used or [])
+
+    @property
+    def variable_shapes(self) -> list[tuple]:
+        return [tuple(int(d) for d in v.shape) for v in self.used or []]
 
     def _pick_objective(self, model, loss) -> str:
         """Set ``self.objective(x, y) -> (total loss, regularization part)``; say where it comes from.
@@ -234,8 +254,14 @@ class Trainer:
             "pass --loss NAME, e.g. mse or sparse_categorical_crossentropy"
         )
 
-    def _step_fn(self, strategy):
-        """One step as a Python function of tensors: tape -> grads -> clip -> apply -> values."""
+    def _step_fn(self, strategy, per_variable: bool = False):
+        """One step as a Python function of tensors: tape -> grads -> clip -> apply -> values.
+
+        With ``per_variable``, ``values["per_variable"]`` is a (4, V) float32 matrix (rows as
+        PER_VARIABLE): each variable's gradient norm before and after clipping (from the same
+        reduction as the global norms), its weight norm before the update, and the norm of
+        the change the optimizer made, ‖w_after − w_before‖ (0 on a skipped step).
+        """
         import tensorflow as tf
 
         optimizer = self.optimizer
@@ -245,9 +271,11 @@ class Trainer:
         def step(x, y, param, state):
             loss, reg, grads, used = self._loss_and_grads(x, y)
             grads = [dedupe(g) for g in grads]
-            grad_norm = global_norm(grads)
+            grad_norm, grad_norms = norms(grads)
             result = strategy.apply(grads, param, used, state)
-            clipped_norm = global_norm(result.grads)
+            clipped_norm, clipped_norms = norms(result.grads)
+            if per_variable:
+                before = [tf.identity(tf.convert_to_tensor(v)) for v in used]
             loss = tf.cast(loss, tf.float32)
             grads_finite = tf.math.is_finite(grad_norm)
             finite = tf.math.is_finite(loss) & grads_finite
@@ -288,6 +316,14 @@ class Trainer:
                 "overflow": overflow,
                 "nonfinite": tf.logical_not(finite) & tf.logical_not(overflow),
             }
+            if per_variable:
+                def norm32(t):
+                    return tf.sqrt(tf.nn.l2_loss(tf.cast(t, tf.float32)) * 2.0)
+
+                weight = tf.stack([norm32(b) for b in before])
+                update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(used, before)])
+                values["per_variable"] = tf.stack([tf.cast(grad_norms, tf.float32), tf.cast(clipped_norms, tf.float32),
+                                                   weight, update])
             return values, new_state
 
         return step
@@ -395,10 +431,12 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def run(self, clipping: Clipping, on_rows=None, on_progress=None) -> RunResult:
+    def run(self, clipping: Clipping, on_rows=None, on_progress=None, on_variables=None) -> RunResult:
         """Train ``total_steps`` steps with ``clipping`` from the initial weights.
 
         ``on_rows(rows)`` receives rows as they are fetched; ``on_progress(done, total)`` after.
+        With ``per_variable`` on, ``on_variables(rows, norms)`` receives each block's (n, 4, V)
+        per-variable norms (PER_VARIABLE; variables as ``variable_names``) beside its rows.
         Raises :class:`Interrupted` on Ctrl-C with the rows so far, and
         :class:`~gradwatch.errors.NonFiniteStop` (with ``.result``) for ``--on-nonfinite stop``.
         """
@@ -413,6 +451,10 @@ class Trainer:
         stop_on_nonfinite = tf.constant(options.on_nonfinite == "stop")
         detector = options.spike_rule.detector()
         result = RunResult(clipping, RowStore())
+        if self.per_variable:
+            from .diagnose import LayerWatch
+
+            result.layers = LayerWatch(*self.variable_names, rule=options.spike_rule, shapes=self.variable_shapes)
         iterator = iter(self._dataset())
         size = options.fetch_every or 1
         try:
@@ -422,12 +464,17 @@ class Trainer:
                     start = time.perf_counter()
                     done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite)
                     done = int(done)
-                    columns = [a.numpy()[:done].tolist() for a in arrays]
+                    columns = [a.numpy()[:done].tolist() for a in arrays[: len(RECORDED)]]
                     seconds = (time.perf_counter() - start) / max(done, 1)
                     rows = self._rows(len(result.rows), columns, detector, seconds * 1000.0)
                     result.rows.extend(rows)
                     if on_rows:
                         on_rows(rows)
+                    if self.per_variable:
+                        per = arrays[len(RECORDED)].numpy()[:done]
+                        result.layers.update(rows, per)
+                        if on_variables:
+                            on_variables(rows, per)
                     if on_progress:
                         on_progress(len(result.rows), self.total_steps)
                     if rows and rows[-1]["nonfinite"] and options.on_nonfinite == "stop":
@@ -521,7 +568,8 @@ def _loss_errors():
         ) from None
 
 
-def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None, on_stop=None) -> list[RunResult]:
+def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None, on_stop=None,
+            on_variables=None) -> list[RunResult]:
     """Run every variant from the same initial state on the same batches, one after another.
 
     With ``--on-nonfinite stop`` a variant that meets a non-finite step stops there (its result
@@ -531,8 +579,9 @@ def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progres
     for clipping in variants:
         forward = (lambda rows, c=clipping: on_rows(c, rows)) if on_rows else None
         progress = (lambda done, total, c=clipping: on_progress(c, done, total)) if on_progress else None
+        per_variable = (lambda rows, norms, c=clipping: on_variables(c, rows, norms)) if on_variables else None
         try:
-            results.append(trainer.run(clipping, forward, progress))
+            results.append(trainer.run(clipping, forward, progress, per_variable))
         except NonFiniteStop as stop:
             results.append(stop.result)
             if on_stop:
@@ -558,3 +607,17 @@ def _second_input(fn):
 
 def _name(variable) -> str:
     return getattr(variable, "path", None) or getattr(variable, "name", "?")
+
+
+def variable_names(variables) -> tuple[list[str], list[str]]:
+    """(variable, layer) names for the per-variable records: the variable's path without a
+    ``:0`` suffix (made unique with ``#2``, ``#3`` where two share one), and its layer: the
+    path without its last part (a variable outside any layer is its own layer)."""
+    names, seen = [], {}
+    for v in variables:
+        name = _name(v)
+        name = name[:-2] if name.endswith(":0") else name
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    layers = [n.split("#")[0].rsplit("/", 1)[0] for n in names]
+    return names, layers

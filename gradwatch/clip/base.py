@@ -68,6 +68,16 @@ def map_values(grad, fn):
     return fn(grad)
 
 
+def norms(grads):
+    """(global L2 norm, each gradient's L2 norm) from one reduction: the global norm is computed
+    exactly as ``tf.linalg.global_norm`` does (√(2·Σ l2_loss)), the per-gradient norms from the
+    same terms (√(2·l2_loss)), so √Σ per-gradient² is the global norm."""
+    import tensorflow as tf
+
+    half = tf.stack([tf.nn.l2_loss(values_of(g)) for g in grads])
+    return tf.sqrt(tf.reduce_sum(half) * 2.0), tf.sqrt(half * 2.0)
+
+
 def global_norm(grads):
     """L2 norm of all gradients together (after :func:`dedupe`, the true norm)."""
     import tensorflow as tf

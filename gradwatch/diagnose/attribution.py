@@ -1,0 +1,283 @@
+"""Per-variable norms of one run, accumulated as the run goes in memory that does not grow with
+the number of steps: spike attribution, update/weight ratios, a down-sampled heat map.
+
+The rules (also in the README):
+
+- **Loss spike**: the run's spike rule (``records.SpikeRule``), the ``loss_spike`` column.
+- **Gradient spike**: the same rule on the global gradient norm before clipping: the norm is
+  not finite, or exceeds ``factor`` × the median of the previous ``window`` finite norms.
+- **What drove it**: each variable's share of the global norm² at that step (the shares sum to
+  1) and its norm against the median of its own previous ``window`` norms. The table names the
+  variables with the largest shares.
+- **Update/weight ratio**: ‖Δw‖/‖w‖ per variable, summarised by its geometric mean over the
+  steps that updated it. A matrix (kernel, embedding: rank ≥ 2) whose ratio is more than
+  ``RATIO_FLAG`` × the median ratio of all matrices is flagged: the learning rate may be too high
+  for it. Vectors (biases, normalization scales) start at or near zero, so their ratios are
+  large by nature; they are compared among themselves the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..records import SpikeRule
+
+# The --layers-csv columns, one row per step and variable (compare: clip and param first).
+LAYER_COLUMNS = ["clip", "param", "step", "variable", "layer", "grad_norm", "clipped_norm", "weight_norm",
+                 "update_norm", "shape"]
+RATIO_FLAG = 10.0  # flag a variable whose update/weight ratio is this many times the median
+HEAT_COLUMNS = 400  # the heat map keeps at most this many columns of steps, whatever the run's length
+TOP = 3  # variables named per spike
+
+
+@dataclass
+class Spike:
+    """One spike step and what drove it."""
+
+    step: int
+    kinds: list[str]  # "loss", "grad" or both
+    loss: float
+    loss_median: float  # median of the previous window's finite losses (NaN before enough history)
+    grad_norm: float
+    grad_median: float
+    top: list[tuple[str, float, float]] = field(default_factory=list)  # (variable, share of norm², norm / own median)
+
+    @property
+    def jump(self) -> str:
+        """The jump that made it a spike, as the table shows it."""
+        parts = []
+        if "loss" in self.kinds:
+            parts.append(_jump("loss", self.loss, self.loss_median))
+        if "grad" in self.kinds:
+            parts.append(_jump("norm", self.grad_norm, self.grad_median))
+        return "; ".join(parts)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+
+
+def _jump(what: str, value: float, median: float) -> str:
+    if not math.isfinite(value):
+        return f"{what} {_fmt(value)}"
+    if math.isfinite(median) and median > 0:
+        return f"{what} {_fmt(median)} → {_fmt(value)} (×{value / median:.3g})"
+    return f"{what} {_fmt(value)}"
+
+
+class LayerWatch:
+    """Fed one block of steps at a time (:meth:`update`); keeps O(window × V + HEAT_COLUMNS × V)."""
+
+    def __init__(self, variables: list[str], layers: list[str], rule: SpikeRule | None = None,
+                 shapes: list[tuple] | None = None):
+        self.variables, self.layers = list(variables), list(layers)
+        self.shapes = [tuple(s) for s in shapes] if shapes is not None else [()] * len(self.variables)
+        self.rule = rule or SpikeRule()
+        n = len(self.variables)
+        self._norms: deque[np.ndarray] = deque(maxlen=self.rule.window)  # previous steps' per-variable grad norms
+        self._losses: deque[float] = deque(maxlen=self.rule.window)
+        self._grads: deque[float] = deque(maxlen=self.rule.window)
+        self.spikes: list[Spike] = []
+        self.steps = 0
+        self._log_ratio = np.zeros(n)  # Σ log10(‖Δw‖/‖w‖) over steps that updated the variable
+        self._ratio_steps = np.zeros(n, dtype=np.int64)
+        self._share = np.zeros(n)  # Σ share of the global norm² over finite steps
+        self._share_steps = 0
+        self._grad_sq = np.zeros(n)  # Σ grad norm² (for each variable's RMS norm)
+        # Heat map: columns of `width` steps each hold every variable's largest grad norm.
+        self.heat_width = 1
+        self._heat: list[np.ndarray] = []
+        self._heat_steps: list[int] = []  # first step of each column
+        self._open: np.ndarray | None = None
+        self._open_count = 0
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def update(self, rows: list[dict], norms: np.ndarray) -> None:
+        """``rows``: the block's rows (step, loss, grad_norm, loss_spike, nonfinite);
+        ``norms``: (n, 4, V) as training.PER_VARIABLE (grad, clipped, weight, update)."""
+        norms = np.asarray(norms, dtype=np.float64)
+        for row, per in zip(rows, norms):
+            self._one(row, per[0], per[2], per[3])
+
+    def _one(self, row: dict, grad: np.ndarray, weight: np.ndarray, update: np.ndarray) -> None:
+        self.steps += 1
+        loss, norm = float(row["loss"]), float(row["grad_norm"])
+        grad_spike = self._is_spike(norm, self._grads)
+        kinds = (["loss"] if row["loss_spike"] else []) + (["grad"] if grad_spike else [])
+        if kinds:
+            self.spikes.append(Spike(
+                int(row["step"]), kinds, loss, _median(self._losses), norm, _median(self._grads), self._top(grad)))
+        if math.isfinite(loss):
+            self._losses.append(loss)
+        if math.isfinite(norm):
+            self._grads.append(norm)
+        if np.all(np.isfinite(grad)):
+            self._norms.append(grad)
+            total = float(np.sum(grad**2))
+            if total > 0:
+                self._share += grad**2 / total
+                self._share_steps += 1
+            self._grad_sq += grad**2
+        if not row.get("nonfinite", False):
+            moved = (update > 0) & (weight > 0) & np.isfinite(update) & np.isfinite(weight)
+            self._log_ratio[moved] += np.log10(update[moved] / weight[moved])
+            self._ratio_steps[moved] += 1
+        self._heat_add(int(row["step"]), grad)
+
+    def _is_spike(self, value: float, history: deque) -> bool:
+        if not math.isfinite(value):
+            return True
+        if len(history) < min(self.rule.min_history, self.rule.window):
+            return False
+        median = float(np.median(history))
+        return value - median > (self.rule.factor - 1.0) * abs(median)
+
+    def _top(self, grad: np.ndarray) -> list[tuple[str, float, float]]:
+        """The variables with the largest share of this step's norm² (non-finite ones first)."""
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            squared = grad**2
+            total = float(np.sum(squared[np.isfinite(squared)]))
+            share = np.where(np.isfinite(squared), squared / total if total > 0 else 0.0, np.inf)
+            medians = np.median(np.stack(self._norms), axis=0) if self._norms else np.full_like(grad, np.nan)
+            ratio = np.where(medians > 0, grad / medians, np.nan)
+        order = np.argsort(-share, kind="stable")[:TOP]
+        return [(self.variables[k], float(share[k]), float(ratio[k])) for k in order]
+
+    def _heat_add(self, step: int, grad: np.ndarray) -> None:
+        if self._open is None:
+            self._open = np.full(len(self.variables), np.nan)
+            self._heat_steps.append(step)
+        self._open = np.fmax(self._open, np.where(np.isfinite(grad), grad, np.inf))
+        self._open_count += 1
+        if self._open_count == self.heat_width:
+            self._heat.append(self._open)
+            self._open, self._open_count = None, 0
+            if len(self._heat) == 2 * HEAT_COLUMNS:  # halve the resolution: merge neighbouring columns
+                self._heat = [np.fmax(a, b) for a, b in zip(self._heat[::2], self._heat[1::2])]
+                self._heat_steps = self._heat_steps[::2]
+                self.heat_width *= 2
+
+    # -- results --------------------------------------------------------------------------------
+
+    def heat(self) -> tuple[np.ndarray, list[int]]:
+        """(V, columns) of each variable's largest grad norm per column of steps (inf: non-finite),
+        and the first step of each column."""
+        columns = self._heat + ([self._open] if self._open is not None else [])
+        if not columns:
+            return np.zeros((len(self.variables), 0)), []
+        return np.stack(columns, axis=1), list(self._heat_steps)
+
+    def update_ratios(self) -> np.ndarray:
+        """Geometric mean of ‖Δw‖/‖w‖ per variable over the steps that updated it (NaN: never)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self._ratio_steps > 0, 10 ** (self._log_ratio / np.maximum(self._ratio_steps, 1)), np.nan)
+
+    def mean_shares(self) -> np.ndarray:
+        """Each variable's mean share of the global norm² over the finite steps."""
+        return self._share / self._share_steps if self._share_steps else np.full(len(self.variables), np.nan)
+
+    def flagged(self) -> list[tuple[str, float, float]]:
+        """Variables whose update/weight ratio is more than RATIO_FLAG × the median of their kind
+        (matrices, vectors): (name, ratio, that median)."""
+        ratios = self.update_ratios()
+        matrix = np.array([len(s) >= 2 for s in self.shapes])
+        out = []
+        for kind in (matrix, ~matrix):
+            values = ratios[kind & np.isfinite(ratios)]
+            if values.size < 2:
+                continue
+            median = float(np.median(values))
+            out += [(self.variables[k], float(ratios[k]), median) for k in np.flatnonzero(kind)
+                    if math.isfinite(ratios[k]) and median > 0 and ratios[k] > RATIO_FLAG * median]
+        return out
+
+    def by_layer(self) -> list[dict]:
+        """One dict per layer: its variables, mean share of norm², update ratio (that of its
+        largest variable, e.g. the kernel), the heat map row (layer norm = √Σ its variables'
+        norm²), ordered by share."""
+        heat, _ = self.heat()
+        shares, ratios = self.mean_shares(), self.update_ratios()
+        out = {}
+        for k, layer in enumerate(self.layers):
+            entry = out.setdefault(layer, {"layer": layer, "variables": [], "share": 0.0, "ratio": float("nan"),
+                                           "heat": np.zeros(heat.shape[1]), "size": -1})
+            entry["variables"].append(self.variables[k])
+            entry["share"] += float(shares[k]) if math.isfinite(shares[k]) else 0.0
+            size = int(np.prod(self.shapes[k])) if self.shapes[k] else 1
+            if size > entry["size"]:
+                entry["size"], entry["ratio"] = size, float(ratios[k])
+            entry["heat"] = entry["heat"] + heat[k] ** 2
+        for entry in out.values():
+            entry["heat"] = np.sqrt(entry["heat"])
+        return sorted(out.values(), key=lambda e: -e["share"])
+
+
+def _median(values) -> float:
+    return float(np.median(values)) if len(values) else float("nan")
+
+
+def read_layers(path, variants: dict, rule: SpikeRule | None = None) -> dict:
+    """Rebuild each variant's LayerWatch from a --layers-csv file and the variants' rows
+    (``{(clip, param): rows}`` as ``records.split_variants`` gives). Streams the file: memory
+    stays that of the LayerWatches, whatever the file's size."""
+    import csv
+    from pathlib import Path
+
+    from ..errors import GradwatchError
+    from ..records import _parse
+
+    path = Path(path)
+    if not path.is_file():
+        raise GradwatchError(f"no such file: {path}; give the CSV written by --layers-csv")
+    watches: dict = {}
+    keys = list(variants)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None) or []
+            missing = [c for c in LAYER_COLUMNS if c not in header and c != "shape"]
+            if missing:
+                raise GradwatchError(f"{path} is not a --layers-csv file: missing columns {', '.join(missing)}")
+            at = {c: header.index(c) for c in LAYER_COLUMNS if c in header}
+            current, block = None, []  # rows of one (variant, step)
+
+            def flush():
+                if not block:
+                    return
+                (clip, param), step = current
+                key = (clip, param) if (clip, param) in variants else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise GradwatchError(f"{path} holds variant {clip} {param}, which the run's CSV does not; "
+                                         "give the --layers-csv written by the same command")
+                rows = variants[key]
+                if key not in watches:
+                    shapes = [tuple(int(d) for d in r[3].split("x")) if r[3] else () for r in block]
+                    watches[key] = (LayerWatch([r[0] for r in block], [r[1] for r in block], rule, shapes), {
+                        int(row["step"]): row for row in rows})
+                watch, by_step = watches[key]
+                if step in by_step:
+                    norms = np.array([[r[2][k] for r in block] for k in range(4)])
+                    watch.update([by_step[step]], norms[None])
+
+            for line_no, record in enumerate(reader, start=2):
+                if not record:
+                    continue
+                try:
+                    key = ((_parse("clip", record[at["clip"]]), _parse("param", record[at["param"]])), int(record[at["step"]]))
+                    values = [float(record[at[c]]) for c in ("grad_norm", "clipped_norm", "weight_norm", "update_norm")]
+                    entry = (record[at["variable"]], record[at["layer"]], values, record[at["shape"]] if "shape" in at else "")
+                except (ValueError, IndexError) as exc:
+                    raise GradwatchError(f"{path} line {line_no} is malformed ({exc})") from None
+                if key != current:
+                    flush()
+                    current, block = key, []
+                block.append(entry)
+            flush()
+    except UnicodeDecodeError:
+        raise GradwatchError(f"{path} is not a text CSV; give the CSV written by --layers-csv") from None
+    return {key: watch for key, (watch, _) in watches.items()}

@@ -1,0 +1,98 @@
+"""The per-variable diagnosis as the terminal shows it: spikes and what drove them, a per-layer
+table with sparklines, layers whose updates are too large. No TensorFlow here."""
+
+from __future__ import annotations
+
+import math
+
+from rich.markup import escape
+from rich.table import Table
+
+from .diagnose.attribution import RATIO_FLAG
+from .report import fmt, sparkline
+
+SPIKES_SHOWN = 10  # spikes listed per run; the rest are counted
+LAYERS_SHOWN = 12  # layers listed, by share of the norm²
+
+
+def _driver(name: str, share: float, ratio: float) -> str:
+    share_text = "non-finite" if math.isinf(share) else f"{100 * share:.0f}%"
+    ratio_text = f" (×{ratio:.3g})" if math.isfinite(ratio) else ""
+    return f"{name} {share_text}{ratio_text}"
+
+
+def spikes_table(watch, title: str = "Spikes and what drove them", limit: int = SPIKES_SHOWN) -> Table | None:
+    """Step, kind, the jump, and the variables with the largest share of that step's norm²."""
+    if not watch.spikes:
+        return None
+    shown = watch.spikes[:limit]
+    more = len(watch.spikes) - len(shown)
+    caption = (f"the first {len(shown)} of {len(watch.spikes)} spikes; every step is in --layers-csv"
+               if more else None)
+    table = Table(title=escape(title), caption=caption, header_style="bold", title_justify="left")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("jump", overflow="fold")
+    table.add_column("drove it: share of the norm² (× its own median norm)", overflow="fold")
+    for spike in shown:
+        table.add_row(str(spike.step), "+".join(spike.kinds), escape(spike.jump),
+                      escape(", ".join(_driver(*t) for t in spike.top)))
+    return table
+
+
+def layers_table(watch, title: str = "Gradient norm per layer") -> Table:
+    """Layers by mean share of the global norm², their update/weight ratio and a sparkline of
+    the layer's gradient norm (each character the largest norm of its stretch of steps, log scale)."""
+    layers = watch.by_layer()
+    shown = layers[:LAYERS_SHOWN]
+    caption = f"{len(shown)} of {len(layers)} layers, by share" if len(layers) > len(shown) else None
+    table = Table(title=escape(title), caption=caption, header_style="bold", title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("share of norm²", justify="right", no_wrap=True)
+    table.add_column("max norm", justify="right", no_wrap=True)
+    table.add_column("update/weight", justify="right", no_wrap=True)
+    table.add_column("grad norm per step (log)", no_wrap=True)
+    for entry in shown:
+        heat = entry["heat"]
+        finite = heat[[math.isfinite(v) for v in heat]] if len(heat) else heat
+        top = fmt(float(finite.max())) if len(finite) else "-"
+        if len(finite) < len(heat):
+            top += " (non-finite)"
+        table.add_row(escape(entry["layer"]), f"{100 * entry['share']:.1f} %", top, fmt(entry["ratio"], 3),
+                      sparkline([math.log10(v + 1e-30) if math.isfinite(v) else v for v in heat], 24))
+    return table
+
+
+def ratio_lines(watch) -> list[str]:
+    """One sentence per variable whose updates are far larger, for its size, than the others'."""
+    return [
+        f"Update/weight: {name} changes by {ratio:.3g} of its norm per step, more than {RATIO_FLAG:g}× the median "
+        f"{median:.3g} of its kind; its learning rate may be too high."
+        for name, ratio, median in watch.flagged()
+    ]
+
+
+def print_section(console, variants) -> None:
+    """Under the summary of a run or comparison (report.Variant with ``layers``): each run's
+    spikes and what drove them, flagged update ratios, then the per-layer table of the
+    unclipped baseline (else the first variant)."""
+    with_layers = [v for v in variants if v.layers is not None]
+    if not with_layers:
+        return
+    single = len(variants) == 1
+    for v in with_layers:
+        print_diagnosis(console, v.layers, "" if single else v.label, SPIKES_SHOWN if single else SPIKES_SHOWN // 2)
+    base = next((v for v in with_layers if v.is_baseline), with_layers[0])
+    console.print(layers_table(base.layers, "Gradient norm per layer" + ("" if single else f": {base.label}")))
+
+
+def print_diagnosis(console, watch, name: str = "", limit: int = SPIKES_SHOWN) -> None:
+    """The spikes and the update ratios of one run (``name``: the variant, in a comparison)."""
+    suffix = f": {name}" if name else ""
+    table = spikes_table(watch, f"Spikes and what drove them{suffix}", limit)
+    if table is not None:
+        console.print(table)
+    else:
+        console.print(escape(f"Spikes and what drove them{suffix}: no loss or gradient spike."))
+    for line in ratio_lines(watch):
+        console.print(escape(line))
