@@ -76,6 +76,8 @@ CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step'
 FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv/json: the rows, on stdout.")]
 LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False)]
 PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False)]
+TensorBoardOpt = Annotated[Optional[Path], typer.Option("--tensorboard", help="Write TensorBoard event files to this folder: scalars every step, per-variable norms, gradient histograms (one sub-folder per run).", show_default=False)]
+HistogramEveryOpt = Annotated[int, typer.Option("--histogram-every", help="With --tensorboard: a histogram of every variable's gradient every N steps and at the last (0: none).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
 
 
@@ -183,6 +185,7 @@ def run(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
     quiet: QuietOpt = False,
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
@@ -201,11 +204,12 @@ def run(
     clipping = Clipping(clip, given.get(option))
     spec = _resolved(locals())
     _check_plot(plot)
-    _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv})
-    info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv)}
+    _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard})
+    info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     layers_sink = _layers_sink(layers_csv, [sink])
     info["layers_sink"] = layers_sink
+    info["tensorboard"] = board = _tensorboard(tensorboard, histogram_every, info)
     title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
 
     def render(results, stopped=None):
@@ -229,7 +233,7 @@ def run(
         else:
             _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
 
-    results = _train_then_keep([sink, layers_sink], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
+    results = _train_then_keep([sink, layers_sink, board], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
                                show=render, quiet=quiet)
     render(results)
     if plot is not None:
@@ -244,6 +248,37 @@ def _per_variable(asked: bool | None, format: Format, *outputs) -> bool:
     if asked is False and any(outputs):
         raise OptionError("--layers-csv and --tensorboard write per-variable norms; drop --no-per-variable")
     return bool(asked) if asked is not None else (format is Format.table or any(o is not None for o in outputs))
+
+
+def _tensorboard(path, every: int, info: dict):
+    if every < 0:
+        raise OptionError(f"`--histogram-every` must be >= 0. Received: histogram_every={every}")
+    info["histogram_every"] = every or None
+    if path is None:
+        return None
+    from .tensorboard_sink import TensorBoardOutput
+
+    return TensorBoardOutput(path)
+
+
+def _per_variable_writers(trainer, info: dict):
+    """The trainer callbacks that write --layers-csv and --tensorboard (None when neither is asked)."""
+    layers, board = info["layers_sink"], info.get("tensorboard")
+    if board is not None:
+        trainer.capture_every = info["histogram_every"]
+    if not (layers or board):
+        return None, None
+
+    def write(clipping, rows, norms):
+        if layers:
+            layers.write(_layer_rows(trainer, clipping, rows, norms))
+        if board:
+            board.sink(clipping, trainer.variable_names[0]).write(rows, norms)
+
+    def capture(clipping, step, grads):
+        board.sink(clipping, trainer.variable_names[0]).histograms(step, grads)
+
+    return write, (capture if board is not None and trainer.capture_every else None)
 
 
 def _layers_sink(path, opened):
@@ -316,9 +351,10 @@ def _train_one(spec, clipping, sink, quiet, progress, info: dict):
                 f"{info['setup']}")
     progress.label = f"clip {clipping.label}"
     write = (lambda rows: sink.write(_tagged(clipping, rows, info))) if sink else None
-    layers = info["layers_sink"]
-    write_layers = (lambda rows, norms: layers.write(_layer_rows(trainer, clipping, rows, norms))) if layers else None
-    return trainer.run(clipping, on_rows=write, on_progress=progress.update, on_variables=write_layers)
+    write_layers, capture = _per_variable_writers(trainer, info)
+    return trainer.run(clipping, on_rows=write, on_progress=progress.update,
+                       on_variables=write_layers and (lambda rows, norms: write_layers(clipping, rows, norms)),
+                       on_capture=capture and (lambda step, grads: capture(clipping, step, grads)))
 
 
 def _setup(spec, trainer, info: dict) -> None:
@@ -415,6 +451,7 @@ def compare(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
     quiet: QuietOpt = False,
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
@@ -431,8 +468,9 @@ def compare(
         variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
     spec = _resolved(locals())
     _check_plot(plot)
-    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot, "--layers-csv": layers_csv})
-    info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv)}
+    _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot, "--layers-csv": layers_csv,
+                        "--tensorboard": tensorboard})
+    info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     try:
         summary_sink = CsvSink(summary_csv, COMPARE_COLUMNS, "--summary-csv") if summary_csv else None
@@ -441,6 +479,7 @@ def compare(
             sink.discard()  # nothing recorded yet: leave no empty .partial behind
         raise
     layers_sink = info["layers_sink"] = _layers_sink(layers_csv, [sink, summary_sink])
+    info["tensorboard"] = board = _tensorboard(tensorboard, histogram_every, info)
     title = f"gradwatch compare: {_describe(spec)}"
 
     def shown(results):
@@ -476,7 +515,7 @@ def compare(
             summary_sink.write(summary_rows(shown(results)))
 
     train = lambda progress: _train_many(spec, variants, sink, quiet, progress, info)  # noqa: E731
-    results = _train_then_keep([sink, summary_sink, layers_sink], train, show=render, quiet=quiet, before_commit=record)
+    results = _train_then_keep([sink, summary_sink, layers_sink, board], train, show=render, quiet=quiet, before_commit=record)
     render(results)
     if plot is not None:
         from .report import plot as draw
@@ -514,9 +553,9 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
         _stderr().print(escape(f"gradwatch: variant {clipping.label} stopped at step {step}: loss or gradient not finite "
                                "(--on-nonfinite stop); the other variants go on"))
 
-    layers = info["layers_sink"]
-    write_layers = (lambda c, rows, norms: layers.write(_layer_rows(trainer, c, rows, norms))) if layers else None
-    return compare_runs(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped, on_variables=write_layers)
+    write_layers, capture = _per_variable_writers(trainer, info)
+    return compare_runs(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped,
+                        on_variables=write_layers, on_capture=capture)
 
 
 @app.command()

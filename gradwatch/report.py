@@ -356,6 +356,43 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 LOSS_AXIS_SPAN = 1e4  # the loss axis reaches at most this far above the highest variant's median loss
 
 
+HEAT_LAYERS = 30  # the heat map shows at most this many layers, those with the largest share of the norm²
+
+
+def _heat_map(fig, ax, variant: Variant) -> None:
+    """Layers (largest share of the norm² first) x steps, log colour of the layer's gradient norm
+    (largest per column of steps), spikes marked above, each layer's update/weight ratio in its label."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    watch = variant.layers
+    layers = watch.by_layer()[:HEAT_LAYERS]
+    heat = np.array([entry["heat"] for entry in layers], dtype=np.float64)
+    _, starts = watch.heat()
+    if heat.size == 0:
+        return
+    edges = np.array(list(starts) + [starts[-1] + watch.heat_width], dtype=np.float64) - 0.5
+    finite = heat[np.isfinite(heat) & (heat > 0)]
+    shown = np.where(np.isfinite(heat) & (heat > 0), heat, np.nan)
+    norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size and finite.max() > finite.min() else None
+    mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), shown, norm=norm, cmap="viridis", shading="flat")
+    broken = np.argwhere(~np.isfinite(heat))
+    if broken.size:  # non-finite norms: red cells
+        ax.pcolormesh(edges, np.arange(len(layers) + 1), np.where(np.isfinite(heat), np.nan, 1.0), cmap="Reds",
+                      vmin=0, vmax=1, shading="flat")
+    ax.set_yticks(np.arange(len(layers)) + 0.5)
+    ax.set_yticklabels([f"{e['layer']}  Δw/w {e['ratio']:.2g}" if math.isfinite(e["ratio"]) else e["layer"]
+                        for e in layers], fontsize="small")
+    ax.invert_yaxis()
+    if watch.spikes:
+        ax.scatter([s.step for s in watch.spikes], [1.02] * len(watch.spikes), marker="v", color="red", s=18,
+                   clip_on=False, transform=ax.get_xaxis_transform(), zorder=3)
+    more = len(watch.by_layer()) - len(layers)
+    ax.set_title(f"gradient norm per layer, {variant.label} (log colour; ▼: spike; red: non-finite)"
+                 + (f"; the {len(layers)} layers with the largest share, {more} more not shown" if more else ""))
+    fig.colorbar(mesh, cax=ax.inset_axes([1.01, 0.0, 0.015, 1.0]), label="grad norm")  # keeps the x axis aligned
+
+
 def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "png") -> None:
     """Loss per step (spikes marked, non-finite steps marked on the top edge), grad norm before
     clipping on a log scale with each global-norm threshold as a line, and the fraction of steps
@@ -366,7 +403,15 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
+    watched = next((v for v in variants if v.layers is not None and v.is_baseline), None) or next(
+        (v for v in variants if v.layers is not None), None)
+    if watched is None:
+        fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
+    else:
+        shown = min(HEAT_LAYERS, len(watched.layers.by_layer()))
+        heat_height = 1.2 + 0.28 * shown
+        fig, axes = plt.subplots(4, 1, figsize=(10, 9 + heat_height), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 2, 1, heat_height]})
     if title:
         fig.suptitle(title, fontsize="medium")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -412,7 +457,9 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     axes[2].set_ylabel("clipped")
     axes[2].set_ylim(-0.05, 1.05)
     axes[2].set_title("fraction of steps clipped (last 20 steps)")
-    axes[2].set_xlabel("step")
+    axes[-1].set_xlabel("step")
+    if watched is not None:
+        _heat_map(fig, axes[3], watched)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format=fmt_name)
     plt.close(fig)

@@ -151,6 +151,10 @@ class Trainer:
         self._blocks: dict[tuple, object] = {}
         # Record each variable's norms too (PER_VARIABLE): set before run(); one trace each way.
         self.per_variable = False
+        # Keep each variable's raw gradient of every block's last step (for histograms): set
+        # before run(); blocks then end at multiples of it (and at the last step).
+        self.capture_every: int | None = None
+        self._captured: list | None = None
         self._pipeline = None  # the tf.data pipeline, built on first use
 
     # -- set-up -------------------------------------------------------------------------------
@@ -163,11 +167,17 @@ class Trainer:
         """The traced block of ``strategy``: a ``tf.while_loop`` of up to ``n`` steps."""
         import tensorflow as tf
 
-        key = (strategy.name, self.per_variable)
+        capture = self.capture_every is not None
+        key = (strategy.name, self.per_variable, capture)
         if key in self._blocks:
             return self._blocks[key]
-        step = self._step_fn(strategy, self.per_variable)
+        step = self._step_fn(strategy, self.per_variable, capture)
         per_variable = self.per_variable
+        if capture and self._captured is None:
+            if self.used is None:
+                self._find_used()
+            self._captured = [tf.Variable(tf.zeros(v.shape, tf.as_dtype(v.dtype)), trainable=False) for v in self.used]
+        captured = self._captured
         if self.options.xla:
             # tf.data's iterator cannot be XLA-compiled, the step inside the loop can.
             step = tf.function(step, jit_compile=True, autograph=False)
@@ -187,6 +197,15 @@ class Trainer:
                 if not scheduled:
                     learning_rate.assign(lr)
                 values, state = step(x, y, param, state)
+                if capture:
+                    grads = values.pop("grads")
+
+                    def keep():
+                        for buffer, grad in zip(captured, grads):
+                            buffer.assign(tf.cast(tf.convert_to_tensor(grad), buffer.dtype))
+                        return tf.constant(True)
+
+                    tf.cond(tf.equal(i, n - 1), keep, lambda: tf.constant(False))
                 arrays = tuple(a.write(i, values[name]) for a, name in zip(arrays, names))
                 return i + 1, state, stop_on_nonfinite & values["nonfinite"], arrays
 
@@ -254,13 +273,14 @@ class Trainer:
             "pass --loss NAME, e.g. mse or sparse_categorical_crossentropy"
         )
 
-    def _step_fn(self, strategy, per_variable: bool = False):
+    def _step_fn(self, strategy, per_variable: bool = False, capture: bool = False):
         """One step as a Python function of tensors: tape -> grads -> clip -> apply -> values.
 
         With ``per_variable``, ``values["per_variable"]`` is a (4, V) float32 matrix (rows as
         PER_VARIABLE): each variable's gradient norm before and after clipping (from the same
         reduction as the global norms), its weight norm before the update, and the norm of
         the change the optimizer made, ‖w_after − w_before‖ (0 on a skipped step).
+        With ``capture``, ``values["grads"]`` holds the raw gradients (for histograms).
         """
         import tensorflow as tf
 
@@ -324,6 +344,8 @@ class Trainer:
                 update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(used, before)])
                 values["per_variable"] = tf.stack([tf.cast(grad_norms, tf.float32), tf.cast(clipped_norms, tf.float32),
                                                    weight, update])
+            if capture:
+                values["grads"] = list(grads)
             return values, new_state
 
         return step
@@ -431,12 +453,14 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def run(self, clipping: Clipping, on_rows=None, on_progress=None, on_variables=None) -> RunResult:
+    def run(self, clipping: Clipping, on_rows=None, on_progress=None, on_variables=None, on_capture=None) -> RunResult:
         """Train ``total_steps`` steps with ``clipping`` from the initial weights.
 
         ``on_rows(rows)`` receives rows as they are fetched; ``on_progress(done, total)`` after.
         With ``per_variable`` on, ``on_variables(rows, norms)`` receives each block's (n, 4, V)
         per-variable norms (PER_VARIABLE; variables as ``variable_names``) beside its rows.
+        With ``capture_every`` set, ``on_capture(step, grads)`` receives the raw gradients (NumPy)
+        at every multiple of it and at the last step.
         Raises :class:`Interrupted` on Ctrl-C with the rows so far, and
         :class:`~gradwatch.errors.NonFiniteStop` (with ``.result``) for ``--on-nonfinite stop``.
         """
@@ -461,6 +485,8 @@ class Trainer:
             with deferred_interrupt() as interrupted:
                 while len(result.rows) < self.total_steps and not interrupted():
                     size = min(size, self.total_steps - len(result.rows))
+                    if self.capture_every:  # end the block where a histogram is due
+                        size = min(size, self.capture_every - len(result.rows) % self.capture_every)
                     start = time.perf_counter()
                     done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite)
                     done = int(done)
@@ -470,6 +496,9 @@ class Trainer:
                     result.rows.extend(rows)
                     if on_rows:
                         on_rows(rows)
+                    last = len(result.rows)
+                    if on_capture and done == size and (last == self.total_steps or last % self.capture_every == 0):
+                        on_capture(last, [b.numpy() for b in self._captured])
                     if self.per_variable:
                         per = arrays[len(RECORDED)].numpy()[:done]
                         result.layers.update(rows, per)
@@ -569,7 +598,7 @@ def _loss_errors():
 
 
 def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progress=None, on_stop=None,
-            on_variables=None) -> list[RunResult]:
+            on_variables=None, on_capture=None) -> list[RunResult]:
     """Run every variant from the same initial state on the same batches, one after another.
 
     With ``--on-nonfinite stop`` a variant that meets a non-finite step stops there (its result
@@ -580,8 +609,9 @@ def compare(trainer: Trainer, variants: list[Clipping], on_rows=None, on_progres
         forward = (lambda rows, c=clipping: on_rows(c, rows)) if on_rows else None
         progress = (lambda done, total, c=clipping: on_progress(c, done, total)) if on_progress else None
         per_variable = (lambda rows, norms, c=clipping: on_variables(c, rows, norms)) if on_variables else None
+        capture = (lambda step, grads, c=clipping: on_capture(c, step, grads)) if on_capture else None
         try:
-            results.append(trainer.run(clipping, forward, progress, per_variable))
+            results.append(trainer.run(clipping, forward, progress, per_variable, capture))
         except NonFiniteStop as stop:
             results.append(stop.result)
             if on_stop:

@@ -144,3 +144,61 @@ def test_a_layer_updating_much_faster_than_the_others_is_flagged():
     assert [name for name, _, _ in watch.flagged()] == ["c/kernel"]  # the bias is compared with vectors only
     assert watch.update_ratios()[2] == pytest.approx(0.5)
     assert not math.isnan(watch.mean_shares()[0])
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_events_read_back_equal_the_csvs(cli, mlp, tmp_path):
+    import tensorflow as tf
+
+    path, data, x, y = mlp
+    board, steps_csv, layers_csv = tmp_path / "tb", tmp_path / "long.csv", tmp_path / "layers.csv"
+    code, _, err = cli("compare", path, "--data", data, "--no-shuffle", "--steps", 25, "-q", "--variants", "none,global:1",
+                       "--csv", steps_csv, "--layers-csv", layers_csv, "--tensorboard", board, "--histogram-every", 10)
+    assert code == 0, err
+    assert sorted(p.name for p in board.iterdir()) == ["global_1", "none"]
+    steps, layers = read_csv(steps_csv), read_csv(layers_csv)
+    for folder, clip in (("none", "none"), ("global_1", "global")):
+        events = _events(board / folder)
+        rows = steps[steps["clip"] == clip]
+        for tag in ("loss", "grad_norm", "clipped_norm", "clip_ratio", "lr", "threshold"):
+            got = events.Tensors(tag)
+            assert [e.step for e in got] == rows["step"].tolist(), tag
+            np.testing.assert_allclose([float(tf.make_ndarray(e.tensor_proto)) for e in got], rows[tag], rtol=1e-6,
+                                       equal_nan=True, err_msg=tag)
+        kernel = layers[(layers["clip"] == clip) & (layers["variable"] == "dense_1/kernel")]
+        got = events.Tensors("variables/update_norm/dense_1/kernel")
+        np.testing.assert_allclose([float(tf.make_ndarray(e.tensor_proto)) for e in got], kernel["update_norm"], rtol=1e-6)
+        histograms = events.Tensors("gradients/dense_1/kernel")
+        assert [e.step for e in histograms] == [10, 20, 25]
+        for event in histograms:
+            buckets = tf.make_ndarray(event.tensor_proto)
+            assert buckets[:, 2].sum() == 8 * 16  # every entry of the kernel's gradient counted once
+
+
+def test_a_histogram_is_the_gradient_of_its_step(cli, mlp, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    path, data, x, y = mlp
+    board, plain, aligned = tmp_path / "tb", tmp_path / "plain.csv", tmp_path / "aligned.csv"
+    base = ["run", path, "--data", data, "--no-shuffle", "--steps", 7, "-q"]
+    assert cli(*base, "--csv", plain)[0] == 0
+    code, _, err = cli(*base, "--csv", aligned, "--tensorboard", board, "--histogram-every", 3)
+    assert code == 0, err
+    # blocks end where a histogram is due: the rows do not change
+    assert read_csv(plain).drop(columns="time_ms").equals(read_csv(aligned).drop(columns="time_ms"))
+    model = keras.saving.load_model(str(path), safe_mode=True)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x[:32], training=True) - y[:32]))
+    grad = tape.gradient(loss, model.trainable_variables[0]).numpy()
+    assert cli(*base[:-3], "--steps", 1, "-q", "--tensorboard", tmp_path / "one", "--histogram-every", 1)[0] == 0
+    buckets = tf.make_ndarray(_events(tmp_path / "one" / "none").Tensors("gradients/dense_1/kernel")[0].tensor_proto)
+    assert buckets[0, 0] == pytest.approx(grad.min(), rel=1e-6) and buckets[-1, 1] == pytest.approx(grad.max(), rel=1e-6)
+    assert [e.step for e in _events(board / "none").Tensors("gradients/dense_1/kernel")] == [3, 6, 7]

@@ -1,0 +1,74 @@
+"""Per-step cost of per-variable records (issue 12) on the built-in PTB sample.
+
+    python benchmarks/per_variable.py                     # ~6 min on 2 CPU cores
+    python benchmarks/per_variable.py --rounds 3 --steps 150 --sample ptb-small
+
+One process trains the sample with global clipping at 5, ``--rounds`` times each way,
+interleaved: plain (--no-per-variable), per-variable norms (the default for the table: grad,
+clipped, weight and update norm of every variable, fetched with each block and fed to the
+spike attribution), and per-variable norms written to --tensorboard with histograms every 100
+steps. A way's per-step time is the median ``time_ms`` of its steps after the first 20
+(tracing excluded), then the median over its rounds. Target: per-variable records cost at most
+5 % per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TARGET = 1.05
+WARMUP = 20
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample", default="ptb-small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    args = parser.parse_args(argv)
+
+    from bench import machine
+    from gradwatch.clip import Clipping
+    from gradwatch.session import RunSpec, prepare, resolve
+    from gradwatch.tensorboard_sink import TensorBoardSink
+
+    trainer = prepare(resolve(RunSpec(sample=args.sample, steps=args.steps)))
+    clipping = Clipping("global", 5.0)
+    logdir = Path(tempfile.mkdtemp(prefix="gradwatch-bench-tb-"))
+    times: dict[str, list[float]] = {"plain": [], "per-variable": [], "per-variable + tensorboard": []}
+    for r in range(args.rounds):
+        for way in times:
+            trainer.per_variable = way != "plain"
+            trainer.capture_every = 100 if "tensorboard" in way else None
+            hooks = {}
+            if "tensorboard" in way:
+                sink = TensorBoardSink(logdir / f"round{r}", "global", 5.0, trainer.variable_names[0] if trainer.used else [])
+                hooks = {"on_variables": lambda rows, norms: sink.write(rows, norms),
+                         "on_capture": lambda step, grads: sink.histograms(step, grads)}
+            result = trainer.run(clipping, **hooks)
+            if "tensorboard" in way:
+                sink.close()
+            ms = statistics.median(row["time_ms"] for row in result.rows[WARMUP:])
+            times[way].append(ms)
+            print(f"round {r + 1}: {way}: {ms:.2f} ms/step", file=sys.stderr, flush=True)
+    base = statistics.median(times["plain"])
+    print(f"**Machine:** {machine()}\n")
+    print(f"{args.sample}, {args.steps} steps, global 5, {args.rounds} interleaved rounds; median `time_ms` after {WARMUP} steps\n")
+    print("| way | per step (ms), rounds | / plain | target | |\n|---|---:|---:|---:|---|")
+    for way, values in times.items():
+        ms = statistics.median(values)
+        ratio = ms / base
+        target = "≤ 1.05" if way == "per-variable" else ""
+        met = ("met" if ratio <= TARGET else "not met") if target else ""
+        print(f"| {way} | {ms:.2f} ({', '.join(f'{v:.1f}' for v in values)}) | {ratio:.3f} | {target} | {met} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
