@@ -221,7 +221,7 @@ def compare_table(variants: list[Variant], title: str = "gradwatch compare", spa
 
 def stacked_compare_table(variants: list[Variant], title: str) -> Table:
     """The same numbers with variants as columns: for terminals too narrow for one row each."""
-    table = Table(title=escape(title), header_style="bold")
+    table = Table(title=escape(title) if title else None, header_style="bold")
     table.add_column("", no_wrap=True)
     cells = [compare_cells(v) for v in variants]
     for v, column in zip(variants, cells):
@@ -252,7 +252,8 @@ def print_compare(console, variants: list[Variant], title: str) -> None:
     groups.append(group)
     for k, group in enumerate(groups):
         part = f" ({k + 1}/{len(groups)})" if len(groups) > 1 else ""
-        console.print(stacked_compare_table(group, title + part))
+        console.print(escape(title + part), style="italic")  # a line of its own: the narrow table would wrap it
+        console.print(stacked_compare_table(group, ""))
 
 
 def instability(summary: dict) -> int:
@@ -389,7 +390,7 @@ def _heat_map(fig, ax, variant: Variant) -> None:
                    clip_on=False, transform=ax.get_xaxis_transform(), zorder=3)
     more = len(watch.by_layer()) - len(layers)
     ax.set_title(f"gradient norm per layer, {variant.label} (log colour; ▼: spike; red: non-finite)"
-                 + (f"; the {len(layers)} layers with the largest share, {more} more not shown" if more else ""))
+                 + (f"; the {len(layers)} layers with the largest share, {more} more not shown" if more else ""), pad=14)
     fig.colorbar(mesh, cax=ax.inset_axes([1.01, 0.0, 0.015, 1.0]), label="grad norm")  # keeps the x axis aligned
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from .diagnose.attribution import RATIO_FLAG
@@ -40,26 +41,28 @@ def spikes_table(watch, title: str = "Spikes and what drove them", limit: int = 
     return table
 
 
-def layers_table(watch, title: str = "Gradient norm per layer") -> Table:
+def layers_table(watch, title: str = "Gradient norm per layer", spark: int = 24) -> Table:
     """Layers by mean share of the global norm², their update/weight ratio and a sparkline of
     the layer's gradient norm (each character the largest norm of its stretch of steps, log scale)."""
     layers = watch.by_layer()
     shown = layers[:LAYERS_SHOWN]
     caption = f"{len(shown)} of {len(layers)} layers, by share" if len(layers) > len(shown) else None
     table = Table(title=escape(title), caption=caption, header_style="bold", title_justify="left")
-    table.add_column("layer", overflow="fold")
+    longest = max((len(entry["layer"]) for entry in shown), default=5)
+    table.add_column("layer", overflow="fold", min_width=min(longest, 32))
     table.add_column("share of norm²", justify="right", no_wrap=True)
     table.add_column("max norm", justify="right", no_wrap=True)
     table.add_column("update/weight", justify="right", no_wrap=True)
-    table.add_column("grad norm per step (log)", no_wrap=True)
+    if spark:
+        table.add_column("grad norm per step (log)" if spark >= 24 else "norm (log)", no_wrap=True)
     for entry in shown:
         heat = entry["heat"]
         finite = heat[[math.isfinite(v) for v in heat]] if len(heat) else heat
         top = fmt(float(finite.max())) if len(finite) else "-"
         if len(finite) < len(heat):
             top += " (non-finite)"
-        table.add_row(escape(entry["layer"]), f"{100 * entry['share']:.1f} %", top, fmt(entry["ratio"], 3),
-                      sparkline([math.log10(v + 1e-30) if math.isfinite(v) else v for v in heat], 24))
+        line = [sparkline([math.log10(v + 1e-30) if math.isfinite(v) else v for v in heat], spark)] if spark else []
+        table.add_row(escape(entry["layer"]), f"{100 * entry['share']:.1f} %", top, fmt(entry["ratio"], 3), *line)
     return table
 
 
@@ -83,7 +86,12 @@ def print_section(console, variants) -> None:
     for v in with_layers:
         print_diagnosis(console, v.layers, "" if single else v.label, SPIKES_SHOWN if single else SPIKES_SHOWN // 2)
     base = next((v for v in with_layers if v.is_baseline), with_layers[0])
-    console.print(layers_table(base.layers, "Gradient norm per layer" + ("" if single else f": {base.label}")))
+    title = "Gradient norm per layer" + ("" if single else f": {base.label}")
+    for spark in (24, 12, 0):  # the sparkline shrinks before a name or number would wrap
+        table = layers_table(base.layers, title, spark)
+        if Measurement.get(console, console.options.update_width(1_000_000), table).maximum <= console.width or not spark:
+            break
+    console.print(table)
 
 
 def print_diagnosis(console, watch, name: str = "", limit: int = SPIKES_SHOWN) -> None:

@@ -151,8 +151,8 @@ class Trainer:
         self._blocks: dict[tuple, object] = {}
         # Record each variable's norms too (PER_VARIABLE): set before run(); one trace each way.
         self.per_variable = False
-        # Keep each variable's raw gradient of every block's last step (for histograms): set
-        # before run(); blocks then end at multiples of it (and at the last step).
+        # Keep each variable's raw gradient at every multiple of this step (and the last step),
+        # for histograms: set before run(); blocks then end at those steps.
         self.capture_every: int | None = None
         self._captured: list | None = None
         self._pipeline = None  # the tf.data pipeline, built on first use
@@ -185,7 +185,7 @@ class Trainer:
 
         scheduled = self.scheduled
 
-        def block(iterator, n, param, state, stop_on_nonfinite):
+        def block(iterator, n, param, state, stop_on_nonfinite, capture_at):
             self.traces += 1
             arrays = tuple(tf.TensorArray(tf.as_dtype(dtype), size=n, element_shape=()) for _, dtype in RECORDED)
             if per_variable:  # (4, V) per step; V is known once the step is traced
@@ -205,7 +205,7 @@ class Trainer:
                             buffer.assign(tf.cast(tf.convert_to_tensor(grad), buffer.dtype))
                         return tf.constant(True)
 
-                    tf.cond(tf.equal(i, n - 1), keep, lambda: tf.constant(False))
+                    tf.cond(tf.equal(i, capture_at), keep, lambda: tf.constant(False))
                 arrays = tuple(a.write(i, values[name]) for a, name in zip(arrays, names))
                 return i + 1, state, stop_on_nonfinite & values["nonfinite"], arrays
 
@@ -220,7 +220,7 @@ class Trainer:
         tf.random.set_seed(self.options.seed)
         with _loss_errors():
             traced.get_concrete_function(
-                iter(self._dataset()), tf.constant(1), tf.constant(0.0), state, tf.constant(False)
+                iter(self._dataset()), tf.constant(1), tf.constant(0.0), state, tf.constant(False), tf.constant(-1)
             )
         self._blocks[key] = traced
         return traced
@@ -488,7 +488,10 @@ class Trainer:
                     if self.capture_every:  # end the block where a histogram is due
                         size = min(size, self.capture_every - len(result.rows) % self.capture_every)
                     start = time.perf_counter()
-                    done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite)
+                    ends = len(result.rows) + size
+                    due = self.capture_every and (ends == self.total_steps or ends % self.capture_every == 0)
+                    capture_at = tf.constant(size - 1 if due else -1)  # keep the gradients of this block's last step
+                    done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite, capture_at)
                     done = int(done)
                     columns = [a.numpy()[:done].tolist() for a in arrays[: len(RECORDED)]]
                     seconds = (time.perf_counter() - start) / max(done, 1)

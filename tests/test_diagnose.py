@@ -202,3 +202,37 @@ def test_a_histogram_is_the_gradient_of_its_step(cli, mlp, tmp_path):
     buckets = tf.make_ndarray(_events(tmp_path / "one" / "none").Tensors("gradients/dense_1/kernel")[0].tensor_proto)
     assert buckets[0, 0] == pytest.approx(grad.min(), rel=1e-6) and buckets[-1, 1] == pytest.approx(grad.max(), rel=1e-6)
     assert [e.step for e in _events(board / "none").Tensors("gradients/dense_1/kernel")] == [3, 6, 7]
+
+
+@pytest.mark.parametrize("width", [80, 120, 160])
+def test_the_diagnosis_tables_keep_names_and_numbers_whole(width):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from gradwatch.report import Variant
+    from gradwatch.report_diagnose import print_section
+
+    names = [f"transformer_block_{k}/multi_head_attention/query/kernel" for k in range(3)] + ["embedding/embeddings"]
+    watch = LayerWatch(names, [n.rsplit("/", 1)[0] for n in names], shapes=[(64, 64)] * 3 + [(1000, 64)])
+    rng = np.random.default_rng(1)
+    rows = []
+    for step in range(1, 61):
+        norms = np.abs(rng.normal(1.0, 0.1, size=(1, 4, 4)))
+        if step in (30, 45):
+            norms[0, 0, 3] *= 80
+        rows.append({"step": step, "loss": 2.0 + (step == 30) * 9, "grad_norm": float(np.sqrt((norms[0, 0] ** 2).sum())),
+                     "loss_spike": step == 30, "nonfinite": False, "clipped": False})
+        watch.update(rows[-1:], norms)
+    out = io.StringIO()
+    print_section(Console(file=out, width=width, highlight=False), [Variant("none", None, rows, layers=watch)])
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+    words = set(re.findall(r"[^\s│┃]+", text))
+    for spike in watch.spikes:
+        assert str(spike.step) in words
+        name, share, ratio = spike.top[0]
+        assert name == "embedding/embeddings" and f"{100 * share:.0f}%" in words and f"(×{ratio:.3g})," in words
+    for entry in watch.by_layer():
+        assert f"{100 * entry['share']:.1f}" in words
