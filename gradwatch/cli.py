@@ -189,19 +189,11 @@ def run(
     quiet: QuietOpt = False,
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
-    from .clip import STRATEGIES, Clipping
+    from .api import clipping_of
     from .records import CSV_COLUMNS
     from .sinks import CsvSink
 
-    if clip not in STRATEGIES:
-        raise OptionError(f"unknown clipping strategy {clip!r}; choose one of {', '.join(STRATEGIES)}")
-    option = STRATEGIES[clip].option
-    given = {"norm": norm, "value": value, "factor": factor, "percentile": percentile, "z": z}
-    extra = [f"--{name}" for name, v in given.items() if v is not None and name != option]
-    if extra:
-        takes = f"--{option}" if option else "no parameter"
-        raise OptionError(f"--clip {clip} takes {takes}, not {', '.join(extra)}; drop {', '.join(extra)}")
-    clipping = Clipping(clip, given.get(option))
+    clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
     spec = _resolved(locals())
     _check_plot(plot)
     _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard})
@@ -339,31 +331,28 @@ def _loading(quiet: bool, spec) -> None:
 
 
 def _train_one(spec, clipping, sink, quiet, progress, info: dict):
-    from .session import prepare
+    from . import api
 
     _loading(quiet, spec)
-    trainer = prepare(spec)
+    trainer = api.prepare_trainer(spec, [clipping], info["per_variable"])
     _setup(spec, trainer, info)
-    trainer.per_variable = info["per_variable"]
-    trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     _say(quiet, f"gradwatch: training {_describe(spec)} for {_steps(trainer.total_steps)}, clip {clipping.label}; "
                 f"{info['setup']}")
     progress.label = f"clip {clipping.label}"
-    write = (lambda rows: sink.write(_tagged(clipping, rows, info))) if sink else None
+    write = (lambda c, rows: sink.write(_tagged(c, rows, info))) if sink else None
     write_layers, capture = _per_variable_writers(trainer, info)
-    return trainer.run(clipping, on_rows=write, on_progress=progress.update,
-                       on_variables=write_layers and (lambda rows, norms: write_layers(clipping, rows, norms)),
-                       on_capture=capture and (lambda step, grads: capture(clipping, step, grads)))
+    return api.train(trainer, [clipping], on_rows=write, on_progress=lambda c, done, total: progress.update(done, total),
+                     on_variables=write_layers, on_capture=capture)[0]
 
 
 def _setup(spec, trainer, info: dict) -> None:
     """What the CSVs record about the run (info["meta"]) and the start line's optimizer and
     loss (info["setup"])."""
+    from .api import describe_run
     from .records import setup_text
-    from .session import run_meta
 
-    info["meta"] = {**run_meta(spec), "optimizer": trainer.optimizer_text, "loss_fn": trainer.loss_source}
+    info["meta"] = describe_run(spec, trainer)
     info["setup"] = setup_text(info["meta"])
     if trainer.loss_scaling:
         info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
@@ -524,15 +513,11 @@ def compare(
 
 
 def _train_many(spec, variants, sink, quiet, progress, info: dict):
-    from .session import prepare
-    from .training import compare as compare_runs
+    from . import api
 
     _loading(quiet, spec)
-    trainer = prepare(spec)
+    trainer = api.prepare_trainer(spec, variants, info["per_variable"])
     _setup(spec, trainer, info)
-    trainer.per_variable = info["per_variable"]
-    for clipping in variants:
-        trainer.trace(clipping.impl)
     _warn_skipped(trainer)
     labels = ", ".join(v.label for v in variants)
     _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each; "
@@ -554,8 +539,8 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
                                "(--on-nonfinite stop); the other variants go on"))
 
     write_layers, capture = _per_variable_writers(trainer, info)
-    return compare_runs(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped,
-                        on_variables=write_layers, on_capture=capture)
+    return api.train(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped,
+                     on_variables=write_layers, on_capture=capture)
 
 
 @app.command()

@@ -120,6 +120,13 @@ def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) ->
         dataset = tf.data.Dataset.load(str(path))
     except (tf.errors.OpError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({first_line(exc)})") from None
+    return from_tf_dataset(dataset, options, path)
+
+
+def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
+    """A ``tf.data.Dataset`` of (x, y) examples or batches, read into arrays."""
+    import tensorflow as tf
+
     spec = dataset.element_spec
     flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) == 2 else []
     if not (flat_x and isinstance(spec[1], tf.TensorSpec) and all(isinstance(s, tf.TensorSpec) for s in flat_x)
@@ -230,8 +237,41 @@ def ptb_windows(ids: np.ndarray, batch_size: int, num_steps: int) -> tuple[np.nd
 LOADERS = {".npz": load_npz, ".csv": load_csv, ".txt": load_text}
 
 
-def load(path: str, options: DataOptions, model_assets: Path | None = None) -> Dataset:
-    """Load the data at ``path``; the kind is recognised from the path."""
+def from_arrays(pair, options: DataOptions) -> Dataset:
+    """An in-memory ``(x, y)`` pair (x an array, or a dict / tuple of arrays, one per input)."""
+    if len(pair) != 2:
+        raise DataError(f"data must be an (x, y) pair of arrays, got a sequence of {len(pair)}")
+    x, y = pair
+    if isinstance(x, dict):
+        x = {k: np.asarray(v) for k, v in x.items()}
+    elif isinstance(x, (tuple, list)):
+        x = tuple(np.asarray(v) for v in x)
+    else:
+        x = np.asarray(x)
+    label = f"arrays ({len(np.asarray(y))} rows)"
+    return _checked(_by_input(x, options, label), np.asarray(y), "arrays", label)
+
+
+def label_of(data) -> str:
+    """How the files and tables name the data: its path, or what the in-memory object is."""
+    if isinstance(data, (str, Path)):
+        return str(data)
+    if hasattr(data, "element_spec"):
+        return "tf.data.Dataset"
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return f"arrays ({len(data[1])} rows)"
+    return type(data).__name__
+
+
+def load(path, options: DataOptions, model_assets: Path | None = None) -> Dataset:
+    """Load the data at ``path`` (the kind recognised from the path), or an in-memory (x, y)
+    pair or tf.data.Dataset of (x, y) examples or batches."""
+    if hasattr(path, "element_spec"):
+        return from_tf_dataset(path, options, "tf.data.Dataset")
+    if isinstance(path, (tuple, list)):
+        return from_arrays(path, options)
+    if not isinstance(path, (str, Path)):
+        raise DataError(f"data must be a path, an (x, y) pair of arrays or a tf.data.Dataset, got {type(path).__name__}")
     p = Path(path)
     if not p.exists():
         raise DataError(f"no such data file or folder: {p}")

@@ -63,6 +63,8 @@ class LoadedModel:
 
 
 def load(path: str, endpoint: str | None = None, output: str | None = None) -> LoadedModel:
+    if not isinstance(path, (str, Path)):
+        return _from_keras_object(path)
     p = Path(path)
     if not p.exists():
         raise ModelError(f"no such model: {p}; give a SavedModel folder or a .keras file")
@@ -96,6 +98,28 @@ def _load_keras(p: Path) -> LoadedModel:
                 "replace the Lambda with a registered custom layer, or export a SavedModel"
             ) from None
         raise ModelError(f"cannot load {p} ({text}); re-save it with Keras 3 model.save()") from None
+    return _wrap_keras(model, p)
+
+
+def label_of(model) -> str:
+    """How the files and tables name a model: its path, or ``keras.Model NAME``."""
+    if isinstance(model, (str, Path)):
+        return str(model)
+    return f"keras.Model {getattr(model, 'name', type(model).__name__)}"
+
+
+def _from_keras_object(model) -> LoadedModel:
+    """An in-memory ``keras.Model``: trained as it is (its compiled loss and optimizer, if any)."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"model must be a path or a keras.Model, got {type(model).__name__}")
+    if not model.built:
+        raise ModelError(f"keras.Model {model.name} is not built; call it on a batch (or build it) first")
+    return _wrap_keras(model, label_of(model))
+
+
+def _wrap_keras(model, p) -> LoadedModel:
     if not model.trainable_variables:
         raise ModelError(f"{p} has no trainable variables; set layer.trainable = True before saving")
     outputs = getattr(model, "outputs", None)

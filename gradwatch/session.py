@@ -143,7 +143,10 @@ def run_meta(spec: RunSpec) -> dict:
     """What a resolved spec trains on what, as the CSVs record it (records.META_COLUMNS)."""
     from . import samples
 
-    model, data = str(spec.model), str(spec.data)
+    from .data import label_of as data_label
+    from .models import label_of as model_label
+
+    model, data = model_label(spec.model), data_label(spec.data)
     if spec.sample:
         model = f"sample:{spec.sample}"
         if Path(data).resolve().is_relative_to(samples.cache_dir().resolve()):

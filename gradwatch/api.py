@@ -1,0 +1,180 @@
+"""gradwatch as a library: ``run`` and ``compare`` return the CLI's rows as pandas DataFrames.
+
+    import gradwatch
+    rows = gradwatch.run("model.keras", "train.npz", clip="global", norm=5, steps=200)
+    long = gradwatch.compare(model, (x, y), variants=["none", "global:1", "global:5"], loss="mse")
+    print(gradwatch.summarize(long))
+
+``model`` is a SavedModel folder, a ``.keras`` file or an in-memory ``keras.Model`` (its weights
+are put back as they were after the call); ``data`` is a path, an ``(x, y)`` pair of arrays or a
+``tf.data.Dataset`` of ``(x, y)`` examples or batches. Every other option is the CLI's, as a
+keyword with the same name and default (``batch_size=32``, ``lr=...``, ``on_nonfinite="skip"``).
+Errors raise :class:`gradwatch.GradwatchError` subclasses; nothing prints. The CLI is a layer
+over :func:`prepare_trainer` and :func:`train`, the two steps these functions take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import NonFiniteStop, OptionError
+
+CLIP_OPTIONS = ("norm", "value", "factor", "percentile", "z")
+
+
+def clipping_of(clip: str, **given):
+    """A Clipping from ``clip`` and the one parameter it takes (``norm=5``), checked as the CLI checks it."""
+    from .clip import STRATEGIES, Clipping
+
+    if clip not in STRATEGIES:
+        raise OptionError(f"unknown clipping strategy {clip!r}; choose one of {', '.join(STRATEGIES)}")
+    option = STRATEGIES[clip].option
+    extra = [f"--{name}" for name, v in given.items() if v is not None and name != option]
+    if extra:
+        takes = f"--{option}" if option else "no parameter"
+        raise OptionError(f"--clip {clip} takes {takes}, not {', '.join(extra)}; drop {', '.join(extra)}")
+    return Clipping(clip, given.get(option))
+
+
+def make_spec(model=None, data=None, sample=None, **options):
+    """A resolved RunSpec from the CLI's options as keywords (unknown names are refused)."""
+    from .session import RunSpec, resolve
+
+    names = {f.name for f in fields(RunSpec)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise OptionError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                          f"the options are {', '.join(sorted(names - {'model', 'data', 'sample'}))}")
+    if options.get("on_nonfinite") is not None:
+        options["on_nonfinite"] = getattr(options["on_nonfinite"], "value", options["on_nonfinite"])
+    if options.get("opt") is not None:
+        opt = options["opt"]
+        options["opt"] = tuple(f"{k}={v}" for k, v in opt.items()) if isinstance(opt, dict) else tuple(opt)
+    return resolve(RunSpec(model=model, data=data, sample=sample, **options))
+
+
+def prepare_trainer(spec, variants, per_variable: bool = False):
+    """Load model and data, build the Trainer and trace every variant's step (imports TensorFlow)."""
+    from .session import prepare
+
+    trainer = prepare(spec)
+    trainer.per_variable = per_variable
+    for clipping in variants:
+        trainer.trace(clipping.impl)
+    return trainer
+
+
+def describe_run(spec, trainer) -> dict:
+    """The META_COLUMNS of a run: model, data, optimizer, loss_fn."""
+    from .session import run_meta
+
+    return {**run_meta(spec), "optimizer": trainer.optimizer_text, "loss_fn": trainer.loss_source}
+
+
+def train(trainer, variants, on_rows=None, on_progress=None, on_variables=None, on_capture=None, on_stop=None):
+    """Every variant from the same start on the same batches; each callback gets the variant first.
+
+    One variant: ``--on-nonfinite stop`` raises NonFiniteStop (``.result``). Several: that
+    variant stops, ``on_stop(clipping, error)`` is told and the others run (``training.compare``).
+    """
+    from .training import compare as compare_runs
+
+    if len(variants) == 1:
+        (c,) = variants
+        return [trainer.run(
+            c,
+            on_rows=on_rows and (lambda rows: on_rows(c, rows)),
+            on_progress=on_progress and (lambda done, total: on_progress(c, done, total)),
+            on_variables=on_variables and (lambda rows, norms: on_variables(c, rows, norms)),
+            on_capture=on_capture and (lambda step, grads: on_capture(c, step, grads)),
+        )]
+    return compare_runs(trainer, variants, on_rows=on_rows, on_progress=on_progress, on_stop=on_stop,
+                        on_variables=on_variables, on_capture=on_capture)
+
+
+def frame(results, meta: dict):
+    """Results as the CLI's CSV holds them: one row per variant and step, records.CSV_COLUMNS."""
+    import pandas as pd
+
+    from .records import CSV_COLUMNS
+
+    rows = [{"clip": r.clipping.strategy, "param": r.clipping.param, **row, **meta} for r in results for row in r.rows]
+    out = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    out["param"] = out["param"].astype("float64")
+    return out
+
+
+def _train_frame(model, data, sample, variants, options):
+    spec = make_spec(model, data, sample, **options)
+    trainer = prepare_trainer(spec, variants)
+    try:
+        try:
+            results = train(trainer, variants)
+        except NonFiniteStop as stop:  # run(): the rows so far, as the CLI writes them before exit 3
+            results = [stop.result]
+        return frame(results, describe_run(spec, trainer))
+    finally:
+        if not isinstance(spec.model, str):
+            trainer.reset()  # the caller's keras.Model keeps its weights
+
+
+def run(model=None, data=None, clip: str = "none", norm=None, value=None, factor=None, percentile=None, z=None,
+        *, sample=None, **options):
+    """Train with one clipping strategy; the rows of every step as a DataFrame (``run --csv``).
+
+    With ``on_nonfinite="stop"`` the frame ends at the first non-finite step."""
+    clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
+    return _train_frame(model, data, sample, [clipping], options)
+
+
+def compare(model=None, data=None, variants=None, *, clip=None, thresholds=None, baseline: bool = True,
+            sample=None, **options):
+    """Every variant from the same start on the same batches; the long DataFrame (``compare --csv``).
+
+    ``variants``: a list such as ``["none", "global:5", "agc:0.01"]`` (or one comma-separated
+    string), or ``clip="global,norm"`` with ``thresholds="none,1,5"`` as in the CLI."""
+    from .clip import parse_variant_list, parse_variants
+
+    if variants is not None:
+        if clip is not None or thresholds is not None:
+            raise OptionError("give variants, or clip with thresholds, not both")
+        chosen = parse_variant_list(variants if isinstance(variants, str) else ",".join(map(str, variants)))
+    else:
+        chosen = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
+    return _train_frame(model, data, sample, chosen, options)
+
+
+@dataclass
+class Summary:
+    """What the CLI's tables say about a frame of rows: ``table`` one row per variant (the
+    ``--summary-csv`` columns), ``verdict`` the sentences under it, ``variants`` the full
+    summary of each (``{label: dict}``, as ``records.summarize`` makes it)."""
+
+    table: object  # pandas.DataFrame
+    verdict: list
+    variants: dict
+
+    def __str__(self) -> str:
+        return self.table.to_string(index=False) + "\n" + "\n".join(self.verdict)
+
+
+def summarize(rows) -> Summary:
+    """The summary and verdict of a frame from :func:`run` or :func:`compare` (or a read CSV)."""
+    import math
+
+    import pandas as pd
+
+    from .records import META_COLUMNS
+    from .report import COMPARE_COLUMNS, Variant, compare_verdict, run_verdict, summary_rows
+
+    records = rows.to_dict("records")
+    groups: dict = {}
+    for row in records:
+        param = row.get("param")
+        param = None if param is None or (isinstance(param, float) and math.isnan(param)) else float(param)
+        groups.setdefault((row.get("clip", "run"), param), []).append(row)
+    variants = [Variant(clip, param, group, meta={c: group[0].get(c, "") for c in META_COLUMNS})
+                for (clip, param), group in groups.items()]
+    verdict = [run_verdict(variants[0].summary)] if len(variants) == 1 else compare_verdict(variants)
+    table = pd.DataFrame(summary_rows(variants), columns=COMPARE_COLUMNS)
+    return Summary(table, verdict, {v.label: v.summary for v in variants})

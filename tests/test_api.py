@@ -1,0 +1,89 @@
+"""Issue 13, part 1: the Python API returns the CLI's rows as DataFrames, takes in-memory models
+and data, and raises gradwatch's errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import gradwatch
+from conftest import read_csv
+from gradwatch.errors import DataError, GradwatchError, OptionError
+
+OPTIONS = dict(loss="mse", batch_size=8, steps=12, lr=0.3)
+CLI_OPTIONS = ["--loss", "mse", "--batch-size", 8, "--steps", 12, "--lr", 0.3, "-q"]
+
+
+def same_rows(api: pd.DataFrame, cli: pd.DataFrame) -> None:
+    """Every column but the wall time, exactly (the CSV round-trips floats)."""
+    api, cli = api.drop(columns="time_ms"), cli.drop(columns="time_ms")
+    assert list(api.columns) == list(cli.columns)
+    pd.testing.assert_frame_equal(api.reset_index(drop=True), cli, check_dtype=False)
+
+
+def test_run_returns_the_rows_of_run_csv(cli, module_model, regression_npz, tmp_path):
+    rows = gradwatch.run(str(module_model), str(regression_npz), clip="global", norm=0.5, **OPTIONS)
+    csv = tmp_path / "run.csv"
+    code, _, err = cli("run", module_model, "--data", regression_npz, "--clip", "global", "--norm", 0.5, *CLI_OPTIONS,
+                       "--csv", csv)
+    assert code == 0, err
+    same_rows(rows, read_csv(csv))
+    assert len(rows) == 12 and rows["clipped"].dtype == bool
+
+
+def test_compare_returns_the_long_csv_and_summarize_the_verdict(cli, module_model, regression_npz, tmp_path):
+    long = gradwatch.compare(str(module_model), str(regression_npz), variants=["none", "global:0.5", "agc:0.01"], **OPTIONS)
+    csv = tmp_path / "long.csv"
+    code, out, err = cli("compare", module_model, "--data", regression_npz, "--variants", "none,global:0.5,agc:0.01",
+                         *CLI_OPTIONS, "--csv", csv, "--no-per-variable")
+    assert code == 0, err
+    same_rows(long, read_csv(csv))
+    summary = gradwatch.summarize(long)
+    assert summary.verdict and all(line in out for line in summary.verdict)  # the CLI's own sentences
+    assert list(summary.table["clip"]) == ["none", "global", "agc"]
+    assert summary.table["final_loss"][1] == pytest.approx(summary.variants["global 0.5"]["final_loss"])
+    assert str(summary).endswith(summary.verdict[-1])
+
+
+@pytest.fixture(scope="module")
+def keras_mlp(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    path = tmp_path_factory.mktemp("api") / "mlp.keras"
+    model.save(str(path))
+    return model, path
+
+
+def test_in_memory_model_and_data_give_the_rows_of_the_files(keras_mlp, regression_npz):
+    import tensorflow as tf
+
+    model, path = keras_mlp
+    before = [w.copy() for w in model.get_weights()]
+    with np.load(regression_npz) as data:
+        x, y = data["x"], data["y"]
+    from_files = gradwatch.run(str(path), str(regression_npz), clip="norm", norm=0.2, batch_size=8, steps=10, shuffle=False)
+    from_objects = gradwatch.run(model, (x, y), clip="norm", norm=0.2, batch_size=8, steps=10, shuffle=False)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    from_dataset = gradwatch.run(model, batches, clip="norm", norm=0.2, batch_size=8, steps=10, shuffle=False)
+    numbers = [c for c in from_files.columns if c not in ("time_ms", "model", "data")]
+    pd.testing.assert_frame_equal(from_objects[numbers], from_files[numbers])
+    pd.testing.assert_frame_equal(from_dataset[numbers], from_files[numbers])
+    assert from_objects["model"][0] == f"keras.Model {model.name}" and from_objects["data"][0] == f"arrays ({len(y)} rows)"
+    assert from_dataset["data"][0] == "tf.data.Dataset"
+    for w, b in zip(model.get_weights(), before):  # the caller's model is as it was
+        np.testing.assert_array_equal(w, b)
+
+
+def test_errors_are_gradwatch_errors(module_model, regression_npz):
+    with pytest.raises(OptionError, match="unknown option batchsize"):
+        gradwatch.run(str(module_model), str(regression_npz), batchsize=8)
+    with pytest.raises(OptionError, match="takes --norm, not --value"):
+        gradwatch.run(str(module_model), str(regression_npz), clip="global", value=1.0, loss="mse")
+    with pytest.raises(DataError, match="x has 5 rows but y has 3"):
+        gradwatch.run(str(module_model), (np.zeros((5, 4), np.float32), np.zeros((3, 1), np.float32)), loss="mse")
+    with pytest.raises(GradwatchError, match="model must be a path or a keras.Model"):
+        gradwatch.run(object(), str(regression_npz), loss="mse")
