@@ -1,0 +1,211 @@
+"""GradientWatch: gradwatch inside the user's own ``model.fit``.
+
+    watch = GradientWatch(clip="global", norm=5.0, csv="run.csv", tensorboard="logs/")
+    model.compile(optimizer=watch.wrap(keras.optimizers.AdamW(1e-3)), loss=...)
+    model.fit(ds, epochs=3, callbacks=[watch])
+    watch.rows          # DataFrame: the CLI's per-step columns
+    watch.summary()     # the CLI's summary and verdict
+
+``wrap`` returns the same optimizer object with its ``apply`` and ``scale_loss`` watched (its
+config, state and saving are untouched): inside Keras' compiled train step it takes the
+gradients Keras computed, records the global norm, clips them with the chosen strategy (every
+gradwatch strategy: the TF four and the adaptive ones), records the clipped norm, and hands
+them to the optimizer's own ``apply``. ``scale_loss`` sees each step's loss before Keras scales
+it. The values go to a small buffer on the device; the callback fetches it once per execution
+(``steps_per_execution`` steps), so there is no extra host sync per step. With ``clip="global"``
+the weights are those of the same fit with the optimizer's ``global_clipnorm`` (``norm`` ~
+``clipnorm``, ``value`` ~ ``clipvalue``); unlike gradwatch's own training, a non-finite step is
+applied as Keras applies it (and marked ``nonfinite``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .api import Summary, clipping_of, summarize
+from .clip import dedupe, norms
+from .errors import GradwatchError, OptionError
+from .records import COLUMNS, CSV_COLUMNS, RowStore, SpikeRule, clip_ratio
+
+# What the watched apply writes per step into the device buffer, in this order.
+_BUFFERED = ("loss", "grad_norm", "clipped_norm", "threshold", "lr", "clipped", "nonfinite")
+
+
+class GradientWatch(keras.callbacks.Callback):
+    """Optimizer wrapper (``wrap``) and callback in one: records every step of ``fit``."""
+
+    def __init__(self, clip: str = "global", norm=None, value=None, factor=None, percentile=None, z=None,
+                 csv=None, tensorboard=None, spike_factor: float = 2.0, spike_window: int = 20, capacity: int = 1024):
+        super().__init__()
+        self.clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
+        self.impl = self.clipping.impl
+        self.rule = SpikeRule(factor=spike_factor, window=spike_window)
+        self.csv, self.tensorboard = csv, tensorboard
+        self.capacity = int(capacity)
+        self._rows = RowStore()
+        self._buffer = tf.Variable(tf.zeros([self.capacity, len(_BUFFERED)], tf.float64), trainable=False,
+                                   name="gradwatch_rows")
+        self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_count")
+        self._loss = tf.Variable(float("nan"), dtype=tf.float32, trainable=False, name="gradwatch_loss")
+        self._state_vars = None  # the strategy's state as variables, made in on_train_begin
+        self._optimizer = None
+        self._sink = self._board = None
+        self._detector = self.rule.detector()
+        self._epoch = 1
+        self._started = None
+
+    # -- the optimizer side ---------------------------------------------------------------------
+
+    def wrap(self, optimizer):
+        """Watch ``optimizer`` (a Keras 3 optimizer); returns the same object."""
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise OptionError(f"wrap() takes a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
+        if getattr(optimizer, "_gradwatch", None) is not None:
+            raise OptionError("this optimizer is already watched by a GradientWatch")
+        clipping = [name for name in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(optimizer, name, None)]
+        if clipping:
+            raise OptionError(f"the optimizer clips by itself ({', '.join(clipping)}); leave that unset: GradientWatch "
+                              f"clips with clip={self.clipping.strategy!r}")
+        inner_apply, inner_scale = optimizer.apply, optimizer.scale_loss
+
+        def scale_loss(loss):
+            self._loss.assign(tf.cast(loss, tf.float32))
+            return inner_scale(loss)
+
+        def apply(grads, trainable_variables=None):
+            return self._apply(inner_apply, optimizer, grads, trainable_variables)
+
+        optimizer.apply, optimizer.scale_loss = apply, scale_loss
+        optimizer._gradwatch = self
+        self._optimizer = optimizer
+        return optimizer
+
+    def _apply(self, inner_apply, optimizer, grads, variables):
+        grads = list(grads)
+        variables = list(variables) if variables is not None else list(optimizer._trainable_variables)
+        used = [k for k, g in enumerate(grads) if g is not None]
+        if self._state_vars is None:
+            raise GradwatchError("GradientWatch records through its callback: pass it to fit(callbacks=[watch])")
+        watched = [dedupe(grads[k]) for k in used]
+        grad_norm, _ = norms(watched)
+        state = tf.nest.map_structure(lambda v: v.read_value(), self._state_vars)
+        result = self.impl.apply(watched, tf.constant(self.clipping.param or 0.0, tf.float32),
+                                 [variables[k] for k in used], state)
+        clipped_norm, _ = norms(result.grads)
+        lr = tf.cast(optimizer.learning_rate, tf.float64)  # before the update: the rate this step uses
+        tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, result.state)
+        finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(self._loss)
+        threshold = (tf.constant(float("nan"), tf.float64) if result.threshold is None
+                     else tf.cast(result.threshold, tf.float64))
+        row = tf.stack([tf.cast(self._loss, tf.float64), tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64),
+                        threshold, lr, tf.cast(result.clipped, tf.float64), tf.cast(tf.logical_not(finite), tf.float64)])
+        self._buffer.scatter_nd_update([[self._count % self.capacity]], row[None])
+        self._count.assign_add(1)
+        out = list(grads)
+        for k, g in zip(used, result.grads):
+            out[k] = g
+        return inner_apply(out, variables)
+
+    # -- the callback side ---------------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        if self._optimizer is None or self.model.optimizer is not self._optimizer:
+            raise GradwatchError("compile the model with optimizer=watch.wrap(optimizer) before fit(callbacks=[watch])")
+        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if per_execution > self.capacity:
+            raise GradwatchError(f"steps_per_execution={per_execution} is more than GradientWatch(capacity="
+                                 f"{self.capacity}); raise capacity")
+        if self._state_vars is None:
+            steps = (self.params.get("steps") or 0) * (self.params.get("epochs") or 1) or None
+            sized = {"steps": steps or 10_000} if getattr(self.impl, "takes_steps", False) else {}
+            with tf.init_scope():
+                initial = self.impl.init(list(self.model.trainable_variables), **sized)
+                self._state_vars = tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), initial)
+        self._count.assign(0)
+        if self.csv is not None and self._sink is None:
+            from .sinks import CsvSink
+
+            self._sink = CsvSink(self.csv, CSV_COLUMNS)
+        if self.tensorboard is not None and self._board is None:
+            from .tensorboard_sink import TensorBoardSink, check_logdir
+            from pathlib import Path
+
+            check_logdir(Path(self.tensorboard))
+            self._board = TensorBoardSink(Path(self.tensorboard), self.clipping.strategy, self.clipping.param, [])
+        self._started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._fetch()
+
+    def on_train_end(self, logs=None):
+        self._fetch()
+        if self._sink is not None:
+            self._sink.commit()
+            self._sink = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
+    def _fetch(self) -> None:
+        n = int(self._count.numpy())
+        if n == 0:
+            return
+        if n > self.capacity:
+            raise GradwatchError(f"{n} steps ran between two callbacks, more than GradientWatch(capacity={self.capacity})")
+        values = self._buffer.numpy()[:n]
+        self._count.assign(0)
+        now = time.perf_counter()
+        time_ms = (now - self._started) * 1000.0 / n
+        self._started = now
+        rows = []
+        for loss, grad_norm, clipped_norm, threshold, lr, clipped, nonfinite in values.tolist():
+            loss = float(np.float32(loss))
+            rows.append({
+                "step": len(self._rows) + len(rows) + 1, "epoch": self._epoch, "loss": loss, "reg_loss": math.nan,
+                "grad_norm": grad_norm, "clipped_norm": clipped_norm, "clip_ratio": clip_ratio(grad_norm, clipped_norm),
+                "clipped": bool(clipped), "threshold": threshold, "lr": float(np.float32(lr)), "loss_scale": 1.0,
+                "overflow": False, "nonfinite": bool(nonfinite), "nonfinite_input": False,
+                "loss_spike": self._detector.update(loss), "time_ms": time_ms,
+            })
+        self._rows.extend(rows)
+        meta = self._meta()
+        if self._sink is not None:
+            self._sink.write([{"clip": self.clipping.strategy, "param": self.clipping.param, **r, **meta} for r in rows])
+        if self._board is not None:
+            self._board.write(rows)
+
+    def _meta(self) -> dict:
+        optimizer = self._optimizer
+        text = f"{type(optimizer).__name__}(learning_rate={float(np.float32(optimizer.learning_rate.numpy())):g})"
+        return {"model": f"keras.Model {self.model.name}", "data": "model.fit", "optimizer": text,
+                "loss_fn": "the model's compiled loss (model.fit)"}
+
+    # -- results -------------------------------------------------------------------------------
+
+    @property
+    def rows(self):
+        """Every recorded step as a DataFrame with the CLI's columns (records.CSV_COLUMNS)."""
+        import pandas as pd
+
+        meta = self._meta() if self.model is not None and self._optimizer is not None else {}
+        frame = pd.DataFrame([{"clip": self.clipping.strategy, "param": self.clipping.param, **r, **meta}
+                              for r in self._rows], columns=CSV_COLUMNS)
+        frame["param"] = frame["param"].astype("float64")
+        return frame
+
+    def summary(self) -> Summary:
+        """The CLI's summary table and verdict of the recorded steps."""
+        if not len(self._rows):
+            raise GradwatchError("no step recorded yet: run model.fit(..., callbacks=[watch]) first")
+        return summarize(self.rows)
+
+
+__all__ = ["GradientWatch", "COLUMNS"]

@@ -1,0 +1,122 @@
+"""Issue 13, part 2: GradientWatch inside the user's own model.fit. Keras itself is the
+reference: the same fit with the optimizer's global_clipnorm / clipnorm / clipvalue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import read_csv
+
+BATCH, EPOCHS = 16, 2
+
+
+def data(spike_batch=None):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(160, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1)) + 0.1).astype("float32")
+    if spike_batch is not None:
+        x[spike_batch * BATCH:(spike_batch + 1) * BATCH] *= 30
+        y[spike_batch * BATCH:(spike_batch + 1) * BATCH] *= 30
+    return x, y
+
+
+def model_and_weights(seed=3):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(12, activation="tanh"), keras.layers.Dense(1)])
+    return model, [w.copy() for w in model.get_weights()]
+
+
+def fit(optimizer, callbacks=(), steps_per_execution=1, jit_compile=False, x_y=None):
+    model, _ = model_and_weights()
+    model.compile(optimizer=optimizer, loss="mse", steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    x, y = x_y or data()
+    model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=list(callbacks))
+    return model
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_weights_equal_keras_global_clipnorm_and_rows_are_one_per_step(steps_per_execution, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from gradwatch.keras import GradientWatch
+
+    reference = fit(keras.optimizers.SGD(0.2, global_clipnorm=0.5), steps_per_execution=steps_per_execution)
+    watch = GradientWatch(clip="global", norm=0.5, csv=tmp_path / "run.csv")
+    watched = fit(watch.wrap(keras.optimizers.SGD(0.2)), [watch], steps_per_execution=steps_per_execution)
+    for a, b in zip(watched.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    rows = watch.rows
+    assert len(rows) == EPOCHS * 160 // BATCH and rows["step"].tolist() == list(range(1, len(rows) + 1))
+    assert rows["epoch"].tolist() == [1] * 10 + [2] * 10
+    # step 1 against a plain tape on the initial weights and the first batch
+    model, _ = model_and_weights()
+    x, y = data()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x[:BATCH], training=True) - y[:BATCH]))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert rows["grad_norm"][0] == pytest.approx(float(tf.linalg.global_norm(grads)), rel=1e-6)
+    assert rows["loss"][0] == pytest.approx(float(loss), rel=1e-6)
+    assert rows["clipped_norm"][0] == pytest.approx(min(0.5, rows["grad_norm"][0]), rel=1e-6)
+    assert (rows["lr"] == np.float32(0.2)).all() and (rows["threshold"] == 0.5).all()
+    on_disk = read_csv(tmp_path / "run.csv")
+    assert on_disk.drop(columns="time_ms").equals(rows.drop(columns="time_ms"))
+
+
+@pytest.mark.parametrize("clip, option, keras_name", [("norm", "norm", "clipnorm"), ("value", "value", "clipvalue")])
+def test_per_tensor_strategies_equal_keras_own_options(clip, option, keras_name):
+    import keras
+
+    from gradwatch.keras import GradientWatch
+
+    reference = fit(keras.optimizers.Adam(0.05, **{keras_name: 0.05}))
+    watch = GradientWatch(clip=clip, **{option: 0.05})
+    watched = fit(watch.wrap(keras.optimizers.Adam(0.05)), [watch])
+    for a, b in zip(watched.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert watch.rows["clipped"].any()
+
+
+def test_jit_compile_and_an_adaptive_strategy_and_a_spike_in_the_summary():
+    import keras
+
+    from gradwatch.keras import GradientWatch
+
+    watch = GradientWatch(clip="autoclip", percentile=50)
+    fit(watch.wrap(keras.optimizers.SGD(0.05)), [watch], jit_compile=True, x_y=data(spike_batch=6))
+    rows = watch.rows
+    assert len(rows) == 20 and np.isfinite(rows["threshold"]).all()
+    assert (rows["clipped_norm"] <= rows["grad_norm"] * (1 + 1e-6)).all()
+    summary = watch.summary()
+    assert "Loss is jumping" in summary.verdict[0] and "first at step 7" in summary.verdict[0]
+
+
+def test_misuse_gets_a_clear_error():
+    import keras
+
+    from gradwatch.errors import GradwatchError
+    from gradwatch.keras import GradientWatch
+
+    watch = GradientWatch(clip="global", norm=1.0)
+    with pytest.raises(GradwatchError, match="clips by itself"):
+        watch.wrap(keras.optimizers.SGD(0.1, global_clipnorm=1.0))
+    with pytest.raises(GradwatchError, match="watch.wrap"):
+        fit(keras.optimizers.SGD(0.1), [watch])
+    with pytest.raises(GradwatchError, match="no step recorded"):
+        watch.summary()
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's "Use it from Python" block, run as a user would paste it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## Use it from Python / inside model.fit", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "final_loss" in out and "grad_norm" in out and "Loss is jumping" in out
+    assert (tmp_path / "fit_steps.csv").is_file()
