@@ -357,7 +357,18 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 LOSS_AXIS_SPAN = 1e4  # the loss axis reaches at most this far above the highest variant's median loss
 
 
-HEAT_LAYERS = 30  # the heat map shows at most this many layers, those with the largest share of the norm²
+HEAT_LAYERS = 24  # the heat map shows at most this many layers: every spike's top layer, then the largest shares
+
+
+def heat_layers(watch) -> list[dict]:
+    """The layers the heat map shows (watch.by_layer() entries, largest share first): the layer
+    of every spike's top variable, then the layers with the largest share, HEAT_LAYERS at most."""
+    layers = watch.by_layer()
+    layer_of = dict(zip(watch.variables, watch.layers))
+    drivers = {layer_of[s.top[0][0]] for s in watch.spikes if s.top}
+    chosen = [e for e in layers if e["layer"] in drivers][:HEAT_LAYERS]
+    chosen += [e for e in layers if e["layer"] not in drivers][: HEAT_LAYERS - len(chosen)]
+    return sorted(chosen, key=lambda e: -e["share"])
 
 
 def _heat_map(fig, ax, variant: Variant) -> None:
@@ -367,7 +378,7 @@ def _heat_map(fig, ax, variant: Variant) -> None:
     from matplotlib.colors import LogNorm
 
     watch = variant.layers
-    layers = watch.by_layer()[:HEAT_LAYERS]
+    layers = heat_layers(watch)
     heat = np.array([entry["heat"] for entry in layers], dtype=np.float64)
     _, starts = watch.heat()
     if heat.size == 0:
@@ -388,9 +399,10 @@ def _heat_map(fig, ax, variant: Variant) -> None:
     if watch.spikes:
         ax.scatter([s.step for s in watch.spikes], [1.02] * len(watch.spikes), marker="v", color="red", s=18,
                    clip_on=False, transform=ax.get_xaxis_transform(), zorder=3)
-    more = len(watch.by_layer()) - len(layers)
-    ax.set_title(f"gradient norm per layer, {variant.label} (log colour; ▼: spike; red: non-finite)"
-                 + (f"; the {len(layers)} layers with the largest share, {more} more not shown" if more else ""), pad=14)
+    total = len(watch.by_layer())
+    ax.set_title(f"gradient norm per layer, {variant.label} (log colour; ▼: spike; red: non-finite)", pad=14)
+    if total > len(layers):
+        ax.set_ylabel(f"{len(layers)} of {total} layers: each spike's top layer, then the largest shares", fontsize="small")
     fig.colorbar(mesh, cax=ax.inset_axes([1.01, 0.0, 0.015, 1.0]), label="grad norm")  # keeps the x axis aligned
 
 
@@ -409,8 +421,8 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     if watched is None:
         fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
     else:
-        shown = min(HEAT_LAYERS, len(watched.layers.by_layer()))
-        heat_height = 1.2 + 0.28 * shown
+        shown = len(heat_layers(watched.layers))
+        heat_height = 1.2 + 0.25 * shown
         fig, axes = plt.subplots(4, 1, figsize=(10, 9 + heat_height), sharex=True,
                                  gridspec_kw={"height_ratios": [3, 2, 1, heat_height]})
     if title:
@@ -461,7 +473,7 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     axes[-1].set_xlabel("step")
     if watched is not None:
         _heat_map(fig, axes[3], watched)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 if title else 0.0) / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=100, format=fmt_name)
     plt.close(fig)
 

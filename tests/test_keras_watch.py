@@ -120,3 +120,21 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "final_loss" in out and "grad_norm" in out and "Loss is jumping" in out
     assert (tmp_path / "fit_steps.csv").is_file()
+
+
+def test_tensorboard_events_of_a_watched_fit(tmp_path):
+    import keras
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradwatch.keras import GradientWatch
+
+    watch = GradientWatch(clip="zclip", z=2.5, tensorboard=tmp_path / "logs")
+    fit(watch.wrap(keras.optimizers.SGD(0.05)), [watch], steps_per_execution=4)
+    events = EventAccumulator(str(tmp_path / "logs" / "zclip_2.5"), size_guidance={"tensors": 0})
+    events.Reload()
+    rows = watch.rows
+    for tag in ("loss", "grad_norm", "clipped_norm"):
+        got = events.Tensors(tag)
+        assert [e.step for e in got] == rows["step"].tolist()
+        np.testing.assert_allclose([float(tf.make_ndarray(e.tensor_proto)) for e in got], rows[tag], rtol=1e-6)
