@@ -11,8 +11,10 @@ config, state and saving are untouched): inside Keras' compiled train step it ta
 gradients Keras computed, records the global norm, clips them with the chosen strategy (every
 gradwatch strategy: the TF four and the adaptive ones), records the clipped norm, and hands
 them to the optimizer's own ``apply``. ``scale_loss`` sees each step's loss before Keras scales
-it. The values go to a small buffer on the device; the callback fetches it once per execution
-(``steps_per_execution`` steps), so there is no extra host sync per step. With ``clip="global"``
+it. The values go to a ring buffer on the device (``capacity`` rows) behind a counter that only
+grows; the callback reads the rows since its last read after each execution. It declares itself
+``async_safe``, so Keras may run it in a worker thread while the next execution trains: no
+extra host sync at all, and the rows still come one per step, in order. With ``clip="global"``
 the weights are those of the same fit with the optimizer's ``global_clipnorm`` (``norm`` ~
 ``clipnorm``, ``value`` ~ ``clipvalue``); unlike gradwatch's own training, a non-finite step is
 applied as Keras applies it (and marked ``nonfinite``).
@@ -21,6 +23,7 @@ applied as Keras applies it (and marked ``nonfinite``).
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import keras
@@ -50,7 +53,10 @@ class GradientWatch(keras.callbacks.Callback):
         self._rows = RowStore()
         self._buffer = tf.Variable(tf.zeros([self.capacity, len(_BUFFERED)], tf.float64), trainable=False,
                                    name="gradwatch_rows")
-        self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_count")
+        self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_count")  # rows ever written
+        self._fetched = 0  # rows ever read back
+        self._lock = threading.Lock()  # Keras may call the batch hooks from several worker threads
+        self.async_safe = True
         self._loss = tf.Variable(float("nan"), dtype=tf.float32, trainable=False, name="gradwatch_loss")
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
         self._optimizer = None
@@ -126,7 +132,6 @@ class GradientWatch(keras.callbacks.Callback):
             with tf.init_scope():
                 initial = self.impl.init(list(self.model.trainable_variables), **sized)
                 self._state_vars = tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), initial)
-        self._count.assign(0)
         if self.csv is not None and self._sink is None:
             from .sinks import CsvSink
 
@@ -155,13 +160,19 @@ class GradientWatch(keras.callbacks.Callback):
             self._board = None
 
     def _fetch(self) -> None:
-        n = int(self._count.numpy())
-        if n == 0:
+        with self._lock:
+            self._fetch_locked()
+
+    def _fetch_locked(self) -> None:
+        written = int(self._count.numpy())  # read before the buffer: every row below it is complete
+        n = written - self._fetched
+        if n <= 0:
             return
         if n > self.capacity:
-            raise GradwatchError(f"{n} steps ran between two callbacks, more than GradientWatch(capacity={self.capacity})")
-        values = self._buffer.numpy()[:n]
-        self._count.assign(0)
+            raise GradwatchError(f"{n} steps ran between two reads of GradientWatch's buffer, more than its "
+                                 f"capacity={self.capacity}; raise capacity")
+        values = self._buffer.numpy()[[(self._fetched + k) % self.capacity for k in range(n)]]
+        self._fetched = written
         now = time.perf_counter()
         time_ms = (now - self._started) * 1000.0 / n
         self._started = now
