@@ -672,7 +672,9 @@ def suggest(
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
 ):
     """Propose a clip_by_global_norm threshold from an unclipped probe (or a saved unclipped run)."""
-    if model is not None and model.lower().endswith((".csv", ".csv.partial")) and Path(model).is_file():
+    if model is not None and model.lower().endswith((".csv", ".csv.partial")):
+        if not Path(model).is_file():
+            raise OptionError(f"no such file: {model}; give the CSV of a saved unclipped run (gradwatch run --csv)")
         return _suggest_from_csv(Path(model), layers, verify)
     if layers is not None:
         raise OptionError("--layers goes with a run CSV (gradwatch suggest RUN.csv --layers LAYERS.csv); drop it")

@@ -72,3 +72,5 @@ def test_suggest_refuses_a_run_without_unclipped_norms(cli, module_model, regres
     assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no unclipped run" in err
     code, _, err = cli("suggest", csv, "--verify")
     assert code == 2 and "--verify trains" in err
+    code, _, err = cli("suggest", tmp_path / "missing.csv")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no such file" in err
