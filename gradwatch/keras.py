@@ -17,7 +17,8 @@ grows; the callback reads the rows since its last read after each execution. It 
 extra host sync at all, and the rows still come one per step, in order. With ``clip="global"``
 the weights are those of the same fit with the optimizer's ``global_clipnorm`` (``norm`` ~
 ``clipnorm``, ``value`` ~ ``clipvalue``); unlike gradwatch's own training, a non-finite step is
-applied as Keras applies it (and marked ``nonfinite``).
+applied as Keras applies it (and marked ``nonfinite``). Under a ``tf.distribute`` strategy the
+gradients are all-reduced before they are measured and clipped (see ``_apply``).
 """
 
 from __future__ import annotations
@@ -51,13 +52,12 @@ class GradientWatch(keras.callbacks.Callback):
         self.csv, self.tensorboard = csv, tensorboard
         self.capacity = int(capacity)
         self._rows = RowStore()
-        self._buffer = tf.Variable(tf.zeros([self.capacity, len(_BUFFERED)], tf.float64), trainable=False,
-                                   name="gradwatch_rows")
-        self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_count")  # rows ever written
+        self._buffer = _variable(tf.zeros([self.capacity, len(_BUFFERED)], tf.float64), "gradwatch_rows")
+        self._count = _variable(tf.constant(0, tf.int64), "gradwatch_count")  # rows ever written
         self._fetched = 0  # rows ever read back
         self._lock = threading.Lock()  # Keras may call the batch hooks from several worker threads
         self.async_safe = True
-        self._loss = tf.Variable(float("nan"), dtype=tf.float32, trainable=False, name="gradwatch_loss")
+        self._loss = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_loss")
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
         self._optimizer = None
         self._sink = self._board = None
@@ -80,7 +80,9 @@ class GradientWatch(keras.callbacks.Callback):
         inner_apply, inner_scale = optimizer.apply, optimizer.scale_loss
 
         def scale_loss(loss):
-            self._loss.assign(tf.cast(loss, tf.float32))
+            # Under a tf.distribute strategy each replica's loss is its share of the global
+            # batch's (Keras divides by the replica count): their sum is the global batch's loss.
+            self._loss.assign(_all_reduced(tf.cast(loss, tf.float32)))
             return inner_scale(loss)
 
         def apply(grads, trainable_variables=None):
@@ -97,7 +99,13 @@ class GradientWatch(keras.callbacks.Callback):
         used = [k for k, g in enumerate(grads) if g is not None]
         if self._state_vars is None:
             raise GradwatchError("GradientWatch records through its callback: pass it to fit(callbacks=[watch])")
+        replicas = _replicas()
         watched = [dedupe(grads[k]) for k in used]
+        if replicas > 1:
+            # The global gradient first: norms and clipping of each replica's own gradient would
+            # clip every replica to its own norm, and the update would not be the clipped global
+            # gradient (the trap of Keras' clipnorm under a strategy, tensorflow issue 33929).
+            watched = [_all_reduced(tf.convert_to_tensor(g)) for g in watched]
         grad_norm, _ = norms(watched)
         state = tf.nest.map_structure(lambda v: v.read_value(), self._state_vars)
         result = self.impl.apply(watched, tf.constant(self.clipping.param or 0.0, tf.float32),
@@ -110,11 +118,12 @@ class GradientWatch(keras.callbacks.Callback):
                      else tf.cast(result.threshold, tf.float64))
         row = tf.stack([tf.cast(self._loss, tf.float64), tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64),
                         threshold, lr, tf.cast(result.clipped, tf.float64), tf.cast(tf.logical_not(finite), tf.float64)])
-        self._buffer.scatter_nd_update([[self._count % self.capacity]], row[None])
+        self._buffer.assign(tf.tensor_scatter_nd_update(self._buffer, [[self._count % self.capacity]], row[None]))
         self._count.assign_add(1)
         out = list(grads)
         for k, g in zip(used, result.grads):
-            out[k] = g
+            # Keras' update sums the replicas' gradients: each hands on its share of the clipped one
+            out[k] = g if replicas == 1 else g / replicas
         return inner_apply(out, variables)
 
     # -- the callback side ---------------------------------------------------------------------
@@ -129,9 +138,9 @@ class GradientWatch(keras.callbacks.Callback):
         if self._state_vars is None:
             steps = (self.params.get("steps") or 0) * (self.params.get("epochs") or 1) or None
             sized = {"steps": steps or 10_000} if getattr(self.impl, "takes_steps", False) else {}
-            with tf.init_scope():
+            with tf.init_scope(), self.model.distribute_strategy.scope():
                 initial = self.impl.init(list(self.model.trainable_variables), **sized)
-                self._state_vars = tf.nest.map_structure(lambda t: tf.Variable(t, trainable=False), initial)
+                self._state_vars = tf.nest.map_structure(lambda t: _variable(t, "gradwatch_state"), initial)
         if self.csv is not None and self._sink is None:
             from .sinks import CsvSink
 
@@ -217,6 +226,24 @@ class GradientWatch(keras.callbacks.Callback):
         if not len(self._rows):
             raise GradwatchError("no step recorded yet: run model.fit(..., callbacks=[watch]) first")
         return summarize(self.rows)
+
+
+def _variable(initial, name: str):
+    """A variable every replica may assign the same value to (the first replica's is kept)."""
+    return tf.Variable(initial, trainable=False, name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def _replicas() -> int:
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
+def _all_reduced(value):
+    """The sum over the replicas of a tf.distribute strategy (the value itself on one device)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
 __all__ = ["GradientWatch", "COLUMNS"]

@@ -138,3 +138,57 @@ def test_tensorboard_events_of_a_watched_fit(tmp_path):
         got = events.Tensors(tag)
         assert [e.step for e in got] == rows["step"].tolist()
         np.testing.assert_allclose([float(tf.make_ndarray(e.tensor_proto)) for e in got], rows[tag], rtol=1e-6)
+
+
+DISTRIBUTED = r'''
+import pickle, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from gradwatch.keras import GradientWatch
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(160, 6)).astype("float32")
+y = (x @ rng.normal(size=(6, 1))).astype("float32")
+out = {}
+for case in sys.argv[2].split(","):
+    mirrored, watched = case.startswith("mirrored"), case.endswith("watch")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if mirrored else tf.distribute.get_strategy()
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(12, activation="tanh"), keras.layers.Dense(1)])
+        watch = GradientWatch(clip="global", norm=0.5) if watched else None
+        optimizer = watch.wrap(keras.optimizers.SGD(0.2)) if watched else keras.optimizers.SGD(0.2, global_clipnorm=0.5)
+        model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[watch] if watched else [])
+    out[case] = (model.get_weights(), watch.rows if watched else None)
+pickle.dump(out, open(sys.argv[1], "wb"))
+'''
+
+
+def test_under_a_mirrored_strategy_the_global_gradient_is_clipped(tmp_path):
+    """Two logical CPU devices: GradientWatch all-reduces before its norms and clipping, so the
+    rows and weights equal one device's on the same global batch. Keras' own global_clipnorm
+    clips each replica's gradient to its own norm: its weights differ (the documented trap)."""
+    import pickle
+    import subprocess
+    import sys
+
+    results = {}
+    for k, cases in enumerate(["single_watch,single_keras", "mirrored_watch", "mirrored_keras"]):
+        path = tmp_path / f"{k}.pkl"  # one MirroredStrategy per process: their collectives must not meet
+        done = subprocess.run([sys.executable, "-c", DISTRIBUTED, str(path), cases], capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.update(pickle.loads(path.read_bytes()))
+    one, two = results["single_watch"], results["mirrored_watch"]
+    for a, b in zip(one[0], two[0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for column in ("loss", "grad_norm", "clipped_norm", "clip_ratio", "threshold", "lr"):
+        np.testing.assert_allclose(two[1][column], one[1][column], rtol=1e-5, err_msg=column)
+    assert (two[1]["clipped"] == one[1]["clipped"]).all() and len(two[1]) == 20
+    for a, b in zip(one[0], results["single_keras"][0]):  # one device: Keras' global_clipnorm agrees
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    trap = max(float(np.max(np.abs(a - b))) for a, b in zip(results["mirrored_keras"][0], one[0]))
+    assert trap > 1e-2  # per-replica clipping: a different update, not rounding
