@@ -28,7 +28,7 @@ def spikes_table(watch, title: str = "Spikes and what drove them", limit: int = 
         return None
     shown = watch.spikes[:limit]
     more = len(watch.spikes) - len(shown)
-    caption = (f"the first {len(shown)} of {len(watch.spikes)} spikes; every step is in --layers-csv"
+    caption = (f"the first {len(shown)} of {len(watch.spikes)} spikes; --layers-csv records every step of every variable"
                if more else None)
     table = Table(title=escape(title), caption=caption, header_style="bold", title_justify="left")
     table.add_column("step", justify="right", no_wrap=True)
