@@ -199,13 +199,16 @@ def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, r
                 break
             time.sleep(0.2)
 
+    # One step per block: the variants left after the second one starts take seconds, not a
+    # fraction of one, so the signal always lands while the comparison runs.
     code, err = interrupt_gradwatch(["compare", keras_export_model, "--data", regression_npz, "--loss", "mse",
-                                     "--batch-size", 4, "--steps", 400, "--thresholds", "none,1,2,3", "--csv", csv],
+                                     "--batch-size", 4, "--steps", 600, "--fetch-every", 1,
+                                     "--thresholds", "none,1,2,3,4,5", "--csv", csv],
                                     when_the_second_variant_has_rows)
     assert code == 130, err
     assert "Traceback" not in err
     rows = read_csv(csv)
-    assert (rows["clip"] == "none").sum() == 400
+    assert (rows["clip"] == "none").sum() == 600
     assert (rows["clip"] == "global").sum() >= 1
 
 
