@@ -77,6 +77,8 @@ FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and 
 LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False)]
 PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False)]
 TensorBoardOpt = Annotated[Optional[Path], typer.Option("--tensorboard", help="Write TensorBoard event files to this folder: scalars every step, per-variable norms, gradient histograms (one sub-folder per run).", show_default=False)]
+StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", help="tf.distribute: none, mirrored (the local GPUs, or --cpu-devices N) or multiworker (the cluster in TF_CONFIG; the chief writes the outputs). Gradients are all-reduced before any norm or clipping.  [default: none]", show_default=False)]
+CpuDevicesOpt = Annotated[Optional[int], typer.Option("--cpu-devices", help="Split the CPU into N logical devices, e.g. to try --strategy mirrored without GPUs.", show_default=False)]
 HistogramEveryOpt = Annotated[int, typer.Option("--histogram-every", help="With --tensorboard: a histogram of every variable's gradient every N steps and at the last (0: none).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
 
@@ -184,7 +186,8 @@ def run(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
+    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
     tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
     quiet: QuietOpt = False,
 ):
@@ -195,6 +198,10 @@ def run(
 
     clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
     spec = _resolved(locals())
+    silent = not _writes(spec)
+    if silent:  # a multi-worker run's other workers train along and write nothing
+        csv = plot = layers_csv = tensorboard = None
+        quiet = True
     _check_plot(plot)
     _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard})
     info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
@@ -205,6 +212,8 @@ def run(
     title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
 
     def render(results, stopped=None):
+        if silent:
+            return
         if format is Format.table:
             from .report import run_table, run_verdict
 
@@ -314,6 +323,14 @@ def _resolved(params: dict):
     return resolve(_spec(**{k: params[k] for k in names}))
 
 
+def _writes(spec) -> bool:
+    """Does this process write and print? Yes, but for the non-chief workers of --strategy multiworker."""
+    from .distribute import check_options, is_chief
+
+    check_options(spec.strategy, spec.cpu_devices)
+    return is_chief(spec.strategy)
+
+
 def _check_paths(spec, outputs: dict) -> None:
     """Every output path against the inputs and each other, before anything is loaded."""
     from .sinks import check_outputs
@@ -356,6 +373,11 @@ def _setup(spec, trainer, info: dict) -> None:
     info["setup"] = setup_text(info["meta"])
     if trainer.loss_scaling:
         info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
+    if trainer.distribution is not None:
+        from .distribute import replicas
+
+        info["setup"] += (f"; --strategy {spec.strategy}: {replicas(trainer.distribution)} replicas, "
+                          "gradients all-reduced before norms and clipping")
 
 
 def _tagged(clipping, rows, info: dict) -> list[dict]:
@@ -439,7 +461,8 @@ def compare(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
+    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
     tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
     quiet: QuietOpt = False,
 ):
@@ -456,6 +479,10 @@ def compare(
     else:
         variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
     spec = _resolved(locals())
+    silent = not _writes(spec)
+    if silent:  # a multi-worker run's other workers train along and write nothing
+        csv = summary_csv = plot = layers_csv = tensorboard = None
+        quiet = True
     _check_plot(plot)
     _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot, "--layers-csv": layers_csv,
                         "--tensorboard": tensorboard})
@@ -480,6 +507,8 @@ def compare(
     def render(results, stopped=None):
         from .report import compare_verdict, print_compare
 
+        if silent:
+            return
         if format is Format.table:
             if not results:
                 return
@@ -669,7 +698,8 @@ def suggest(
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None, quiet: QuietOpt = False,
+    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
+    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None, quiet: QuietOpt = False,
 ):
     """Propose a clip_by_global_norm threshold from an unclipped probe (or a saved unclipped run)."""
     if model is not None and model.lower().endswith((".csv", ".csv.partial")):

@@ -20,6 +20,7 @@ DEFAULTS = {
     "spike_window": 20,
     "from_logits": False,
     "allow_nonfinite_data": False,
+    "strategy": "none",
 }
 
 
@@ -55,6 +56,8 @@ class RunSpec:
     spike_factor: float | None = None
     spike_window: int | None = None
     allow_nonfinite_data: bool | None = None
+    strategy: str | None = None  # tf.distribute: none, mirrored or multiworker (distribute.STRATEGIES)
+    cpu_devices: int | None = None  # split the CPU into N logical devices (mirrored without GPUs)
 
 
 def resolve(spec: RunSpec) -> RunSpec:
@@ -86,9 +89,17 @@ def resolve(spec: RunSpec) -> RunSpec:
 
 def prepare(spec: RunSpec):
     """Load model and data of a resolved spec and build the Trainer (imports TensorFlow)."""
+    from . import distribute
     from .tf_import import tensorflow
 
+    distribute.check_options(spec.strategy, spec.cpu_devices)
     tensorflow()
+    distribution = distribute.make(spec.strategy, spec.cpu_devices)  # before TensorFlow's first op
+    with distribute.scope(distribution):  # the model's and optimizer's variables live on every replica
+        return _prepare(spec, distribution)
+
+
+def _prepare(spec: RunSpec, distribution):
     from . import data as data_mod
     from . import models
     from .records import SpikeRule
@@ -136,7 +147,7 @@ def prepare(spec: RunSpec):
     loss = make_loss(spec.loss, spec.from_logits) if spec.loss else None
     if spec.from_logits and not spec.loss:
         raise OptionError("--from-logits needs --loss NAME (a crossentropy loss)")
-    return Trainer(model, dataset, train_options, loss=loss, bad_rows=bad_rows)
+    return Trainer(model, dataset, train_options, loss=loss, bad_rows=bad_rows, distribution=distribution)
 
 
 def run_meta(spec: RunSpec) -> dict:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as data_mod
+from . import distribute
 from .clip import Clipping, dedupe, map_values, norms
 from .objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
@@ -94,6 +95,7 @@ class RunResult:
 
 AUTO_BLOCK_SECONDS = 0.25  # --fetch-every auto: aim for one device-to-host fetch per this much training
 AUTO_BLOCK_MAX = 1000
+LOCKSTEP_BLOCK = 50  # --fetch-every under --strategy multiworker unless given
 
 
 class Trainer:
@@ -106,8 +108,13 @@ class Trainer:
     signatures: thresholds, block lengths and learning rates are tensors.
     """
 
-    def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None, bad_rows=None):
+    def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None, bad_rows=None,
+                 distribution=None):
         self.model = model
+        # A tf.distribute strategy (the model's and optimizer's variables made in its scope), or None.
+        self.distribution = distribution
+        if options.batch_size % distribute.replicas(distribution):
+            distribute.split_batches(distribution, None, options.batch_size)  # raises the OptionError
         self.bad_rows = bad_rows  # rows with NaN/inf values (--allow-nonfinite-data), or None
         self._bad_steps: dict[int, np.ndarray] = {}
         self.options = options
@@ -156,6 +163,7 @@ class Trainer:
         self.capture_every: int | None = None
         self._captured: list | None = None
         self._pipeline = None  # the tf.data pipeline, built on first use
+        self._distributed = None  # its distributed form under a strategy
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -168,6 +176,7 @@ class Trainer:
         import tensorflow as tf
 
         capture = self.capture_every is not None
+        distribution = self.distribution
         key = (strategy.name, self.per_variable, capture)
         if key in self._blocks:
             return self._blocks[key]
@@ -176,7 +185,9 @@ class Trainer:
         if capture and self._captured is None:
             if self.used is None:
                 self._find_used()
-            self._captured = [tf.Variable(tf.zeros(v.shape, tf.as_dtype(v.dtype)), trainable=False) for v in self.used]
+            with distribute.scope(self.distribution):
+                self._captured = [tf.Variable(tf.zeros(v.shape, tf.as_dtype(v.dtype)), trainable=False)
+                                  for v in self.used]
         captured = self._captured
         if self.options.xla:
             # tf.data's iterator cannot be XLA-compiled, the step inside the loop can.
@@ -194,6 +205,8 @@ class Trainer:
 
             def body(i, state, stop, arrays):
                 x, y, lr = iterator.get_next()
+                if distribution is not None:
+                    lr = distribute.first(distribution, lr)
                 if not scheduled:
                     learning_rate.assign(lr)
                 values, state = step(x, y, param, state)
@@ -218,9 +231,9 @@ class Trainer:
         traced = tf.function(block, autograph=False)
         state = self._initial_state(strategy)
         tf.random.set_seed(self.options.seed)
-        with _loss_errors():
+        with _loss_errors(), distribute.scope(self.distribution):
             traced.get_concrete_function(
-                iter(self._dataset()), tf.constant(1), tf.constant(0.0), state, tf.constant(False), tf.constant(-1)
+                iter(self._batches()), tf.constant(1), tf.constant(0.0), state, tf.constant(False), tf.constant(-1)
             )
         self._blocks[key] = traced
         return traced
@@ -239,7 +252,19 @@ class Trainer:
 
         Keras models: the data loss plus ``model.losses`` (regularizers, ``add_loss``), as
         ``fit`` minimises; with their compiled loss, Keras' own ``model.compute_loss``.
+
+        Under a tf.distribute strategy the total follows Keras' convention: each replica's loss
+        is its part of the global batch's, so that their sum is the global loss (Keras' mean
+        losses divide by the replica count themselves; a model's own ``loss(inputs, targets)``
+        and the regularization added here are taken as means and divided here). The
+        regularization returned for the record is the replica's own, undivided.
         """
+
+        def share(value):
+            import tensorflow as tf
+
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync  # what Keras' losses divide by
+            return value if replicas == 1 else value / tf.cast(replicas, value.dtype)
 
         def extra_loss():
             import tensorflow as tf
@@ -254,7 +279,7 @@ class Trainer:
                 y_pred = model.forward(x)
                 reg = extra_loss()
                 data_loss = loss(y, y_pred)
-                return (data_loss if reg is None else data_loss + reg), reg
+                return (data_loss if reg is None else data_loss + share(reg)), reg
 
             self.objective = objective
             return f"{getattr(loss, 'name', type(loss).__name__)} (--loss)"
@@ -266,7 +291,7 @@ class Trainer:
             self.objective = objective
             return "the model's compiled loss"
         if model.own_loss is not None:
-            self.objective = lambda x, y: (model.own_loss(x, y), None)
+            self.objective = lambda x, y: (share(model.own_loss(x, y)), None)
             return "the model's loss(inputs, targets)"
         raise OptionError(
             f"{model.path} brings no loss (no loss(inputs, targets) function, not compiled with one); "
@@ -288,23 +313,68 @@ class Trainer:
         scaling = self.loss_scaling
         loss_scale, good_steps = self._loss_scale, self._good_steps
 
-        def step(x, y, param, state):
+        distribution = self.distribution
+        replicas = distribute.replicas(distribution)
+
+        def measure(x, y, param, state):
+            """Everything before the update: on every replica (its share of the batch) under a strategy."""
             loss, reg, grads, used = self._loss_and_grads(x, y)
+            if replicas > 1:
+                # The global batch's loss and gradient first (each replica's loss is its part of the
+                # global one, see _pick_objective): norms and clipping of a replica's own gradient
+                # would clip every replica to its own norm, and the update would not be the
+                # clipped global gradient.
+                context = tf.distribute.get_replica_context()
+                loss = context.all_reduce(tf.distribute.ReduceOp.SUM, loss)
+                reg = None if reg is None else context.all_reduce(tf.distribute.ReduceOp.MEAN, reg)
+                grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             grads = [dedupe(g) for g in grads]
             grad_norm, grad_norms = norms(grads)
             result = strategy.apply(grads, param, used, state)
             clipped_norm, clipped_norms = norms(result.grads)
-            if per_variable:
-                before = [tf.identity(tf.convert_to_tensor(v)) for v in used]
             loss = tf.cast(loss, tf.float32)
             grads_finite = tf.math.is_finite(grad_norm)
-            finite = tf.math.is_finite(loss) & grads_finite
-            lr = tf.cast(optimizer.learning_rate, tf.float32)  # before the update: the rate this step uses
+            measured = {
+                "loss": loss,
+                "reg": tf.constant(float("nan")) if reg is None else tf.cast(reg, tf.float32),
+                "grad_norm": tf.cast(grad_norm, tf.float64),
+                "clipped_norm": tf.cast(clipped_norm, tf.float64),
+                "threshold": (tf.constant(float("nan"), tf.float64) if result.threshold is None
+                              else tf.cast(result.threshold, tf.float64)),
+                "clipped": result.clipped,
+                "grads_finite": grads_finite,
+                "finite": tf.math.is_finite(loss) & grads_finite,
+                "lr": tf.cast(optimizer.learning_rate, tf.float32),  # before the update: the rate this step uses
+                "state": result.state,
+            }
+            if per_variable:
+                measured["grad_norms"] = tf.cast(grad_norms, tf.float32)
+                measured["clipped_norms"] = tf.cast(clipped_norms, tf.float32)
+                measured["before"] = [tf.identity(tf.convert_to_tensor(v)) for v in used]
+            if capture:
+                measured["grads"] = list(grads)
+            return measured, list(result.grads)
 
-            def update():
-                optimizer.apply_gradients(zip(result.grads, used))
-                return tf.constant(True)
+        def apply_share(grads):
+            # Keras' update sums the replicas' gradients: each hands on its share of the clipped one.
+            optimizer.apply_gradients(zip(distribute.replica_share(grads, replicas), self.used))
 
+        def step(x, y, param, state):
+            if distribution is None:
+                got, clipped = measure(x, y, param, state)
+
+                def update():
+                    apply_share(clipped)
+                    return tf.constant(True)
+            else:
+                per_replica, clipped = distribution.run(measure, args=(x, y, param, state))
+                got = distribute.first(distribution, per_replica)  # all-reduced: the same on every replica
+
+                def update():  # a cond in cross-replica context: each replica applies in its own
+                    distribution.extended.call_for_each_replica(apply_share, args=(clipped,))
+                    return tf.constant(True)
+
+            finite, grads_finite, loss = got["finite"], got["grads_finite"], got["loss"]
             tf.cond(finite, update, lambda: tf.constant(False))
             scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
             if scaling:
@@ -318,21 +388,16 @@ class Trainer:
                 overflow = tf.constant(False)
             # A skipped step leaves the strategy's state as it was too: one inf norm must not
             # poison AutoClip's history or ZClip's running mean for the rest of the run.
-            new_state = tf.nest.map_structure(lambda new, old: tf.where(finite, new, old), result.state, state)
-            if result.threshold is None:
-                threshold = tf.constant(float("nan"), tf.float64)
-            else:
-                threshold = tf.cast(result.threshold, tf.float64)
-            reg = tf.constant(float("nan")) if reg is None else tf.cast(reg, tf.float32)
+            new_state = tf.nest.map_structure(lambda new, old: tf.where(finite, new, old), got["state"], state)
             values = {
                 "loss": loss,
-                "grad_norm": tf.cast(grad_norm, tf.float64),
-                "clipped_norm": tf.cast(clipped_norm, tf.float64),
-                "threshold": threshold,
-                "reg_loss": reg,
-                "lr": lr,
+                "grad_norm": got["grad_norm"],
+                "clipped_norm": got["clipped_norm"],
+                "threshold": got["threshold"],
+                "reg_loss": got["reg"],
+                "lr": got["lr"],
                 "loss_scale": scale_used,
-                "clipped": result.clipped,
+                "clipped": got["clipped"],
                 "overflow": overflow,
                 "nonfinite": tf.logical_not(finite) & tf.logical_not(overflow),
             }
@@ -340,12 +405,12 @@ class Trainer:
                 def norm32(t):
                     return tf.sqrt(tf.nn.l2_loss(tf.cast(t, tf.float32)) * 2.0)
 
+                before = got["before"]
                 weight = tf.stack([norm32(b) for b in before])
-                update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(used, before)])
-                values["per_variable"] = tf.stack([tf.cast(grad_norms, tf.float32), tf.cast(clipped_norms, tf.float32),
-                                                   weight, update])
+                update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(self.used, before)])
+                values["per_variable"] = tf.stack([got["grad_norms"], got["clipped_norms"], weight, update])
             if capture:
-                values["grads"] = list(grads)
+                values["grads"] = got["grads"]
             return values, new_state
 
         return step
@@ -413,17 +478,32 @@ class Trainer:
 
         return tf.nest.map_structure(spec, self.data.x), spec(self.data.y)
 
-    def _dataset(self):
+    def _batches(self):
+        """What the block iterates: :meth:`_dataset`, or under a strategy its distributed form
+        (each replica gets its part of every global batch: :func:`distribute.split_batches`)."""
+        if self.distribution is None:
+            return self._dataset()
+        if self._distributed is None:
+            self._distributed = distribute.split_batches(self.distribution, self._dataset, self.options.batch_size)
+        return self._distributed
+
+    def _dataset(self, rows_of=None):
         """Batches of every step as a prefetching tf.data pipeline: ``(x, y, learning rate)``.
 
         Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the same rows
         :func:`gradwatch.data.batches` yields; the row order of an epoch is made on the host
         once per epoch, the gathering runs in tf.data's threads ahead of the training step.
+        ``rows_of(rows)`` (a worker under a strategy) keeps the part of each batch it trains on.
         """
+        if rows_of is not None:  # a worker's pipeline under a strategy, built by tf.distribute
+            return self._make_dataset(rows_of)
+        if self._pipeline is None:  # every run iterates it afresh from its first batch
+            self._pipeline = self._make_dataset(None)
+        return self._pipeline
+
+    def _make_dataset(self, rows_of):
         import tensorflow as tf
 
-        if self._pipeline is not None:  # every run iterates it afresh from its first batch
-            return self._pipeline
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
         with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
             x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
@@ -439,12 +519,13 @@ class Trainer:
         rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
         steps = tf.data.Dataset.range(self.total_steps)
         pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
+        keep = rows_of or (lambda r: r)
         batches = pairs.map(
-            lambda s, r: (tf.nest.map_structure(lambda t: tf.gather(t, r), x), tf.gather(y, r), tf.gather(rates, s // per)),
+            lambda s, r: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)),
+                          tf.gather(rates, s // per)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        self._pipeline = batches.prefetch(tf.data.AUTOTUNE)
-        return self._pipeline
+        return batches.prefetch(tf.data.AUTOTUNE)
 
     def reset(self) -> None:
         """Put every model and optimizer variable back to its value after set-up."""
@@ -479,8 +560,11 @@ class Trainer:
             from .diagnose import LayerWatch
 
             result.layers = LayerWatch(*self.variable_names, rule=options.spike_rule, shapes=self.variable_shapes)
-        iterator = iter(self._dataset())
-        size = options.fetch_every or 1
+        iterator = iter(self._batches())
+        # Workers of a multi-worker run meet in every step's all-reduce: their blocks must have
+        # the same lengths, which timing-based sizes would not give.
+        auto = options.fetch_every is None and not distribute.is_multi_worker(self.distribution)
+        size = options.fetch_every or (1 if auto else LOCKSTEP_BLOCK)
         try:
             with deferred_interrupt() as interrupted:
                 while len(result.rows) < self.total_steps and not interrupted():
@@ -511,7 +595,7 @@ class Trainer:
                         on_progress(len(result.rows), self.total_steps)
                     if rows and rows[-1]["nonfinite"] and options.on_nonfinite == "stop":
                         raise self._nonfinite_stop(result)
-                    if options.fetch_every is None:
+                    if auto:
                         size = _next_block(size, seconds)
                 if interrupted():
                     raise Interrupted([result], interrupted())
