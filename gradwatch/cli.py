@@ -77,6 +77,9 @@ FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and 
 LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False)]
 PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False)]
 TensorBoardOpt = Annotated[Optional[Path], typer.Option("--tensorboard", help="Write TensorBoard event files to this folder: scalars every step, per-variable norms, gradient histograms (one sub-folder per run).", show_default=False)]
+StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the data as a stream instead of into memory (.npz saved with numpy.savez, tf.data.Dataset.save folders; TFRecord always).  [default: when larger than 256 MiB]", show_default=False)]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="The features of a TFRecord file of tf.train.Example: NAME:DTYPE[:SHAPE],... e.g. x:float32:20,y:int64; the target is --target, else the last.", show_default=False)]
+ShuffleBufferOpt = Annotated[Optional[int], typer.Option("--shuffle-buffer", help="Streamed tf.data folders and TFRecord files: shuffle within a buffer of N elements, seeded by --seed and the epoch.  [default: 10000]", show_default=False)]
 StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", help="tf.distribute: none, mirrored (the local GPUs, or --cpu-devices N) or multiworker (the cluster in TF_CONFIG; the chief writes the outputs). Gradients are all-reduced before any norm or clipping.  [default: none]", show_default=False)]
 CpuDevicesOpt = Annotated[Optional[int], typer.Option("--cpu-devices", help="Split the CPU into N logical devices, e.g. to try --strategy mirrored without GPUs.", show_default=False)]
 HistogramEveryOpt = Annotated[int, typer.Option("--histogram-every", help="With --tensorboard: a histogram of every variable's gradient every N steps and at the last (0: none).")]
@@ -187,7 +190,8 @@ def run(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
-    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
+    stream: StreamOpt = None, features: FeaturesOpt = None, shuffle_buffer: ShuffleBufferOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
     tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
     quiet: QuietOpt = False,
 ):
@@ -462,7 +466,8 @@ def compare(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
-    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
+    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
+    stream: StreamOpt = None, features: FeaturesOpt = None, shuffle_buffer: ShuffleBufferOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
     tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
     quiet: QuietOpt = False,
 ):
@@ -699,7 +704,8 @@ def suggest(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
-    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None, quiet: QuietOpt = False,
+    strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
+    stream: StreamOpt = None, features: FeaturesOpt = None, shuffle_buffer: ShuffleBufferOpt = None, quiet: QuietOpt = False,
 ):
     """Propose a clip_by_global_norm threshold from an unclipped probe (or a saved unclipped run)."""
     if model is not None and model.lower().endswith((".csv", ".csv.partial")):
@@ -807,7 +813,7 @@ def _run_line(given: dict, spec, found, checked) -> str:
         option = "--" + name.replace("_", "-")
         if name in flags:
             parts += [flags[name]] if value else []
-        elif name in ("shuffle", "xla"):
+        elif name in ("shuffle", "xla", "stream"):
             parts.append(option if value else f"--no-{name}")
         elif name == "opt":
             for item in value:

@@ -34,6 +34,13 @@ class Dataset:
     kind: str
     path: str
     columns: tuple | None = None  # (feature names, target name) of a CSV, to name cells in errors
+    stream: object = None  # a streams.RecordStream when x and y are streams.Columns (read as a stream)
+
+    @property
+    def streamed(self) -> bool:
+        from .streams import is_rows
+
+        return self.stream is not None or is_rows(self.x)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -56,6 +63,10 @@ class DataOptions:
     vocab: str | None = None
     num_steps: int | None = None
     batch_size: int = 32
+    stream: bool | None = None  # None: stream data larger than streams.AUTO_STREAM_BYTES
+    features: str | None = None  # --features of a TFRecord file: NAME:DTYPE[:SHAPE],...
+    shuffle_buffer: int = 10000  # record streams: elements in the shuffle buffer
+    allow_nonfinite: bool = False
 
 
 # --- loaders --------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
 
 def _by_input(x, options: DataOptions, path: Path):
     """Several input arrays -> {model input name: array}: by name, or in the model's input order."""
-    if isinstance(x, np.ndarray):
+    if not isinstance(x, (dict, tuple, list)):
         return x
     names = options.input_names
     if isinstance(x, dict):
@@ -263,6 +274,39 @@ def label_of(data) -> str:
     return type(data).__name__
 
 
+def load_npz_streamed(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
+    """An uncompressed .npz whose rows are read as batches need them (streams.NpzMember)."""
+    from .streams import npz_members
+
+    with np.load(path, allow_pickle=False) as archive:  # the names only; no array is read
+        keys = list(archive.keys())
+    names = options.input_names
+    if options.x_key is not None:
+        x_keys = [k.strip() for k in options.x_key.split(",")]
+    elif names and len(names) > 1 and all(n in keys for n in names):
+        x_keys = list(names)
+    else:
+        x_keys = ["x"]
+    members = npz_members(path, x_keys + [options.y_key])
+    x = members[x_keys[0]] if len(x_keys) == 1 else {k: members[k] for k in x_keys}
+    dataset = _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path)
+    return dataset
+
+
+def _size_on_disk(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+def _streams(p: Path, options: DataOptions) -> bool:
+    if options.stream is not None:
+        return options.stream
+    from .streams import AUTO_STREAM_BYTES
+
+    return _size_on_disk(p) > AUTO_STREAM_BYTES
+
+
 def load(path, options: DataOptions, model_assets: Path | None = None) -> Dataset:
     """Load the data at ``path`` (the kind recognised from the path), or an in-memory (x, y)
     pair or tf.data.Dataset of (x, y) examples or batches."""
@@ -275,10 +319,24 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
     p = Path(path)
     if not p.exists():
         raise DataError(f"no such data file or folder: {p}")
+    from . import streams
+
+    if p.suffix.lower() in streams.TFRECORD_SUFFIXES or (p.is_dir() and any(
+            f.suffix in streams.TFRECORD_SUFFIXES for f in p.iterdir())):
+        return streams.load_tfrecord(p, options, _by_input)
+    if options.features:
+        raise DataError("--features describes the records of a TFRecord file (.tfrecord); drop it for this data")
     if p.is_dir():
         if not (p / "dataset_spec.pb").exists() and not any(p.glob("*.snapshot")):
             raise DataError(f"{p} is a folder but not one written by tf.data.Dataset.save; give an .npz, .csv or .txt file")
+        if _streams(p, options):
+            return streams.load_saved(p, options, _by_input)
         return load_tf_data(p, options, model_assets)
+    if p.suffix.lower() == ".npz" and _streams(p, options):
+        return load_npz_streamed(p, options, model_assets)
+    if options.stream and p.suffix.lower() in (".csv", ".txt"):
+        raise DataError(f"{p}: only .npz files, tf.data.Dataset.save folders and TFRecord files can be streamed; "
+                        "drop --stream")
     loader = LOADERS.get(p.suffix.lower())
     if loader is None:
         raise DataError(f"cannot tell the kind of {p}: use .npz, .csv, .txt or a tf.data.Dataset.save folder")
@@ -306,9 +364,22 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
     Returns a boolean mask of those rows (None when every value is finite), so the training
     loop can mark the steps that trained on them.
     """
+    if data.stream is not None:
+        return None  # checked as it was counted (streams._stream)
     bad_rows = None
     for name, array in data.inputs() + [("y", data.y)]:
         if not np.issubdtype(array.dtype, np.floating):
+            continue
+        if not isinstance(array, np.ndarray):  # streamed rows: a chunk at a time
+            rows, count, first = _scan_nonfinite(array)
+            if rows is not None:
+                bad_rows = rows if bad_rows is None else bad_rows | rows
+                if not allow:
+                    raise DataError(
+                        f"{data.path}: {name} has {count} non-finite value{'s' * (count != 1)} (NaN or inf) in "
+                        f"{int(rows.sum())} row{'s' * (int(rows.sum()) != 1)}, the first at {name}[{', '.join(map(str, first))}]; "
+                        "clean the data, or pass --allow-nonfinite-data to train on it anyway"
+                    )
             continue
         finite = np.isfinite(array)
         if finite.all():
@@ -324,6 +395,23 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
                 "clean the data, or pass --allow-nonfinite-data to train on it anyway"
             )
     return bad_rows
+
+
+def _scan_nonfinite(member):
+    """(rows with NaN/inf or None, how many values, index of the first) of a streamed array."""
+    rows, count, first = None, 0, None
+    for start, chunk in member.chunks():
+        finite = np.isfinite(chunk)
+        if finite.all():
+            continue
+        if rows is None:
+            rows = np.zeros(len(member), bool)
+        count += int(chunk.size - np.count_nonzero(finite))
+        rows[start:start + len(chunk)] = ~finite.reshape(len(chunk), -1).all(axis=1)
+        if first is None:
+            at = _first(~finite)
+            first = (start + int(at[0]),) + tuple(int(i) for i in at[1:])
+    return rows, count, first
 
 
 def _first(mask: np.ndarray) -> tuple:
@@ -367,7 +455,7 @@ def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
         y = _cast(y, target_spec.dtype, "y")
     elif y.dtype == np.float64 or y.dtype == np.bool_:
         y = y.astype(np.float32)
-    return Dataset(x, y, dataset.kind, dataset.path)
+    return Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream)
 
 
 def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
@@ -404,6 +492,10 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
     whole numbers in [0, classes), binary targets outside [0, 1]. TensorFlow would fail with a
     kernel trace, or silently train on garbage."""
     y = data.y
+    if data.stream is not None:
+        return  # not scanned a second time; TensorFlow's own errors stay
+    if not isinstance(y, np.ndarray):
+        y = y.read(np.arange(len(y)))  # the targets alone, read whole
     if loss in SPARSE_CLASS_LOSSES:
         values = np.asarray(y)
         if np.issubdtype(values.dtype, np.floating):

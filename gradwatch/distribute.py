@@ -126,8 +126,8 @@ def split_batches(distribution, make_global, batch_size: int):
     """A distributed dataset whose replicas together see each global batch of ``make_global``.
 
     ``make_global(rows_of)`` builds the pipeline of ``(x, y, lr)`` global batches; it is given
-    ``rows_of(order) -> rows``, which keeps of each batch's row indices the part this worker's
-    replicas train on. Every worker builds the same order (same seed), takes its slice of every
+    ``rows_of(rows)``, which keeps of a batch's row indices (or of the batch) the part this
+    worker's replicas train on. Every worker builds the same order (same seed), takes its slice of every
     batch, and hands its replicas consecutive pieces: replica r of R gets rows
     ``[r*B/R, (r+1)*B/R)`` of the global batch, as one device would see them, in order.
     """
@@ -145,8 +145,8 @@ def split_batches(distribution, make_global, batch_size: int):
         local = total // context.num_input_pipelines  # replicas this worker feeds
         first = context.input_pipeline_id * local * per_replica
 
-        def rows_of(order):
-            return order[..., first: first + local * per_replica]
+        def rows_of(rows):  # a batch's row indices, or the batch itself: rows first
+            return rows[first: first + local * per_replica]
 
         def split(x, y, lr):
             pieces = tf.nest.map_structure(

@@ -21,6 +21,7 @@ DEFAULTS = {
     "from_logits": False,
     "allow_nonfinite_data": False,
     "strategy": "none",
+    "shuffle_buffer": 10000,
 }
 
 
@@ -58,6 +59,9 @@ class RunSpec:
     allow_nonfinite_data: bool | None = None
     strategy: str | None = None  # tf.distribute: none, mirrored or multiworker (distribute.STRATEGIES)
     cpu_devices: int | None = None  # split the CPU into N logical devices (mirrored without GPUs)
+    stream: bool | None = None  # read the data as a stream (None: when larger than streams.AUTO_STREAM_BYTES)
+    features: str | None = None  # a TFRecord file's features, NAME:DTYPE[:SHAPE],...
+    shuffle_buffer: int | None = None  # record streams: elements in the shuffle buffer
 
 
 def resolve(spec: RunSpec) -> RunSpec:
@@ -122,7 +126,13 @@ def _prepare(spec: RunSpec, distribution):
         vocab=spec.vocab,
         num_steps=num_steps,
         batch_size=spec.batch_size,
+        stream=spec.stream,
+        features=spec.features,
+        shuffle_buffer=spec.shuffle_buffer,
+        allow_nonfinite=spec.allow_nonfinite_data,
     )
+    if spec.shuffle_buffer < 1:
+        raise OptionError(f"`--shuffle-buffer` must be >= 1. Received: shuffle_buffer={spec.shuffle_buffer}")
     dataset = data_mod.load(spec.data, options, model.assets)
     bad_rows = data_mod.check_finite(dataset, spec.allow_nonfinite_data)
     if spec.loss:

@@ -1,0 +1,309 @@
+"""Data sets larger than memory, read as streams: memory does not grow with their size.
+
+Two kinds of stream stand in for the in-memory arrays of :class:`gradwatch.data.Dataset`:
+
+* **Rows read where they lie** (:class:`NpzMember`): an array inside an uncompressed ``.npz``
+  (``numpy.savez``) is read with positional reads at its offset in the file, only the rows of
+  each batch, in a tf.data thread ahead of the step. Shuffling is the in-memory path's own:
+  the per-epoch permutation of row indices ``numpy.random.default_rng([seed, epoch])``, so a
+  streamed run trains on exactly the batches of the in-memory one. Reads rather than
+  ``numpy.memmap``: the pages of a memory map count as the process's resident memory once
+  touched, and an epoch touches them all.
+* **Record streams** (:class:`RecordStream`): a ``tf.data.Dataset.save`` folder or TFRecord
+  files of ``tf.train.Example``, read in file order. Shuffling draws from a bounded buffer
+  (``--shuffle-buffer`` elements) seeded by ``(seed, epoch)``: deterministic for a seed, the
+  same for every variant of a comparison, but not the in-memory permutation.
+
+Under a tf.distribute strategy every worker reads the same stream and keeps its replicas'
+rows of each global batch (``keep``), so the workers' batches together are one device's.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .errors import DataError, first_line
+
+AUTO_STREAM_BYTES = 256 * 2**20  # --stream auto: data on disk larger than this is streamed
+CHUNK_BYTES = 32 * 2**20  # rows per read when scanning a whole array (checks before training)
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """One array inside an uncompressed .npz, read row by row; looks like an array to the
+    shape and dtype checks (``shape``, ``dtype``, ``ndim``, ``astype``)."""
+
+    path: str
+    name: str
+    offset: int  # where its data starts in the file
+    shape: tuple
+    stored: np.dtype  # the dtype in the file
+    dtype: np.dtype  # the dtype rows are read as (after astype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.stored.itemsize
+
+    def astype(self, dtype, copy: bool = False) -> "NpzMember":
+        return replace(self, dtype=np.dtype(dtype))
+
+    def read(self, rows) -> np.ndarray:
+        """The given rows, in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows),) + tuple(self.shape[1:]), self.stored)
+        size = self.row_bytes
+        view = out.reshape(len(rows), -1).view(np.uint8) if size else None
+        with open(self.path, "rb", buffering=0) as handle:
+            fd = handle.fileno()
+            if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+                view.reshape(-1)[:] = np.frombuffer(_pread(fd, size * len(rows), self.offset + size * int(rows[0])), np.uint8)
+            else:
+                for k, row in enumerate(rows.tolist()):
+                    view[k] = np.frombuffer(_pread(fd, size, self.offset + size * row), np.uint8)
+        return out.astype(self.dtype, copy=False)
+
+    def chunks(self):
+        """(first row, rows) over the whole array, CHUNK_BYTES at a time."""
+        step = max(1, CHUNK_BYTES // max(self.row_bytes, 1))
+        for start in range(0, len(self), step):
+            yield start, self.read(np.arange(start, min(start + step, len(self))))
+
+    def __getitem__(self, rows):  # whole-array indexing is what the in-memory path does; say so
+        raise TypeError("a streamed array is read with .read(rows)")
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    while len(data) < size:  # pread may return less; never past the end of a valid member
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise DataError(f"unexpected end of file reading {size} bytes at {offset}; the .npz is truncated")
+        data += more
+    return data
+
+
+def npz_members(path, keys) -> dict:
+    """The arrays ``keys`` of an .npz as :class:`NpzMember` s (no data read)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    members = {}
+    with archive, open(path, "rb") as handle:
+        names = {n[:-4] if n.endswith(".npy") else n: n for n in archive.namelist()}
+        for key in keys:
+            if key not in names:
+                raise DataError(f"{path} has no array {key!r} (it has: {', '.join(names) or 'none'}); "
+                                "pass --x-key / --y-key to name the inputs and targets")
+            info = archive.getinfo(names[key])
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise DataError(f"{path}: array {key!r} is compressed (numpy.savez_compressed), which cannot be read "
+                                "row by row; save it with numpy.savez to stream it, or pass --no-stream")
+            handle.seek(info.header_offset)
+            header = handle.read(30)
+            start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            handle.seek(start)
+            try:
+                version = np.lib.format.read_magic(handle)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(handle)
+            except ValueError as exc:
+                raise DataError(f"{path}: array {key!r} is not a .npy array ({exc})") from None
+            if fortran or dtype.hasobject or not shape:
+                raise DataError(f"{path}: array {key!r} must be a C-ordered numeric array with a row dimension "
+                                "to be streamed; pass --no-stream")
+            members[key] = NpzMember(str(path), key, handle.tell(), tuple(shape), dtype, dtype)
+    return members
+
+
+def is_rows(x) -> bool:
+    """Streamed rows read where they lie (one input, or a dict of inputs)?"""
+    if isinstance(x, dict):
+        return any(isinstance(v, NpzMember) for v in x.values())
+    return isinstance(x, NpzMember)
+
+
+def read(x, rows):
+    """The given rows of one input or of every input of several."""
+    if isinstance(x, dict):
+        return {k: v.read(rows) for k, v in x.items()}
+    return x.read(rows)
+
+
+# --- record streams ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """Shape and dtype of one streamed tensor (rows first), for the checks made on arrays."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def astype(self, dtype, copy: bool = False) -> "Column":
+        return replace(self, dtype=np.dtype(dtype))
+
+
+class RecordStream:
+    """A tf.data pipeline of single ``(x, y)`` examples in file order, made afresh on demand."""
+
+    def __init__(self, make, rows: int, buffer: int):
+        self.make = make  # () -> tf.data.Dataset of (x, y) examples
+        self.rows = rows
+        self.buffer = buffer
+
+    def batches(self, x, y, epochs: int, batch_size: int, shuffle: bool, seed: int, keep):
+        """Global batches of ``epochs`` epochs (``len // batch_size`` each, the rest dropped),
+        cast to the dtypes of the ``x``/``y`` columns, each cut by ``keep`` (a worker's rows)."""
+        import tensorflow as tf
+
+        dtypes = tf.nest.map_structure(lambda c: tf.as_dtype(c.dtype), (x, y))
+        per_epoch = self.rows // batch_size
+
+        def epoch(e):
+            examples = self.make()
+            if shuffle:
+                examples = examples.shuffle(self.buffer, seed=int(np.random.default_rng([seed, e]).integers(2**31)),
+                                            reshuffle_each_iteration=False)
+            return examples.batch(batch_size, drop_remainder=True).take(per_epoch)
+
+        stream = epoch(1)
+        for e in range(2, epochs + 1):
+            stream = stream.concatenate(epoch(e))
+        return stream.map(lambda bx, by: tf.nest.map_structure(lambda t, d: tf.cast(keep(t), d), (bx, by), dtypes),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_saved(path, options, by_input):
+    """A ``tf.data.Dataset.save`` folder of (x, y) examples (or batches) as a stream."""
+    import tensorflow as tf
+
+    try:
+        loaded = tf.data.Dataset.load(str(path))
+    except (tf.errors.OpError, ValueError, OSError) as exc:
+        raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({first_line(exc)})") from None
+    spec = loaded.element_spec
+    flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) == 2 else []
+    if not (flat_x and isinstance(spec[1], tf.TensorSpec) and all(isinstance(s, tf.TensorSpec) for s in flat_x)):
+        raise DataError(f"{path}: elements must be (x, y) pairs, found {spec}; save dataset.map(lambda ...: (x, y))")
+    batched = bool(flat_x[0].shape.rank) and flat_x[0].shape[0] is None
+
+    def make():
+        data = tf.data.Dataset.load(str(path))
+        return data.unbatch() if batched else data
+
+    return _stream(make, path, options, by_input, "tf.data (streamed)")
+
+
+def parse_features(text: str, target: str | None):
+    """``--features x:float32:20,y:int64`` -> ({name: FixedLenFeature}, [input names], target name)."""
+    import tensorflow as tf
+
+    features = {}
+    for item in (text or "").split(","):
+        parts = item.strip().split(":")
+        if not parts[0]:
+            continue
+        if len(parts) not in (2, 3):
+            raise DataError(f"--features item {item!r} is not NAME:DTYPE[:SHAPE], e.g. x:float32:20 or y:int64")
+        name, dtype = parts[0], parts[1]
+        if dtype not in ("float32", "int64", "string"):
+            raise DataError(f"--features {name}: dtype {dtype!r} is not one tf.train.Example holds (float32, int64)")
+        try:
+            shape = [int(d) for d in parts[2].split("x")] if len(parts) == 3 and parts[2] else []
+        except ValueError:
+            raise DataError(f"--features {name}: shape {parts[2]!r} is not like 20 or 4x5") from None
+        features[name] = tf.io.FixedLenFeature(shape, tf.as_dtype(dtype))
+    if len(features) < 2:
+        raise DataError("a TFRecord file needs --features naming its inputs and target, e.g. "
+                        "--features x:float32:20,y:int64 (the target is --target, else the last)")
+    target = target or list(features)[-1]
+    if target not in features:
+        raise DataError(f"--target {target!r} is not among --features ({', '.join(features)})")
+    return features, [n for n in features if n != target], target
+
+
+def load_tfrecord(path, options, by_input):
+    """TFRecord file(s) of tf.train.Example, parsed with ``--features``, as a stream."""
+    import tensorflow as tf
+
+    features, inputs, target = parse_features(options.features, options.target)
+    files = sorted(str(p) for p in path.iterdir() if p.suffix in TFRECORD_SUFFIXES) if path.is_dir() else [str(path)]
+    if not files:
+        raise DataError(f"{path} holds no .tfrecord files")
+
+    def make():
+        def parse(record):
+            example = tf.io.parse_single_example(record, features)
+            x = example[inputs[0]] if len(inputs) == 1 else {n: example[n] for n in inputs}
+            return x, example[target]
+
+        return tf.data.TFRecordDataset(files).map(parse)
+
+    try:
+        return _stream(make, path, options, by_input, "tfrecord (streamed)")
+    except tf.errors.OpError as exc:
+        raise DataError(f"{path}: cannot read it as TFRecord files of tf.train.Example with --features "
+                        f"{options.features} ({first_line(exc)})") from None
+
+
+TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfr")
+
+
+def _stream(make, path, options, by_input, kind):
+    """Count the rows and check every value is finite in one pass, a few thousand rows at a time."""
+    import tensorflow as tf
+
+    from .data import Dataset
+
+    if options.allow_nonfinite:
+        raise DataError(f"{path} is streamed: --allow-nonfinite-data is not supported for it yet; clean the data")
+    examples = make()
+    spec = examples.element_spec
+    rows, bad, first = 0, 0, None
+    for bx, by in examples.batch(4096).as_numpy_iterator():
+        for name, array in _flat_named(bx) + [("y", by)]:
+            if np.issubdtype(array.dtype, np.floating):
+                finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+                if not finite.all():
+                    bad += int((~finite).sum())
+                    first = first or (name, rows + int(np.argmin(finite)))
+        rows += len(by)
+    if bad:
+        raise DataError(f"{path}: {bad} row(s) hold non-finite values (NaN or inf), the first in {first[0]} of row "
+                        f"{first[1]}; clean the data (streamed data cannot be trained on with --allow-nonfinite-data)")
+    if rows == 0:
+        raise DataError(f"{path} holds no elements")
+
+    def column(s):
+        return Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype))
+
+    x = tf.nest.map_structure(column, spec[0])
+    x = by_input(x if not isinstance(x, (tuple, list)) else tuple(x), options, path)
+    return Dataset(x, column(spec[1]), kind, str(path), stream=RecordStream(make, rows, options.shuffle_buffer))
+
+
+def _flat_named(x):
+    if isinstance(x, dict):
+        return [(f"x[{k!r}]", v) for k, v in x.items()]
+    if isinstance(x, (tuple, list)):
+        return [(f"x[{k}]", v) for k, v in enumerate(x)]
+    return [("x", x)]
