@@ -1,0 +1,148 @@
+"""Streamed data (--stream, TFRecord): the same batches as the in-memory path where the order is
+the same, a deterministic seeded order where it is not, and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import read_csv
+from gradwatch import data, streams
+
+SKIP = {"time_ms", "data"}
+
+
+def same_rows(a, b):
+    assert len(a) == len(b) and list(a.columns) == list(b.columns)
+    for column in a.columns:
+        if column not in SKIP:
+            assert a[column].fillna(-1).tolist() == b[column].fillna(-1).tolist(), column
+
+
+def write_tfrecord(path, x, y, y_kind="float"):
+    import tensorflow as tf
+
+    def feature(values, kind):
+        if kind == "int":
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for a, b in zip(x, y):
+            example = tf.train.Example(features=tf.train.Features(
+                feature={"x": feature(a.ravel(), "float"), "y": feature(np.atleast_1d(b).ravel(), y_kind)}))
+            writer.write(example.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def four_ways(tmp_path_factory):
+    """The same 100 rows as an .npz, a tf.data.Dataset.save folder and a TFRecord file."""
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("streams")
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(100, 4)).astype(np.float32)
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)).astype(np.float32)
+    np.savez(folder / "rows.npz", x=x, y=y)
+    tf.data.Dataset.from_tensor_slices((x, y)).save(str(folder / "rows_tfdata"))
+    write_tfrecord(folder / "rows.tfrecord", x, y)
+    return folder
+
+
+def csv_of(cli, tmp_path, name, model, *args):
+    out = tmp_path / f"{name}.csv"
+    code, _, err = cli("run", model, "--steps", 20, "--batch-size", 16, "--clip", "global", "--norm", 1,
+                       "--csv", out, "--quiet", "--loss", "mse", *args)
+    assert code == 0, err
+    return read_csv(out)
+
+
+def test_streamed_npz_trains_on_the_in_memory_batches(cli, tmp_path, four_ways, keras_export_model):
+    """Rows read where they lie, in the in-memory path's per-epoch permutation: every column
+    equal over 3 shuffled epochs (plus the auto choice, which keeps a small file in memory)."""
+    path = four_ways / "rows.npz"
+    memory = csv_of(cli, tmp_path, "memory", keras_export_model, "--data", path, "--no-stream")
+    streamed = csv_of(cli, tmp_path, "streamed", keras_export_model, "--data", path, "--stream")
+    auto = csv_of(cli, tmp_path, "auto", keras_export_model, "--data", path)
+    same_rows(memory, streamed)
+    same_rows(memory, auto)
+    assert memory["epoch"].max() == 4
+
+
+def test_npz_member_reads_rows_in_any_order(four_ways):
+    members = streams.npz_members(four_ways / "rows.npz", ["x", "y"])
+    with np.load(four_ways / "rows.npz") as archive:
+        x = archive["x"]
+    rows = np.array([7, 3, 99, 0, 3, 50])
+    np.testing.assert_array_equal(members["x"].read(rows), x[rows])
+    np.testing.assert_array_equal(members["x"].read(np.arange(10, 30)), x[10:30])
+    chunks = np.concatenate([c for _, c in members["x"].chunks()])
+    np.testing.assert_array_equal(chunks, x)
+    assert members["x"].astype(np.float64).read([1]).dtype == np.float64
+
+
+def test_record_streams_in_file_order_equal_in_memory(cli, tmp_path, four_ways, keras_export_model):
+    """Without shuffling a tf.data folder and a TFRecord file stream the rows in file order:
+    the in-memory run's batches."""
+    memory = csv_of(cli, tmp_path, "memory", keras_export_model, "--data", four_ways / "rows.npz", "--no-shuffle")
+    saved = csv_of(cli, tmp_path, "saved", keras_export_model, "--data", four_ways / "rows_tfdata", "--stream",
+                   "--no-shuffle")
+    record = csv_of(cli, tmp_path, "record", keras_export_model, "--data", four_ways / "rows.tfrecord",
+                    "--features", "x:float32:4,y:float32:1", "--no-shuffle")
+    same_rows(memory, saved)
+    same_rows(memory, record)
+
+
+def test_record_stream_shuffle_is_seeded_and_per_epoch(four_ways):
+    """The bounded buffer's order: the same for the same seed, another for another seed or epoch,
+    and every epoch a permutation of the rows (buffer >= rows)."""
+    import tensorflow as tf
+
+    dataset = data.load(four_ways / "rows_tfdata", data.DataOptions(stream=True, shuffle_buffer=1000))
+    assert dataset.streamed and len(dataset) == 100
+    with np.load(four_ways / "rows.npz") as archive:
+        row_of = {float(v): k for k, v in enumerate(archive["y"][:, 0])}  # the targets are distinct
+
+    def epochs(seed):
+        batches = dataset.stream.batches(dataset.x, dataset.y, 2, 10, True, seed, lambda t: t)
+        return [row_of[float(v)] for b in batches for v in b[1].numpy()[:, 0]]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    assert first == again and first != other
+    assert sorted(first[:100]) == list(range(100)) == sorted(first[100:])
+    assert first[:100] != first[100:] and first[:100] != list(range(100))
+    assert tf.is_tensor(next(iter(dataset.stream.batches(dataset.x, dataset.y, 1, 10, False, 0, lambda t: t)))[0])
+
+
+def test_stream_errors_are_one_line(cli, tmp_path, four_ways, keras_export_model):
+    x = np.ones((40, 4), np.float32)
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=x[:, :1])
+    bad = x.copy()
+    bad[17, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=bad, y=x[:, :1])
+    write_tfrecord(tmp_path / "nan.tfrecord", bad, x[:, :1])
+    cases = [
+        (["--data", tmp_path / "packed.npz", "--stream"], "is compressed (numpy.savez_compressed)"),
+        (["--data", tmp_path / "nan.npz", "--stream"], "x has 1 non-finite value (NaN or inf) in 1 row, the first at x[17, 2]"),
+        (["--data", tmp_path / "nan.tfrecord", "--features", "x:float32:4,y:float32:1"], "the first in x of row 17"),
+        (["--data", four_ways / "rows.tfrecord"], "needs --features"),
+        (["--data", four_ways / "rows.tfrecord", "--features", "x:float32:4,y:complex"], "is not one tf.train.Example holds"),
+        (["--data", four_ways / "rows.tfrecord", "--features", "x:float32:4,y:float32:1", "--target", "z"], "is not among --features"),
+        (["--data", four_ways / "rows.tfrecord", "--features", "x:float32:5,y:float32:1"], "cannot read it as TFRecord"),
+        (["--data", four_ways / "rows.npz", "--features", "x:float32:4,y:float32:1"], "drop it for this data"),
+        (["--data", four_ways / "rows_tfdata", "--stream", "--allow-nonfinite-data"], "not supported for it yet"),
+    ]
+    for args, message in cases:
+        code, out, err = cli("run", keras_export_model, "--steps", 2, "--loss", "mse", *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_streamed_nonfinite_rows_are_marked_when_allowed(cli, tmp_path, keras_export_model):
+    """--allow-nonfinite-data on a streamed .npz marks the same steps as in memory."""
+    x = np.random.default_rng(5).normal(size=(64, 4)).astype(np.float32)
+    x[9, 1] = np.inf
+    np.savez(tmp_path / "inf.npz", x=x, y=x[:, :1])
+    runs = [csv_of(cli, tmp_path, f"inf{k}", keras_export_model, "--data", tmp_path / "inf.npz",
+                   "--allow-nonfinite-data", flag) for k, flag in enumerate(["--no-stream", "--stream"])]
+    same_rows(*runs)
+    assert runs[0]["nonfinite_input"].sum() == 5  # one row: one batch an epoch, 5 epochs of 4 steps
