@@ -33,16 +33,25 @@ BATCH = 256
 
 
 def make(folder: Path, megabytes: int, seed: int) -> dict:
-    """``rows.npz`` and ``rows_tfdata/`` of about ``megabytes`` MB, written in slices (flat memory)."""
+    """``rows.npz`` and ``rows_tfdata/`` of about ``megabytes`` MB, each written in slices by a
+    child process: Linux keeps a process's peak RSS across fork and exec, so pages this process
+    touched would show up in every gradwatch child's ``ru_maxrss``."""
     rows = megabytes * 2**20 // ((FEATURES + 1) * 4)
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(FEATURES, 1)).astype(np.float32) / np.sqrt(FEATURES)
     npz = folder / f"rows{megabytes}.npz"
-    # numpy.savez wants whole arrays: write the two members through memory maps, then zip them stored.
+    tfdata = folder / f"rows{megabytes}_tfdata"
+    subprocess.run([sys.executable, __file__, "--write", str(npz), str(tfdata), str(rows), str(seed)], check=True,
+                   stderr=subprocess.DEVNULL)
+    size = sum(f.stat().st_size for f in tfdata.rglob("*") if f.is_file())
+    return {"rows": rows, "npz": npz, "npz_mb": npz.stat().st_size / 2**20, "tfdata": tfdata, "tfdata_mb": size / 2**20}
 
+
+def write(npz: Path, tfdata: Path, rows: int, seed: int) -> None:
+    """(In a child process.) The .npz through memory-mapped members zipped stored, as numpy.savez
+    would write them, then the tf.data folder from the .npz, 4096 rows at a time."""
+    w = np.random.default_rng(seed).normal(size=(FEATURES, 1)).astype(np.float32) / np.sqrt(FEATURES)
     with zipfile.ZipFile(npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, shape in (("x", (rows, FEATURES)), ("y", (rows, 1))):
-            path = folder / f"{name}.npy"
+            path = npz.parent / f"{name}.npy"
             array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
             for start in range(0, rows, 65536):
                 stop = min(start + 65536, rows)
@@ -52,22 +61,19 @@ def make(folder: Path, megabytes: int, seed: int) -> dict:
             del array
             archive.write(path, f"{name}.npy")
             path.unlink()
-    tfdata = folder / f"rows{megabytes}_tfdata"
-    code = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        "from gradwatch.streams import npz_members\n"
-        "m = npz_members(sys.argv[1], ['x', 'y'])\n"
-        "n = len(m['y'])\n"
-        "def gen():\n"
-        "    for s in range(0, n, 4096):\n"
-        "        r = np.arange(s, min(s + 4096, n))\n"
-        "        yield m['x'].read(r), m['y'].read(r)\n"
-        f"spec = (tf.TensorSpec((None, {FEATURES}), tf.float32), tf.TensorSpec((None, 1), tf.float32))\n"
-        "tf.data.Dataset.from_generator(gen, output_signature=spec).unbatch().save(sys.argv[2])\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(npz), str(tfdata)], check=True, capture_output=True)
-    size = sum(f.stat().st_size for f in tfdata.rglob("*") if f.is_file())
-    return {"rows": rows, "npz": npz, "npz_mb": npz.stat().st_size / 2**20, "tfdata": tfdata, "tfdata_mb": size / 2**20}
+    import tensorflow as tf
+
+    from gradwatch.streams import npz_members
+
+    members = npz_members(npz, ["x", "y"])
+
+    def chunks():
+        for start in range(0, rows, 4096):
+            r = np.arange(start, min(start + 4096, rows))
+            yield members["x"].read(r), members["y"].read(r)
+
+    spec = (tf.TensorSpec((None, FEATURES), tf.float32), tf.TensorSpec((None, 1), tf.float32))
+    tf.data.Dataset.from_generator(chunks, output_signature=spec).unbatch().save(str(tfdata))
 
 
 def model(folder: Path) -> Path:
@@ -98,6 +104,9 @@ def peak(args: list) -> tuple[float, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--write"]:
+        npz, tfdata, rows, seed = sys.argv[2:6]
+        return write(Path(npz), Path(tfdata), int(rows), int(seed))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-mb", type=int, default=1024)
     parser.add_argument("--small-mb", type=int, default=100)

@@ -122,6 +122,15 @@ def replicas(distribution) -> int:
     return 1 if distribution is None else int(distribution.num_replicas_in_sync)
 
 
+def check_batch(distribution, batch_size: int) -> None:
+    total = replicas(distribution)
+    if batch_size % total:
+        raise OptionError(
+            f"--batch-size {batch_size} does not split over {total} replicas; pick a multiple of {total} "
+            "(the batch size is the global batch, split across replicas)"
+        )
+
+
 def split_batches(distribution, make_global, batch_size: int):
     """A distributed dataset whose replicas together see each global batch of ``make_global``.
 
@@ -133,12 +142,8 @@ def split_batches(distribution, make_global, batch_size: int):
     """
     import tensorflow as tf
 
+    check_batch(distribution, batch_size)
     total = replicas(distribution)
-    if batch_size % total:
-        raise OptionError(
-            f"--batch-size {batch_size} does not split over {total} replicas; pick a multiple of {total} "
-            "(the batch size is the global batch, split across replicas)"
-        )
     per_replica = batch_size // total
 
     def dataset_fn(context):

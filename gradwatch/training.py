@@ -113,8 +113,7 @@ class Trainer:
         self.model = model
         # A tf.distribute strategy (the model's and optimizer's variables made in its scope), or None.
         self.distribution = distribution
-        if options.batch_size % distribute.replicas(distribution):
-            distribute.split_batches(distribution, None, options.batch_size)  # raises the OptionError
+        distribute.check_batch(distribution, options.batch_size)
         self.bad_rows = bad_rows  # rows with NaN/inf values (--allow-nonfinite-data), or None
         self._bad_steps: dict[int, np.ndarray] = {}
         self.options = options
