@@ -75,19 +75,7 @@ class DataOptions:
 def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.keys())
-            names = options.input_names
-            if options.x_key is not None:
-                x_keys = [k.strip() for k in options.x_key.split(",")]
-            elif names and len(names) > 1 and all(n in keys for n in names):
-                x_keys = list(names)  # arrays named after the model's inputs
-            else:
-                x_keys = ["x"]
-            missing = [k for k in x_keys + [options.y_key] if k not in keys]
-            if missing:
-                hint = (f"name its arrays after the model's inputs ({', '.join(names)}) or pass --x-key a,b in input order"
-                        if names and len(names) > 1 else "pass --x-key / --y-key to name the inputs and targets")
-                raise DataError(f"{path} has no array {missing[0]!r} (it has: {', '.join(keys) or 'none'}); {hint}")
+            x_keys = _npz_input_keys(path, list(archive.keys()), options)
             y = archive[options.y_key]
             if len(x_keys) == 1:
                 x = archive[x_keys[0]]
@@ -98,6 +86,24 @@ def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
     except (OSError, EOFError) as exc:
         raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
     return _checked(_by_input(x, options, path), y, "npz", path)
+
+
+def _npz_input_keys(path: Path, keys: list, options: DataOptions) -> list:
+    """The arrays of an .npz that are the inputs (--x-key, else named after the model's inputs,
+    else "x"); an error naming the first of them, or of the target, that is missing."""
+    names = options.input_names
+    if options.x_key is not None:
+        x_keys = [k.strip() for k in options.x_key.split(",")]
+    elif names and len(names) > 1 and all(n in keys for n in names):
+        x_keys = list(names)  # arrays named after the model's inputs
+    else:
+        x_keys = ["x"]
+    missing = [k for k in x_keys + [options.y_key] if k not in keys]
+    if missing:
+        hint = (f"name its arrays after the model's inputs ({', '.join(names)}) or pass --x-key a,b in input order"
+                if names and len(names) > 1 else "pass --x-key / --y-key to name the inputs and targets")
+        raise DataError(f"{path} has no array {missing[0]!r} (it has: {', '.join(keys) or 'none'}); {hint}")
+    return x_keys
 
 
 def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
@@ -279,18 +285,10 @@ def load_npz_streamed(path: Path, options: DataOptions, model_assets: Path | Non
     from .streams import npz_members
 
     with np.load(path, allow_pickle=False) as archive:  # the names only; no array is read
-        keys = list(archive.keys())
-    names = options.input_names
-    if options.x_key is not None:
-        x_keys = [k.strip() for k in options.x_key.split(",")]
-    elif names and len(names) > 1 and all(n in keys for n in names):
-        x_keys = list(names)
-    else:
-        x_keys = ["x"]
+        x_keys = _npz_input_keys(path, list(archive.keys()), options)
     members = npz_members(path, x_keys + [options.y_key])
     x = members[x_keys[0]] if len(x_keys) == 1 else {k: members[k] for k in x_keys}
-    dataset = _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path)
-    return dataset
+    return _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path)
 
 
 def _size_on_disk(p: Path) -> int:
@@ -370,23 +368,9 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
     for name, array in data.inputs() + [("y", data.y)]:
         if not np.issubdtype(array.dtype, np.floating):
             continue
-        if not isinstance(array, np.ndarray):  # streamed rows: a chunk at a time
-            rows, count, first = _scan_nonfinite(array)
-            if rows is not None:
-                bad_rows = rows if bad_rows is None else bad_rows | rows
-                if not allow:
-                    raise DataError(
-                        f"{data.path}: {name} has {count} non-finite value{'s' * (count != 1)} (NaN or inf) in "
-                        f"{int(rows.sum())} row{'s' * (int(rows.sum()) != 1)}, the first at {name}[{', '.join(map(str, first))}]; "
-                        "clean the data, or pass --allow-nonfinite-data to train on it anyway"
-                    )
+        rows, count, first = _nonfinite(array)
+        if rows is None:
             continue
-        finite = np.isfinite(array)
-        if finite.all():
-            continue
-        count = int(array.size - np.count_nonzero(finite))
-        first = _first(~finite)
-        rows = ~finite.reshape(len(array), -1).all(axis=1)
         bad_rows = rows if bad_rows is None else bad_rows | rows
         if not allow:
             raise DataError(
@@ -397,15 +381,16 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
     return bad_rows
 
 
-def _scan_nonfinite(member):
-    """(rows with NaN/inf or None, how many values, index of the first) of a streamed array."""
+def _nonfinite(array):
+    """(mask of the rows with NaN/inf or None, how many values, index of the first) of an
+    array, or of a streamed one a chunk at a time (streams.NpzMember.chunks)."""
     rows, count, first = None, 0, None
-    for start, chunk in member.chunks():
+    for start, chunk in array.chunks() if hasattr(array, "chunks") else [(0, array)]:
         finite = np.isfinite(chunk)
         if finite.all():
             continue
         if rows is None:
-            rows = np.zeros(len(member), bool)
+            rows = np.zeros(len(array), bool)
         count += int(chunk.size - np.count_nonzero(finite))
         rows[start:start + len(chunk)] = ~finite.reshape(len(chunk), -1).all(axis=1)
         if first is None:

@@ -89,8 +89,8 @@ def configure_cpu_devices(n: int | None) -> None:
 
 
 def make(strategy: str | None, cpu_devices: int | None):
-    """The ``tf.distribute.Strategy`` asked for, or None for plain single-device training."""
-    check_options(strategy, cpu_devices)
+    """The ``tf.distribute.Strategy`` asked for (options checked: :func:`check_options`), or None
+    for plain single-device training."""
     configure_cpu_devices(cpu_devices)
     if strategy in (None, "none"):
         return None
@@ -197,4 +197,6 @@ def replica_share(grads, replicas: int):
 
 
 def is_multi_worker(distribution) -> bool:
-    return distribution is not None and bool(getattr(distribution.extended, "_in_multi_worker_mode", lambda: False)())
+    import tensorflow as tf
+
+    return isinstance(distribution, tf.distribute.MultiWorkerMirroredStrategy)

@@ -97,6 +97,8 @@ def prepare(spec: RunSpec):
     from .tf_import import tensorflow
 
     distribute.check_options(spec.strategy, spec.cpu_devices)
+    if spec.shuffle_buffer < 1:
+        raise OptionError(f"`--shuffle-buffer` must be >= 1. Received: shuffle_buffer={spec.shuffle_buffer}")
     tensorflow()
     distribution = distribute.make(spec.strategy, spec.cpu_devices)  # before TensorFlow's first op
     with distribute.scope(distribution):  # the model's and optimizer's variables live on every replica
@@ -131,8 +133,6 @@ def _prepare(spec: RunSpec, distribution):
         shuffle_buffer=spec.shuffle_buffer,
         allow_nonfinite=spec.allow_nonfinite_data,
     )
-    if spec.shuffle_buffer < 1:
-        raise OptionError(f"`--shuffle-buffer` must be >= 1. Received: shuffle_buffer={spec.shuffle_buffer}")
     dataset = data_mod.load(spec.data, options, model.assets)
     bad_rows = data_mod.check_finite(dataset, spec.allow_nonfinite_data)
     if spec.loss:

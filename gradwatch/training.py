@@ -515,17 +515,14 @@ class Trainer:
         def with_rates(step, x, y):
             return x, y, tf.gather(rates, step // per)
 
-        if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
-            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed, keep)
-            pairs = tf.data.Dataset.zip((steps, batches)).take(self.total_steps)
-            return pairs.map(lambda s, b: with_rates(s, *b)).prefetch(tf.data.AUTOTUNE)
-
         def orders():
             for epoch in range(1, epochs + 1):
                 order = data_mod.epoch_order(n_rows, epoch, options.shuffle, options.seed)
                 yield order[: per * size].reshape(per, size).astype(np.int64)
 
-        if streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
+        if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
+            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed, keep)
+        elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
             def read_batches():
                 for order in orders():
                     for rows in order:
@@ -535,20 +532,20 @@ class Trainer:
             def spec(member):
                 return tf.TensorSpec((None,) + tuple(member.shape[1:]), tf.as_dtype(member.dtype))
 
-            read = tf.data.Dataset.from_generator(
+            batches = tf.data.Dataset.from_generator(
                 read_batches, output_signature=(tf.nest.map_structure(spec, self.data.x), spec(self.data.y)))
-            pairs = tf.data.Dataset.zip((steps, read)).take(self.total_steps)
-            return pairs.map(lambda s, b: with_rates(s, *b)).prefetch(tf.data.AUTOTUNE)
-
-        with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
-            x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
-        rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
-        pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
-        batches = pairs.map(
-            lambda s, r: with_rates(s, tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r))),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        return batches.prefetch(tf.data.AUTOTUNE)
+        else:  # in memory: the rows of each batch gathered from constants in tf.data's threads
+            with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
+                x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
+            rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
+            pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
+            batches = pairs.map(
+                lambda s, r: with_rates(s, tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r))),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            return batches.prefetch(tf.data.AUTOTUNE)
+        pairs = tf.data.Dataset.zip((steps, batches)).take(self.total_steps)
+        return pairs.map(lambda s, b: with_rates(s, *b)).prefetch(tf.data.AUTOTUNE)
 
     def reset(self) -> None:
         """Put every model and optimizer variable back to its value after set-up."""
