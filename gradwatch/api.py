@@ -45,8 +45,9 @@ def make_spec(model=None, data=None, sample=None, **options):
     if unknown:
         raise OptionError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                           f"the options are {', '.join(sorted(names - {'model', 'data', 'sample'}))}")
-    if options.get("on_nonfinite") is not None:
-        options["on_nonfinite"] = getattr(options["on_nonfinite"], "value", options["on_nonfinite"])
+    for name in ("on_nonfinite", "sparse_norm"):
+        if options.get(name) is not None:
+            options[name] = getattr(options[name], "value", options[name])
     if options.get("opt") is not None:
         opt = options["opt"]
         options["opt"] = tuple(f"{k}={v}" for k, v in opt.items()) if isinstance(opt, dict) else tuple(opt)

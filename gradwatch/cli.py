@@ -39,7 +39,13 @@ class Format(str, Enum):
 
 class OnNonFinite(str, Enum):
     skip = "skip"
+    apply = "apply"
     stop = "stop"
+
+
+class SparseNorm(str, Enum):
+    summed = "summed"
+    rows = "rows"
 
 
 # --- options shared by run and compare (one definition each) -------------------------------------
@@ -65,7 +71,8 @@ OptOpt = Annotated[Optional[list[str]], typer.Option("--opt", help="An optimizer
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: the optimizer's own (compiled), else 0.01, or the sample's]", show_default=False)]
 LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False)]
 DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
-OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights as they were and go on; stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False)]
+OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights, optimizer, clipping and BatchNorm state as they were and go on; apply: apply the update anyway (as Keras fit does); stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False)]
+SparseNormOpt = Annotated[Optional[SparseNorm], typer.Option("--sparse-norm", help="What clipping measures an embedding gradient's repeated rows by: summed (the true norm of the applied gradient) or rows (row by row, as Keras' global_clipnorm/clipnorm/clipvalue and tf.clip_by_global_norm do, so the threshold is the one to type into Keras).  [default: summed]", show_default=False)]
 FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
 XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
@@ -146,6 +153,7 @@ def _spec(**options):
     from .session import RunSpec
 
     options["on_nonfinite"] = options["on_nonfinite"].value if options.get("on_nonfinite") else None
+    options["sparse_norm"] = options["sparse_norm"].value if options.get("sparse_norm") else None
     options["opt"] = tuple(options["opt"]) if options.get("opt") else None
     return RunSpec(**options)
 
@@ -187,7 +195,7 @@ def run(
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
-    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
+    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
@@ -425,10 +433,15 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         _stderr().print(escape(f"gradwatch: interrupted by {what}; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
         show(stop.results, f"interrupted by {what} after {_steps(kept)}")
         raise
-    except NonFiniteStop:
+    except NonFiniteStop as stop:
         progress.close()
+        results = [stop.result]
+        if before_commit:
+            before_commit(results)
         for s in sinks:
             s.commit()
+        last = stop.result.rows[-1]["step"] if len(stop.result.rows) else 0
+        show(results, f"stopped at step {last}: not finite")
         raise
     except BaseException:
         progress.close()
@@ -463,7 +476,7 @@ def compare(
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
-    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
+    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
@@ -701,7 +714,7 @@ def suggest(
     steps: Annotated[Optional[int], typer.Option("--steps", help=f"Steps of the unclipped probe.  [default: {PROBE_STEPS}]", show_default=False)] = None,
     epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
-    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None,
+    lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,

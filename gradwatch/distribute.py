@@ -200,3 +200,34 @@ def is_multi_worker(distribution) -> bool:
     import tensorflow as tf
 
     return isinstance(distribution, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def when(condition, then, otherwise=None, args=()):
+    """``then(*args)`` if ``condition`` else ``otherwise(*args)``, called in replica context (where
+    Keras calls an optimizer's ``apply``). A Keras update calls ``merge_call``, which a strategy may
+    not allow inside a replica's ``tf.cond``: there the cond runs in cross-replica context and
+    each replica runs its branch with its own ``args``, as ``LossScaleOptimizer`` does it."""
+    import tensorflow as tf
+
+    def branch(fn):
+        def run(*given):
+            if fn is not None:
+                fn(*given)
+            return tf.constant(True)
+        return run
+
+    context = tf.distribute.get_replica_context()
+    if (context is None or context.num_replicas_in_sync == 1
+            or tf.__internal__.distribute.strategy_supports_no_merge_call()):
+        tf.cond(condition, lambda: branch(then)(*args), lambda: branch(otherwise)(*args))
+        return
+
+    def cross(distribution, condition, *given):
+        first = distribution.experimental_local_results(condition)[0]  # every replica computed it alike
+
+        def each(fn):
+            return lambda: (distribution.extended.call_for_each_replica(branch(fn), args=given), tf.constant(True))[1]
+
+        tf.cond(first, each(then), each(otherwise))
+
+    context.merge_call(cross, args=(condition, *args))

@@ -32,22 +32,30 @@ import numpy as np
 import tensorflow as tf
 
 from .api import Summary, clipping_of, summarize
-from .clip import dedupe, norms
+from . import distribute
+from .clip import map_values
 from .errors import GradwatchError, OptionError
+from .objective import refuse_hidden_options
+from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .records import COLUMNS, CSV_COLUMNS, RowStore, SpikeRule, clip_ratio
 
 # What the watched apply writes per step into the device buffer, in this order.
-_BUFFERED = ("loss", "grad_norm", "clipped_norm", "threshold", "lr", "clipped", "nonfinite")
-
-
+_BUFFERED = ("loss", "grad_norm", "grad_norm_rows", "clipped_norm", "threshold", "lr", "clipped", "nonfinite",
+             "loss_scale", "overflow")
 class GradientWatch(keras.callbacks.Callback):
     """Optimizer wrapper (``wrap``) and callback in one: records every step of ``fit``."""
 
     def __init__(self, clip: str = "global", norm=None, value=None, factor=None, percentile=None, z=None,
-                 csv=None, tensorboard=None, spike_factor: float = 2.0, spike_window: int = 20, capacity: int = 1024):
+                 csv=None, tensorboard=None, spike_factor: float = 2.0, spike_window: int = 20, capacity: int = 1024,
+                 on_nonfinite: str = "skip", sparse_norm: str = "summed"):
         super().__init__()
         self.clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
         self.impl = self.clipping.impl
+        if on_nonfinite not in ON_NONFINITE:
+            raise OptionError(f"`on_nonfinite` must be one of {', '.join(ON_NONFINITE)}. Received: {on_nonfinite!r}")
+        if sparse_norm not in SPARSE_NORMS:
+            raise OptionError(f"`sparse_norm` must be one of {', '.join(SPARSE_NORMS)}. Received: {sparse_norm!r}")
+        self.on_nonfinite, self.sparse_norm = on_nonfinite, sparse_norm
         self.rule = SpikeRule(factor=spike_factor, window=spike_window)
         self.csv, self.tensorboard = csv, tensorboard
         self.capacity = int(capacity)
@@ -59,7 +67,10 @@ class GradientWatch(keras.callbacks.Callback):
         self.async_safe = True
         self._loss = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_loss")
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
-        self._optimizer = None
+        self._optimizer = None  # the optimizer wrap() was given
+        self._outer = None  # a LossScaleOptimizer around it (mixed precision), watched in its place
+        self._forward = []  # the model's non-trainable state a skipped step puts back (train.step.forward_state)
+        self._shadow = []  # their values after the last applied step
         self._sink = self._board = None
         self._detector = self.rule.detector()
         self._epoch = 1
@@ -68,79 +79,140 @@ class GradientWatch(keras.callbacks.Callback):
     # -- the optimizer side ---------------------------------------------------------------------
 
     def wrap(self, optimizer):
-        """Watch ``optimizer`` (a Keras 3 optimizer); returns the same object."""
+        """Watch ``optimizer`` (a Keras 3 optimizer, or a LossScaleOptimizer); returns the same object."""
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise OptionError(f"wrap() takes a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
         if getattr(optimizer, "_gradwatch", None) is not None:
             raise OptionError("this optimizer is already watched by a GradientWatch")
-        clipping = [name for name in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(optimizer, name, None)]
+        inner = getattr(optimizer, "inner_optimizer", None) or optimizer
+        clipping = [name for name in ("clipnorm", "global_clipnorm", "clipvalue") if getattr(inner, name, None)]
         if clipping:
             raise OptionError(f"the optimizer clips by itself ({', '.join(clipping)}); leave that unset: GradientWatch "
                               f"clips with clip={self.clipping.strategy!r}")
+        refuse_hidden_options(optimizer, "the optimizer")
+        self._optimizer = optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            self._watch_scaled(optimizer)
+        else:
+            self._watch(optimizer)
+        optimizer._gradwatch = self
+        return optimizer
+
+    def _watch(self, optimizer):
         inner_apply, inner_scale = optimizer.apply, optimizer.scale_loss
 
         def scale_loss(loss):
-            # Under a tf.distribute strategy each replica's loss is its share of the global
-            # batch's (Keras divides by the replica count): their sum is the global batch's loss.
-            self._loss.assign(_all_reduced(tf.cast(loss, tf.float32)))
+            if self._outer is None:
+                self._record_loss(loss)
             return inner_scale(loss)
 
         def apply(grads, trainable_variables=None):
-            return self._apply(inner_apply, optimizer, grads, trainable_variables)
+            if self._outer is not None:  # a LossScaleOptimizer around it measured this step already
+                return inner_apply(grads, trainable_variables)
+            return self._apply(inner_apply, optimizer, grads, trainable_variables, scaled_by=None)
 
         optimizer.apply, optimizer.scale_loss = apply, scale_loss
-        optimizer._gradwatch = self
-        self._optimizer = optimizer
-        return optimizer
 
-    def _apply(self, inner_apply, optimizer, grads, variables):
+    def _watch_scaled(self, outer):
+        """Mixed precision: watch the LossScaleOptimizer, so that what is measured and clipped is
+        the unscaled gradient; it still skips overflowing steps and adjusts its scale itself."""
+        outer_apply, outer_scale = outer.apply, outer.scale_loss
+
+        def scale_loss(loss):
+            self._record_loss(loss)
+            return outer_scale(loss)
+
+        def apply(grads, trainable_variables=None):
+            if not outer.built:
+                with keras.name_scope(outer.name, caller=outer):
+                    outer.build(trainable_variables)
+                outer.built = True
+            return self._apply(outer_apply, outer, grads, trainable_variables, scaled_by=outer.dynamic_scale)
+
+        outer.apply, outer.scale_loss = apply, scale_loss
+        self._outer = outer
+
+    def _record_loss(self, loss):
+        # Under a tf.distribute strategy each replica's loss is its share of the global
+        # batch's (Keras divides by the replica count): their sum is the global batch's loss.
+        self._loss.assign(_all_reduced(tf.cast(loss, tf.float32)))
+
+    def _apply(self, hand_on, optimizer, grads, variables, scaled_by):
         grads = list(grads)
         variables = list(variables) if variables is not None else list(optimizer._trainable_variables)
         used = [k for k, g in enumerate(grads) if g is not None]
         if self._state_vars is None:
             raise GradwatchError("GradientWatch records through its callback: pass it to fit(callbacks=[watch])")
         replicas = _replicas()
-        watched = [dedupe(grads[k]) for k in used]
+        watched = [grads[k] for k in used]
+        used_variables = [variables[k] for k in used]
+        scale = None if scaled_by is None else tf.identity(tf.cast(scaled_by, tf.float32))  # before it changes
+        if scale is not None:
+            watched = unscale(watched, scale)
         if replicas > 1:
             # The global gradient first: norms and clipping of each replica's own gradient would
             # clip every replica to its own norm, and the update would not be the clipped global
             # gradient (the trap of Keras' clipnorm under a strategy, tensorflow issue 33929).
-            watched = [_all_reduced(tf.convert_to_tensor(g)) for g in watched]
-        grad_norm, _ = norms(watched)
+            watched = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, watched)
         state = tf.nest.map_structure(lambda v: v.read_value(), self._state_vars)
-        result = self.impl.apply(watched, tf.constant(self.clipping.param or 0.0, tf.float32),
-                                 [variables[k] for k in used], state)
-        clipped_norm, _ = norms(result.grads)
         lr = tf.cast(optimizer.learning_rate, tf.float64)  # before the update: the rate this step uses
-        tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, result.state)
-        finite = tf.math.is_finite(grad_norm) & tf.math.is_finite(self._loss)
-        threshold = (tf.constant(float("nan"), tf.float64) if result.threshold is None
-                     else tf.cast(result.threshold, tf.float64))
-        row = tf.stack([tf.cast(self._loss, tf.float64), tf.cast(grad_norm, tf.float64), tf.cast(clipped_norm, tf.float64),
-                        threshold, lr, tf.cast(result.clipped, tf.float64), tf.cast(tf.logical_not(finite), tf.float64)])
+        m = measured_step(watched, used_variables, self.impl, tf.constant(self.clipping.param or 0.0, tf.float32),
+                          state, self._loss, self.sparse_norm)
+        tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, m.state)
+        overflow, nonfinite = nonfinite_kinds(m.finite, m.grads_finite, self._loss, scale is not None)
+        row = tf.stack([tf.cast(self._loss, tf.float64), m.grad_norm, m.grad_norm_rows, m.clipped_norm, m.threshold, lr,
+                        tf.cast(m.clipped, tf.float64), tf.cast(nonfinite, tf.float64),
+                        tf.constant(1.0, tf.float64) if scale is None else tf.cast(scale, tf.float64),
+                        tf.cast(overflow, tf.float64)])
         self._buffer.assign(tf.tensor_scatter_nd_update(self._buffer, [[self._count % self.capacity]], row[None]))
         self._count.assign_add(1)
-        out = list(grads)
-        for k, g in zip(used, result.grads):
-            # Keras' update sums the replicas' gradients: each hands on its share of the clipped one
-            out[k] = g if replicas == 1 else g / replicas
-        return inner_apply(out, variables)
+        out = distribute.replica_share(m.apply, replicas)
+        if scale is not None:
+            # The LossScaleOptimizer unscales what it gets, skips a non-finite step and halves its scale.
+            out = [map_values(g, lambda t: t * tf.cast(scale, t.dtype)) for g in out]
+            go = m.finite
+            hand_on(out, used_variables)
+        else:
+            go = applies(m.finite, self.on_nonfinite)
+            distribute.when(go, hand_on, None, args=(out, used_variables))
+        if self._forward:
+            distribute.when(go, self._keep_forward_state, self._put_back_forward_state)
+
+    def _keep_forward_state(self):
+        for shadow, variable in zip(self._shadow, self._forward):
+            shadow.assign(variable)
+
+    def _put_back_forward_state(self):
+        for shadow, variable in zip(self._shadow, self._forward):
+            variable.assign(shadow)
 
     # -- the callback side ---------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        if self._optimizer is None or self.model.optimizer is not self._optimizer:
+        compiled = self.model.optimizer
+        if (self._optimizer is not None and compiled is not self._optimizer and self._outer is None
+                and getattr(compiled, "inner_optimizer", None) is self._optimizer):
+            # compile() put the watched optimizer inside a LossScaleOptimizer (mixed_float16): watch
+            # that one, so that the gradient measured and clipped is the unscaled one.
+            self._watch_scaled(compiled)
+        watched = self._optimizer if self._outer is None else self._outer
+        if self._optimizer is None or compiled is not watched:
             raise GradwatchError("compile the model with optimizer=watch.wrap(optimizer) before fit(callbacks=[watch])")
         per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
         if per_execution > self.capacity:
             raise GradwatchError(f"steps_per_execution={per_execution} is more than GradientWatch(capacity="
                                  f"{self.capacity}); raise capacity")
         if self._state_vars is None:
-            steps = (self.params.get("steps") or 0) * (self.params.get("epochs") or 1) or None
-            sized = {"steps": steps or 10_000} if getattr(self.impl, "takes_steps", False) else {}
+            # Made once: a later fit goes on with the same history (AutoClip's percentiles are over
+            # every step this watch has seen, up to 65,536, then a ring of the most recent).
             with tf.init_scope(), self.model.distribute_strategy.scope():
-                initial = self.impl.init(list(self.model.trainable_variables), **sized)
+                initial = self.impl.init(list(self.model.trainable_variables))
                 self._state_vars = tf.nest.map_structure(lambda t: _variable(t, "gradwatch_state"), initial)
+                self._forward = forward_state(self.model.variables)
+                self._shadow = [_variable(tf.convert_to_tensor(v), "gradwatch_forward_state") for v in self._forward]
+        else:  # the weights may have changed between two fits
+            for shadow, variable in zip(self._shadow, self._forward):
+                shadow.assign(tf.convert_to_tensor(variable))
         if self.csv is not None and self._sink is None:
             from .sinks import CsvSink
 
@@ -186,15 +258,20 @@ class GradientWatch(keras.callbacks.Callback):
         time_ms = (now - self._started) * 1000.0 / n
         self._started = now
         rows = []
-        for loss, grad_norm, clipped_norm, threshold, lr, clipped, nonfinite in values.tolist():
-            loss = float(np.float32(loss))
+        for got in values.tolist():
+            got = dict(zip(_BUFFERED, got))
+            loss, grad_norm, clipped_norm = float(np.float32(got["loss"])), got["grad_norm"], got["clipped_norm"]
             rows.append({
                 "step": len(self._rows) + len(rows) + 1, "epoch": self._epoch, "loss": loss, "reg_loss": math.nan,
-                "grad_norm": grad_norm, "clipped_norm": clipped_norm, "clip_ratio": clip_ratio(grad_norm, clipped_norm),
-                "clipped": bool(clipped), "threshold": threshold, "lr": float(np.float32(lr)), "loss_scale": 1.0,
-                "overflow": False, "nonfinite": bool(nonfinite), "nonfinite_input": False,
+                "grad_norm": grad_norm, "grad_norm_rows": got["grad_norm_rows"], "clipped_norm": clipped_norm,
+                "clip_ratio": clip_ratio(grad_norm, clipped_norm), "clipped": bool(got["clipped"]),
+                "threshold": got["threshold"], "lr": float(np.float32(got["lr"])),
+                "loss_scale": float(np.float32(got["loss_scale"])), "overflow": bool(got["overflow"]),
+                "nonfinite": bool(got["nonfinite"]), "nonfinite_input": False,
                 "loss_spike": self._detector.update(loss), "time_ms": time_ms,
             })
+        if self.on_nonfinite == "stop" and any(r["nonfinite"] for r in rows):
+            self.model.stop_training = True  # after the batch that showed it (its update was skipped)
         self._rows.extend(rows)
         meta = self._meta()
         if self._sink is not None:
@@ -203,7 +280,7 @@ class GradientWatch(keras.callbacks.Callback):
             self._board.write(rows)
 
     def _meta(self) -> dict:
-        optimizer = self._optimizer
+        optimizer = getattr(self._optimizer, "inner_optimizer", None) or self._optimizer
         text = f"{type(optimizer).__name__}(learning_rate={float(np.float32(optimizer.learning_rate.numpy())):g})"
         return {"model": f"keras.Model {self.model.name}", "data": "model.fit", "optimizer": text,
                 "loss_fn": "the model's compiled loss (model.fit)"}

@@ -161,6 +161,7 @@ def make_optimizer(config: dict):
     except (ValueError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
+    refuse_hidden_options(optimizer, f"optimizer {class_name}")
     lr = getattr(optimizer, "_learning_rate", None)
     if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
         raise OptionError(f"`--lr` must be > 0. Received: lr={lr}")
@@ -172,6 +173,24 @@ def _optimizer_class_name(name: str) -> str | None:
     import keras
 
     return _class_named(keras.optimizers, keras.optimizers.Optimizer, name, exclude=("Optimizer", "LossScaleOptimizer"))
+
+
+# Optimizer options that change the applied gradient behind the recorded one: refused (README).
+REFUSED_OPTIONS = {
+    "gradient_accumulation_steps": "the optimizer would apply the mean of several steps' gradients, not the one recorded",
+    "loss_scale_factor": "the optimizer would scale the loss and divide the gradients behind the recorded norms",
+    "use_ema": "the weights would be overwritten by their moving average behind the recorded updates",
+}
+
+
+def refuse_hidden_options(optimizer, where: str) -> None:
+    """A one-line error for an optimizer option that would make the recorded gradient not the
+    applied one: the one rule for ``--optimizer``/``--opt``, a compiled optimizer and ``GradientWatch.wrap``."""
+    inner = getattr(optimizer, "inner_optimizer", None) or optimizer
+    for name, why in REFUSED_OPTIONS.items():
+        value = getattr(inner, name, None)
+        if value not in (None, False, 0):
+            raise OptionError(f"{where} has {name}={value}: {why}; gradwatch refuses it, drop {name}")
 
 
 def has_schedule(optimizer) -> bool:

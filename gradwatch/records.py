@@ -25,6 +25,7 @@ COLUMNS = [
     "loss",          # loss of the batch, before the update (regularization included)
     "reg_loss",      # its regularization part: model.losses of a Keras model (NaN when unknown)
     "grad_norm",     # global L2 norm of the raw gradients (repeated embedding rows summed)
+    "grad_norm_rows",  # the same norm measured row by row, as Keras' global_clipnorm measures an embedding's
     "clipped_norm",  # global L2 norm after clipping
     "clip_ratio",    # clipped_norm / grad_norm (1.0 when nothing changed or grad_norm is 0)
     "clipped",       # did the strategy change any gradient?
@@ -79,7 +80,7 @@ SUMMARY_COLUMNS = [
 SUMMARY_INT_COLUMNS = {"steps", "spikes", "nonfinite"}
 # Columns added after 0.1.0, with the value they take when reading an older CSV.
 ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan"), "reg_loss": float("nan"),
-                 "loss_scale": 1.0, "overflow": False}
+                 "loss_scale": 1.0, "overflow": False, "grad_norm_rows": float("nan")}
 
 
 @dataclass(frozen=True)

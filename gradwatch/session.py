@@ -15,6 +15,7 @@ DEFAULTS = {
     "seed": 0,
     "decay_after_epoch": 1,
     "on_nonfinite": "skip",
+    "sparse_norm": "summed",
     "xla": False,
     "spike_factor": 2.0,
     "spike_window": 20,
@@ -52,6 +53,7 @@ class RunSpec:
     lr_decay: float | None = None
     decay_after_epoch: int | None = None
     on_nonfinite: str | None = None
+    sparse_norm: str | None = None  # clipping measures an embedding's repeated rows summed or by rows (train.step)
     fetch_every: int | None = None
     xla: bool | None = None
     spike_factor: float | None = None
@@ -150,6 +152,7 @@ def _prepare(spec: RunSpec, distribution):
         lr_decay=spec.lr_decay,
         decay_after_epoch=spec.decay_after_epoch,
         on_nonfinite=spec.on_nonfinite,
+        sparse_norm=spec.sparse_norm,
         fetch_every=spec.fetch_every,
         xla=spec.xla,
         spike_rule=spike_rule,

@@ -19,24 +19,22 @@ import numpy as np
 
 from . import data as data_mod
 from . import distribute
-from .clip import Clipping, dedupe, map_values, norms
+from .clip import Clipping
 from .objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from .records import RowStore, SpikeRule, clip_ratio, summarize
 from .signals import deferred_interrupt
+from .train.step import INITIAL_LOSS_SCALE, ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, next_loss_scale, nonfinite_kinds, unscale
 
 # What the traced step records for every step, fetched once per block: (name, dtype).
 RECORDED = (
     ("loss", "float32"), ("grad_norm", "float64"), ("clipped_norm", "float64"), ("threshold", "float64"),
     ("reg_loss", "float32"), ("lr", "float32"), ("loss_scale", "float32"),
-    ("clipped", "bool"), ("overflow", "bool"), ("nonfinite", "bool"),
+    ("clipped", "bool"), ("overflow", "bool"), ("nonfinite", "bool"), ("grad_norm_rows", "float64"),
 )
 # With per-variable records on, each step also gives a (4, V) matrix: for every variable that
 # gets a gradient, these norms (fetched with the block, streamed to --layers-csv).
 PER_VARIABLE = ("grad_norm", "clipped_norm", "weight_norm", "update_norm")
-# Dynamic loss scaling, as keras.optimizers.LossScaleOptimizer: start, growth interval.
-INITIAL_LOSS_SCALE = 2.0**15
-LOSS_SCALE_GROWTH_STEPS = 2000
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,7 @@ class TrainOptions:
     lr_decay: float | None = None
     decay_after_epoch: int = 1
     on_nonfinite: str = "skip"
+    sparse_norm: str = "summed"  # what clipping measures an embedding's repeated rows by (train.step)
     fetch_every: int | None = None  # None: auto (see _next_block)
     xla: bool = False
     spike_rule: SpikeRule = field(default_factory=SpikeRule)
@@ -66,7 +65,10 @@ class TrainOptions:
             (self.lr_decay is None or (math.isfinite(self.lr_decay) and self.lr_decay > 0),
              f"`--lr-decay` must be > 0. Received: lr_decay={self.lr_decay}"),
             (self.decay_after_epoch >= 0, f"`--decay-after-epoch` must be >= 0. Received: {self.decay_after_epoch}"),
-            (self.on_nonfinite in ("skip", "stop"), f"`--on-nonfinite` must be skip or stop. Received: {self.on_nonfinite}"),
+            (self.on_nonfinite in ON_NONFINITE,
+             f"`--on-nonfinite` must be one of {', '.join(ON_NONFINITE)}. Received: {self.on_nonfinite}"),
+            (self.sparse_norm in SPARSE_NORMS,
+             f"`--sparse-norm` must be one of {', '.join(SPARSE_NORMS)}. Received: {self.sparse_norm}"),
             (self.fetch_every is None or self.fetch_every >= 1, f"`--fetch-every` must be >= 1. Received: fetch_every={self.fetch_every}"),
         ]
         for ok, message in checks:
@@ -153,6 +155,7 @@ class Trainer:
         self.skipped: list[str] = []
         self.traces = 0  # how often a block was traced: once per strategy (tests check it)
         self._state = list(model.variables) + list(self.optimizer.variables) + [self._loss_scale, self._good_steps]
+        self._forward_state = forward_state(model.variables)
         self._initial = [v.numpy() for v in self._state]
         self._blocks: dict[tuple, object] = {}
         # Record each variable's norms too (PER_VARIABLE): set before run(); one trace each way.
@@ -314,6 +317,7 @@ class Trainer:
 
         distribution = self.distribution
         replicas = distribute.replicas(distribution)
+        sparse_norm = self.options.sparse_norm
 
         def measure(x, y, param, state):
             """Everything before the update: on every replica (its share of the batch) under a strategy."""
@@ -327,38 +331,38 @@ class Trainer:
                 loss = context.all_reduce(tf.distribute.ReduceOp.SUM, loss)
                 reg = None if reg is None else context.all_reduce(tf.distribute.ReduceOp.MEAN, reg)
                 grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            grads = [dedupe(g) for g in grads]
-            grad_norm, grad_norms = norms(grads)
-            result = strategy.apply(grads, param, used, state)
-            clipped_norm, clipped_norms = norms(result.grads)
+            m = measured_step(grads, used, strategy, param, state, loss, sparse_norm)
             loss = tf.cast(loss, tf.float32)
-            grads_finite = tf.math.is_finite(grad_norm)
             measured = {
                 "loss": loss,
                 "reg": tf.constant(float("nan")) if reg is None else tf.cast(reg, tf.float32),
-                "grad_norm": tf.cast(grad_norm, tf.float64),
-                "clipped_norm": tf.cast(clipped_norm, tf.float64),
-                "threshold": (tf.constant(float("nan"), tf.float64) if result.threshold is None
-                              else tf.cast(result.threshold, tf.float64)),
-                "clipped": result.clipped,
-                "grads_finite": grads_finite,
-                "finite": tf.math.is_finite(loss) & grads_finite,
+                "grad_norm": m.grad_norm,
+                "grad_norm_rows": m.grad_norm_rows,
+                "clipped_norm": m.clipped_norm,
+                "threshold": m.threshold,
+                "clipped": m.clipped,
+                "grads_finite": m.grads_finite,
+                "finite": m.finite,
                 "lr": tf.cast(optimizer.learning_rate, tf.float32),  # before the update: the rate this step uses
-                "state": result.state,
+                "state": m.state,
             }
             if per_variable:
-                measured["grad_norms"] = tf.cast(grad_norms, tf.float32)
-                measured["clipped_norms"] = tf.cast(clipped_norms, tf.float32)
+                measured["grad_norms"] = tf.cast(m.grad_norms, tf.float32)
+                measured["clipped_norms"] = tf.cast(m.clipped_norms, tf.float32)
                 measured["before"] = [tf.identity(tf.convert_to_tensor(v)) for v in used]
             if capture:
-                measured["grads"] = list(grads)
-            return measured, list(result.grads)
+                measured["grads"] = list(m.summed)
+            return measured, list(m.apply)
 
         def apply_share(grads):
             # Keras' update sums the replicas' gradients: each hands on its share of the clipped one.
             optimizer.apply_gradients(zip(distribute.replica_share(grads, replicas), self.used))
 
+        restored = self._forward_state  # put back on a skipped step (BatchNorm's moving statistics)
+        on_nonfinite = self.options.on_nonfinite
+
         def step(x, y, param, state):
+            before_forward = [tf.identity(v) for v in restored]  # read before the forward pass updates them
             if distribution is None:
                 got, clipped = measure(x, y, param, state)
 
@@ -374,20 +378,22 @@ class Trainer:
                     return tf.constant(True)
 
             finite, grads_finite, loss = got["finite"], got["grads_finite"], got["loss"]
-            tf.cond(finite, update, lambda: tf.constant(False))
+            go = applies(finite, on_nonfinite)
+            tf.cond(go, update, lambda: tf.constant(False))
+            if restored:
+                def put_back():
+                    for variable, value in zip(restored, before_forward):
+                        variable.assign(value)
+                    return tf.constant(True)
+
+                tf.cond(go, lambda: tf.constant(False), put_back)
             scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
             if scaling:
-                # LossScaleOptimizer's rule: halve on non-finite gradients, double after 2000 good steps.
-                grow = good_steps >= LOSS_SCALE_GROWTH_STEPS - 1
-                factor = tf.where(grads_finite, tf.where(grow, 2.0, 1.0), 0.5)
-                loss_scale.assign(loss_scale * factor)
-                good_steps.assign(tf.where(grads_finite & tf.logical_not(grow), good_steps + 1, tf.zeros_like(good_steps)))
-                overflow = tf.math.is_finite(loss) & tf.logical_not(grads_finite)
-            else:
-                overflow = tf.constant(False)
-            # A skipped step leaves the strategy's state as it was too: one inf norm must not
-            # poison AutoClip's history or ZClip's running mean for the rest of the run.
-            new_state = tf.nest.map_structure(lambda new, old: tf.where(finite, new, old), got["state"], state)
+                new_scale, new_good = next_loss_scale(loss_scale, good_steps, grads_finite)
+                loss_scale.assign(new_scale)
+                good_steps.assign(new_good)
+            overflow, nonfinite = nonfinite_kinds(finite, grads_finite, loss, scaling)
+            new_state = got["state"]  # the strategy's: measured_step keeps the old one on a non-finite step
             values = {
                 "loss": loss,
                 "grad_norm": got["grad_norm"],
@@ -398,7 +404,8 @@ class Trainer:
                 "loss_scale": scale_used,
                 "clipped": got["clipped"],
                 "overflow": overflow,
-                "nonfinite": tf.logical_not(finite) & tf.logical_not(overflow),
+                "nonfinite": nonfinite,
+                "grad_norm_rows": got["grad_norm_rows"],
             }
             if per_variable:
                 def norm32(t):
@@ -439,7 +446,7 @@ class Trainer:
             self.skipped = [_name(v) for v in trainable if id(v) not in ids]
         grads = [g for g, _ in pairs]
         if self.loss_scaling:
-            grads = [map_values(g, lambda t: t / tf.cast(self._loss_scale, t.dtype)) for g in grads]
+            grads = unscale(grads, self._loss_scale)
         return loss, reg, grads, used
 
     def _initial_state(self, strategy):
@@ -653,6 +660,7 @@ class Trainer:
                 "loss": loss,
                 "reg_loss": got["reg_loss"],
                 "grad_norm": grad_norm,
+                "grad_norm_rows": got["grad_norm_rows"],
                 "clipped_norm": clipped_norm,
                 "clip_ratio": clip_ratio(grad_norm, clipped_norm),
                 "clipped": got["clipped"],

@@ -43,13 +43,19 @@ def dedupe(grad):
     that is applied (the rows are summed). Summing them first gives the true norm without
     densifying the embedding matrix.
     """
+    return summed(grad)[0]
+
+
+def summed(grad):
+    """``(dedupe(grad), positions)``: ``positions[i]`` is the summed row that raw row ``i`` of an
+    IndexedSlices went into; a dense gradient is itself, with no positions (None)."""
     import tensorflow as tf
 
     if not isinstance(grad, tf.IndexedSlices):
-        return grad
-    unique, position = tf.unique(grad.indices)
-    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(unique)[0])
-    return tf.IndexedSlices(values, unique, grad.dense_shape)
+        return grad, None
+    unique, positions = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique)[0])
+    return tf.IndexedSlices(values, unique, grad.dense_shape), positions
 
 
 def values_of(grad):

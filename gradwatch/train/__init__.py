@@ -1,0 +1,1 @@
+"""Training: the one measured step (``step.py``) that the trainer and GradientWatch share."""
