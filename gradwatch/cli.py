@@ -748,7 +748,7 @@ def suggest(
         _say(quiet, f"gradwatch: probing {_describe(spec)} unclipped for {_steps(trainer.total_steps)}; {info['setup']}")
         progress.label = "unclipped probe"
         base = trainer.run(Clipping("none", None), on_progress=progress.update)
-        found = _suggestion(base.rows, base.layers)
+        found = _suggestion(base.rows, base.layers, spec.sparse_norm)
         if not verify:
             return [base], found, None
         candidates = [Clipping("global", t) for t, _, _ in found.candidates]
@@ -761,15 +761,15 @@ def suggest(
         return [base], found, compare_runs(trainer, candidates, on_progress=advance)
 
     runs, found, checked = _train_then_keep([], lambda progress: [probe(progress)], show=lambda *a, **k: None, quiet=quiet)[0]
-    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, _run_line(given, spec, found, checked))
+    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, _run_line(given, spec, found, checked), info.get("meta"))
 
 
-def _suggestion(rows, watch):
+def _suggestion(rows, watch, sparse_norm=None):
     from .diagnose import suggest_threshold
 
     grad_spikes = [s.step for s in watch.spikes if "grad" in s.kinds] if watch is not None else None
     try:
-        return suggest_threshold(rows, grad_spikes)
+        return suggest_threshold(rows, grad_spikes, sparse_norm)
     except ValueError as exc:
         raise GradwatchError(f"{exc}: the probe diverged at once; lower --lr and run suggest again") from None
 
@@ -844,7 +844,7 @@ def _calmest(results):
     return results[shown.index(best)]
 
 
-def _print_suggestion(found, watch, checked, rows, line: str) -> None:
+def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None = None) -> None:
     import numpy as np
     from rich.table import Table
 
@@ -878,8 +878,13 @@ def _print_suggestion(found, watch, checked, rows, line: str) -> None:
             if order:
                 named = ", ".join(f"{watch.variables[k]} {100 * shares[k]:.0f}%" for k in order)
                 console.print(escape(f"The norm is dominated by: {named} (mean share of the norm² over the probe)."))
+        if found.keras is not None:
+            from .diagnose.suggest import keras_sentence
+
+            console.print(escape(keras_sentence(found.threshold, found.keras)))
         if checked:
-            shown = [Variant("none", None, rows)] + [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in checked]
+            shown = [Variant("none", None, rows, meta=meta or {})] + [
+                Variant(r.clipping.strategy, r.clipping.param, r.rows, meta=meta or {}) for r in checked]
             print_compare(console, shown, "verification: the candidates over the probe's steps")
             for sentence in compare_verdict(shown):
                 console.print(escape(sentence))

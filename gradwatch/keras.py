@@ -283,7 +283,7 @@ class GradientWatch(keras.callbacks.Callback):
         optimizer = getattr(self._optimizer, "inner_optimizer", None) or self._optimizer
         text = f"{type(optimizer).__name__}(learning_rate={float(np.float32(optimizer.learning_rate.numpy())):g})"
         return {"model": f"keras.Model {self.model.name}", "data": "model.fit", "optimizer": text,
-                "loss_fn": "the model's compiled loss (model.fit)"}
+                "loss_fn": "the model's compiled loss (model.fit)", "sparse_norm": self.sparse_norm}
 
     # -- results -------------------------------------------------------------------------------
 

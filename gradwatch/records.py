@@ -47,6 +47,7 @@ META_COLUMNS = [
     "data",       # the data path as given (a sample's data file name)
     "optimizer",  # the optimizer and its settings, e.g. SGD(learning_rate=1)
     "loss_fn",    # where the loss came from, e.g. keras sparse_categorical_crossentropy
+    "sparse_norm",  # what clipping measured an embedding's repeated rows by: summed or rows (--sparse-norm)
 ]
 # The columns of `run --csv`, `compare --csv` and `--format csv/json`.
 CSV_COLUMNS = VARIANT_COLUMNS + COLUMNS + META_COLUMNS

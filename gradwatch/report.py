@@ -324,6 +324,7 @@ def compare_verdict(variants: list[Variant]) -> list[str]:
         else:
             how = f"jumps less ({instability(s)} spikes/non-finite steps against {instability(b)})"
         lines.append(f"Most stable: {best.label} {how} ({_reason(s)}; unclipped {final_text(b)}).")
+        lines += _keras_form(best)
         return lines
     pick = best_variant(clipped)
     s = pick.summary
@@ -343,6 +344,16 @@ def compare_verdict(variants: list[Variant]) -> list[str]:
             f"{FINAL_LOSS_MARGIN:.0%} lower (best final loss {final_text(s)}, {pick.label}; unclipped {final_text(b)})."
         )
     return lines
+
+
+def _keras_form(v: Variant) -> list[str]:
+    """The recommended threshold as the user types it into Keras, where that is another number."""
+    from .diagnose.suggest import keras_sentence, keras_threshold
+
+    if v.clip not in ("global", "norm") or v.param is None or not v.rows:
+        return []
+    keras = keras_threshold(v.rows, v.param, sparse_norm=v.meta.get("sparse_norm") or None)
+    return [] if keras is None else [keras_sentence(v.param, keras, v.clip)]
 
 
 def _reason(s: dict) -> str:

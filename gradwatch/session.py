@@ -175,7 +175,7 @@ def run_meta(spec: RunSpec) -> dict:
         model = f"sample:{spec.sample}"
         if Path(data).resolve().is_relative_to(samples.cache_dir().resolve()):
             data = f"sample:{spec.sample}/{Path(data).name}"
-    return {"model": model, "data": data}
+    return {"model": model, "data": data, "sparse_norm": spec.sparse_norm or DEFAULTS["sparse_norm"]}
 
 
 def describe(spec: RunSpec) -> str:

@@ -153,7 +153,7 @@ def test_files_of_earlier_versions_and_the_description_columns(tmp_path):
     assert [(r["clip"], r["param"]) for r in back] == [("run", None)] * 2
     assert all(r[c] == "" for r in back for c in META_COLUMNS)
     meta = {"model": "-models/=odd.keras", "data": "/d/train.npz", "optimizer": "Adam(learning_rate=0.001)",
-            "loss_fn": "mean_squared_error (--loss)"}
+            "loss_fn": "mean_squared_error (--loss)", "sparse_norm": "summed"}
     for row in rows:
         row.update(clip="global", param=5.0, threshold=5.0, **meta)
     new = tmp_path / "new.csv"

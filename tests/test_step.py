@@ -371,3 +371,30 @@ def test_on_nonfinite_stop_prints_the_recorded_rows(cli, tmp_path, module_model)
         assert code == 3, err
         rows = pd.read_csv(StringIO(out)) if fmt == "csv" else pd.read_json(StringIO(out))
         assert rows["step"].tolist() == [1, 2, 3, 4] and rows["nonfinite"].tolist() == [False, False, False, True]
+
+
+# --- thresholds in the form the user types into Keras --------------------------------------
+
+
+def test_suggest_gives_the_keras_form_of_its_threshold_when_the_norms_differ(cli, keras_file_model, ids_npz, module_model,
+                                                                             regression_npz):
+    import re
+
+    import gradwatch
+    from gradwatch.diagnose import suggest_threshold
+
+    code, out, err = cli("suggest", keras_file_model, "--data", ids_npz, "--loss", "mse", "--steps", 30, "-q")
+    assert code == 0, err
+    proposed = float(re.search(r"--norm (\S+)\s*$", out.strip()).group(1))
+    keras = float(re.search(r"global_clipnorm=([0-9.e+-]+)\)", out).group(1))
+    rows = gradwatch.run(keras_file_model, ids_npz, loss="mse", steps=30)
+    found = suggest_threshold(rows.to_dict("records"))
+    assert found.threshold == proposed
+    calm = rows["step"] < (found.first_spike or 10**9)
+    ratio = np.median(rows["grad_norm_rows"][calm] / rows["grad_norm"][calm])
+    assert abs(ratio - 1) > 0.01 and keras == pytest.approx(proposed * ratio, rel=0.05)
+    code, out, _ = cli("suggest", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 30, "-q")
+    assert code == 0 and "global_clipnorm" not in out  # dense gradients: one norm, one number
+    code, out, _ = cli("suggest", keras_file_model, "--data", ids_npz, "--loss", "mse", "--steps", 30, "-q",
+                       "--sparse-norm", "rows")
+    assert code == 0 and "global_clipnorm" not in out and "--sparse-norm rows" in out.strip().splitlines()[-1]

@@ -31,6 +31,7 @@ class Suggestion:
     first_spike: int | None  # the step that ended the calm stretch
     stats: dict  # median, p90, max of the global norm: "calm" and "all" finite steps
     candidates: list[tuple[float, float, float]]  # (threshold, % of calm steps clipped, % of all finite steps clipped)
+    keras: float | None = None  # the same threshold for Keras' global_clipnorm, where it differs (keras_threshold)
 
 
 def round2(value: float) -> float:
@@ -41,13 +42,16 @@ def round2(value: float) -> float:
     return round(value, digits)
 
 
-def suggest_threshold(rows, grad_spikes: list[int] | None = None) -> Suggestion:
+def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: str | None = None) -> Suggestion:
     """The rule above on an unclipped run's rows (step, grad_norm, loss_spike); ``grad_spikes``:
     the steps the gradient-spike rule flagged (diagnose.LayerWatch or records.SpikeRule on the norms)."""
     from ..records import SpikeRule
 
     steps = np.array([int(r["step"]) for r in rows])
-    norms = np.array([float(r["grad_norm"]) for r in rows], dtype=np.float64)
+    # Under --sparse-norm rows the threshold clips the norm Keras measures: propose it on that one.
+    sparse_norm = sparse_norm or _sparse_norm(rows)
+    column = "grad_norm_rows" if sparse_norm == "rows" else "grad_norm"
+    norms = np.array([float(r[column]) for r in rows], dtype=np.float64)
     if grad_spikes is None:
         grad_spikes = [int(s) for s, hit in zip(steps, SpikeRule().mark(norms)) if hit]
     spikes = sorted({int(r["step"]) for r in rows if r["loss_spike"]} | set(grad_spikes))
@@ -78,4 +82,46 @@ def suggest_threshold(rows, grad_spikes: list[int] | None = None) -> Suggestion:
         first_spike=first,
         stats={"calm": stats(norms[calm]), "all": stats(norms[finite])},
         candidates=[(t, 100.0 * float(np.mean(norms[calm] > t)), 100.0 * float(np.mean(norms[finite] > t))) for t in pick],
+        keras=keras_threshold(rows, threshold, calm, sparse_norm),
     )
+
+
+KERAS_MARGIN = 0.01  # the two forms of a threshold are named apart when they differ by more than this
+
+
+def _sparse_norm(rows) -> str:
+    """What a run's clipping measured by (the sparse_norm column; files before it: summed)."""
+    return (rows[0].get("sparse_norm") or "summed") if rows else "summed"
+
+
+def keras_threshold(rows, threshold: float, steps=None, sparse_norm: str | None = None) -> float | None:
+    """The threshold to type into Keras' ``global_clipnorm`` / ``clipnorm`` (or
+    ``tf.clip_by_global_norm``) for the same clipping as ``threshold`` on gradwatch's summed norm,
+    when the two differ by more than 1 %; None when they do not (no repeated embedding rows), or
+    when the run already measured by rows (``--sparse-norm rows``: its threshold is Keras' own).
+
+    Keras measures an embedding's repeated rows one by one (``grad_norm_rows``), gradwatch by
+    default the summed rows (``grad_norm``): the same clipping is ``threshold`` times the median
+    ratio of the two over the run's finite steps (or over ``steps``, a boolean mask).
+    """
+    if not rows or (sparse_norm or _sparse_norm(rows)) == "rows":
+        return None
+    summed = np.array([float(r["grad_norm"]) for r in rows], dtype=np.float64)
+    by_rows = np.array([float(r.get("grad_norm_rows", math.nan)) for r in rows], dtype=np.float64)
+    ok = np.isfinite(summed) & np.isfinite(by_rows) & (summed > 0)
+    if steps is not None:
+        ok &= np.asarray(steps, dtype=bool)
+    if not ok.any():
+        return None
+    ratio = float(np.median(by_rows[ok] / summed[ok]))
+    if abs(ratio - 1.0) <= KERAS_MARGIN:
+        return None
+    return round2(threshold * ratio)
+
+
+def keras_sentence(threshold: float, keras: float, strategy: str = "global") -> str:
+    """The sentence that gives a threshold in the form the user types into Keras."""
+    option = "global_clipnorm" if strategy == "global" else "clipnorm"
+    return (f"In Keras, which measures an embedding's repeated rows one by one, the same clipping is "
+            f"compile(optimizer=...({option}={keras:g})) (or tf.clip_by_global_norm(grads, {keras:g})), not {threshold:g}; "
+            f"with --sparse-norm rows gradwatch clips on that norm too.")
