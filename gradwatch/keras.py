@@ -8,17 +8,19 @@
 
 ``wrap`` returns the same optimizer object with its ``apply`` and ``scale_loss`` watched (its
 config, state and saving are untouched): inside Keras' compiled train step it takes the
-gradients Keras computed, records the global norm, clips them with the chosen strategy (every
-gradwatch strategy: the TF four and the adaptive ones), records the clipped norm, and hands
-them to the optimizer's own ``apply``. ``scale_loss`` sees each step's loss before Keras scales
+gradients Keras computed and runs gradwatch's one measured step on them
+(:func:`gradwatch.train.step.measured_step`, the trainer's own: norms, the chosen strategy,
+the non-finite rule, the raw embedding rows handed on), then hands the result to the
+optimizer's own ``apply``. ``scale_loss`` sees each step's loss before Keras scales
 it. The values go to a ring buffer on the device (``capacity`` rows) behind a counter that only
 grows; the callback reads the rows since its last read after each execution. It declares itself
 ``async_safe``, so Keras may run it in a worker thread while the next execution trains: no
 extra host sync at all, and the rows still come one per step, in order. With ``clip="global"``
 the weights are those of the same fit with the optimizer's ``global_clipnorm`` (``norm`` ~
-``clipnorm``, ``value`` ~ ``clipvalue``); unlike gradwatch's own training, a non-finite step is
-applied as Keras applies it (and marked ``nonfinite``). Under a ``tf.distribute`` strategy the
-gradients are all-reduced before they are measured and clipped (see ``_apply``).
+``clipnorm``, ``value`` ~ ``clipvalue``). A non-finite step is skipped whole by default, as in
+gradwatch's own training (``on_nonfinite``); under mixed precision the ``LossScaleOptimizer``
+that ``compile`` adds is watched instead, so the unscaled gradient is measured. Under a
+``tf.distribute`` strategy the gradients are all-reduced before they are measured and clipped.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def make_rows(losses, norms, clipped_norm_cap=None):
     for i, (loss, norm) in enumerate(zip(losses, norms), start=1):
         clipped = clipped_norm_cap is not None and norm > clipped_norm_cap
         cn = clipped_norm_cap if clipped else norm
-        rows.append({"step": i, "epoch": 1, "loss": loss, "grad_norm": norm, "clipped_norm": cn,
+        rows.append({"step": i, "epoch": 1, "loss": loss, "grad_norm": norm, "grad_norm_rows": norm, "clipped_norm": cn,
                      "clip_ratio": cn / norm if norm else 1.0, "clipped": clipped, "lr": 0.1,
                      "nonfinite": not (math.isfinite(loss) and math.isfinite(norm)),
                      "threshold": float("nan"), "nonfinite_input": False, "loss_spike": False, "time_ms": 2.0,
@@ -126,7 +126,7 @@ def test_row_store_reads_like_the_list_of_rows_it_was_given():
     from gradwatch.records import RowStore, summarize
 
     rng = np.random.default_rng(1)
-    rows = [{"step": i, "epoch": 1 + i // 7, "loss": float(rng.normal()), "reg_loss": 0.0, "grad_norm": float(abs(rng.normal())),
+    rows = [{"step": i, "epoch": 1 + i // 7, "loss": float(rng.normal()), "reg_loss": 0.0, "grad_norm": float(abs(rng.normal())), "grad_norm_rows": 1.0,
              "clipped_norm": 0.5, "clip_ratio": float(rng.uniform()), "clipped": bool(i % 2), "threshold": 1.5, "lr": 0.1,
              "loss_scale": 1.0, "overflow": False,
              "nonfinite": i == 5, "nonfinite_input": False, "loss_spike": i in (3, 5), "time_ms": 1.25}
