@@ -236,7 +236,7 @@ def test_format_writes_rows_to_stdout(cli, module_model, regression_npz, fmt):
         assert records[0]["reg_loss"] is None  # NaN (unknown for a SavedModel) is null in JSON
         rows = pd.DataFrame(records)
     assert len(rows) == 3 and "grad_norm" in rows.columns
-    assert list(rows.columns[:3]) == ["clip", "param", "step"] and list(rows.columns[-4:]) == [
-        "model", "data", "optimizer", "loss_fn"]
+    assert list(rows.columns[:3]) == ["clip", "param", "step"] and list(rows.columns[-5:]) == [
+        "model", "data", "optimizer", "loss_fn", "sparse_norm"]
     assert rows["clip"].tolist() == ["global"] * 3 and rows["optimizer"][0] == "SGD(learning_rate=0.01)"
     assert err == ""  # quiet: nothing on stderr

@@ -88,7 +88,7 @@ def test_a_nan_batch_in_fit_is_skipped_whole_and_later_spikes_are_still_clipped(
     for (name, a), (_, b) in zip(mine, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
     for a, b in zip(with_nan.optimizer.variables, without.optimizer.variables):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
     after = rows[rows["step"] > nan_batch + 1]
     assert np.isfinite(after["threshold"]).all()
     spike = rows.iloc[spike_batch]
@@ -121,9 +121,9 @@ def test_a_nan_batch_in_the_trainer_leaves_batchnorm_and_adam_as_they_were():
     without, _ = trained(x[keep], y[keep])
     assert [r["nonfinite"] for r in result.rows] == [k == nan_batch for k in range(10)]
     for a, b in zip(with_nan.model.variables, without.model.variables):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
     for a, b in zip(with_nan.optimizer.variables, without.optimizer.variables):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
 
 
 def test_on_nonfinite_apply_trains_on_as_keras_does():
