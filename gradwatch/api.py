@@ -78,7 +78,7 @@ def train(trainer, variants, on_rows=None, on_progress=None, on_variables=None, 
     One variant: ``--on-nonfinite stop`` raises NonFiniteStop (``.result``). Several: that
     variant stops, ``on_stop(clipping, error)`` is told and the others run (``training.compare``).
     """
-    from .training import compare as compare_runs
+    from .train.loop import compare as compare_runs
 
     if len(variants) == 1:
         (c,) = variants

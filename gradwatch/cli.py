@@ -337,7 +337,7 @@ def _resolved(params: dict):
 
 def _writes(spec) -> bool:
     """Does this process write and print? Yes, but for the non-chief workers of --strategy multiworker."""
-    from .distribute import check_options, is_chief
+    from .train.distribute import check_options, is_chief
 
     check_options(spec.strategy, spec.cpu_devices)
     return is_chief(spec.strategy)
@@ -386,7 +386,7 @@ def _setup(spec, trainer, info: dict) -> None:
     if trainer.loss_scaling:
         info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
     if trainer.distribution is not None:
-        from .distribute import replicas
+        from .train.distribute import replicas
 
         info["setup"] += (f"; --strategy {spec.strategy}: {replicas(trainer.distribution)} replicas, "
                           "gradients all-reduced before norms and clipping")
@@ -738,7 +738,7 @@ def suggest(
 
     def probe(progress):
         from .session import prepare
-        from .training import compare as compare_runs
+        from .train.loop import compare as compare_runs
 
         _loading(quiet, spec)
         trainer = prepare(spec)

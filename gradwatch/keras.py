@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from .api import Summary, clipping_of, summarize
-from . import distribute
+from .train import distribute
 from .clip import map_values
 from .errors import GradwatchError, OptionError
 from .objective import refuse_hidden_options

@@ -95,7 +95,7 @@ def resolve(spec: RunSpec) -> RunSpec:
 
 def prepare(spec: RunSpec):
     """Load model and data of a resolved spec and build the Trainer (imports TensorFlow)."""
-    from . import distribute
+    from .train import distribute
     from .tf_import import tensorflow
 
     distribute.check_options(spec.strategy, spec.cpu_devices)
@@ -112,7 +112,7 @@ def _prepare(spec: RunSpec, distribution):
     from . import models
     from .records import SpikeRule
     from .objective import make_loss, parse_opt_args
-    from .training import TrainOptions, Trainer
+    from .train.loop import TrainOptions, Trainer
 
     spike_rule = SpikeRule(factor=spec.spike_factor, window=spec.spike_window)
     import keras

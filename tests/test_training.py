@@ -56,7 +56,7 @@ def test_pipeline_yields_the_batches_of_data_batches(keras_export_model, regress
     for shuffle in (False, True):
         trainer = trainer_for(keras_export_model, regression_npz, epochs=3, shuffle=shuffle, lr_decay=0.5)
         expected = list(data_mod.batches(trainer.data, 16, trainer.total_steps, shuffle, 3))
-        got = list(trainer._dataset().as_numpy_iterator())
+        got = list(trainer.pipeline.dataset().as_numpy_iterator())
         assert len(got) == len(expected) == 18
         for (x, y, lr), (epoch, xe, ye) in zip(got, expected):
             np.testing.assert_array_equal(x, xe)
@@ -103,7 +103,7 @@ def test_time_ms_is_the_wall_time_of_the_steps(keras_export_model, regression_np
 
 
 def test_auto_block_size_grows_towards_a_quarter_second():
-    from gradwatch.training import AUTO_BLOCK_MAX, _next_block
+    from gradwatch.train.loop import AUTO_BLOCK_MAX, _next_block
 
     assert _next_block(1, 1.0) == 1  # slow steps: fetch every step
     assert _next_block(1, 0.001) == 2  # at most doubling

@@ -5,7 +5,7 @@
 ``--strategy multiworker`` is ``tf.distribute.MultiWorkerMirroredStrategy``, its cluster read
 from ``TF_CONFIG`` as TensorFlow documents it. gradwatch's step then runs on every replica
 with its share of the global batch and **all-reduces the gradient before anything measures or
-clips it** (see :mod:`gradwatch.training`), so every recorded number is the one the same
+clips it** (see :mod:`gradwatch.train.loop`), so every recorded number is the one the same
 global batch gives on one device.
 
 Nothing here imports TensorFlow at module level: the CLI reads ``TF_CONFIG`` (who is chief)
@@ -18,7 +18,7 @@ import json
 import os
 from contextlib import nullcontext
 
-from .errors import OptionError
+from ..errors import OptionError
 
 STRATEGIES = ("none", "mirrored", "multiworker")
 

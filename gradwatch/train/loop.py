@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import data as data_mod
+from .. import data as data_mod
 from . import distribute
-from .clip import Clipping
-from .objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
-from .errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
-from .records import RowStore, SpikeRule, clip_ratio, summarize
-from .signals import deferred_interrupt
-from .train.step import INITIAL_LOSS_SCALE, ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, next_loss_scale, nonfinite_kinds, unscale
+from ..clip import Clipping
+from ..objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
+from ..errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
+from ..records import RowStore, SpikeRule, clip_ratio, summarize
+from ..signals import deferred_interrupt
+from .pipeline import Pipeline
+from .step import INITIAL_LOSS_SCALE, ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, next_loss_scale, nonfinite_kinds, unscale
 
 # What the traced step records for every step, fetched once per block: (name, dtype).
 RECORDED = (
@@ -164,8 +165,8 @@ class Trainer:
         # for histograms: set before run(); blocks then end at those steps.
         self.capture_every: int | None = None
         self._captured: list | None = None
-        self._pipeline = None  # the tf.data pipeline, built on first use
-        self._distributed = None  # its distributed form under a strategy
+        # The batches of every step, built on first use (train/pipeline.py).
+        self.pipeline = Pipeline(self.data, options, self.total_steps, self.steps_per_epoch, self.base_lr, distribution)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -475,84 +476,10 @@ class Trainer:
             tf.function(probe, autograph=False).get_concrete_function(x0, y0)
 
     def _batch_specs(self):
-        import tensorflow as tf
-
-        size = self.options.batch_size
-
-        def spec(array):
-            return tf.TensorSpec((size,) + array.shape[1:], tf.as_dtype(array.dtype))
-
-        return tf.nest.map_structure(spec, self.data.x), spec(self.data.y)
+        return self.pipeline.specs()
 
     def _batches(self):
-        """What the block iterates: :meth:`_dataset`, or under a strategy its distributed form
-        (each replica gets its part of every global batch: :func:`distribute.split_batches`)."""
-        if self.distribution is None:
-            return self._dataset()
-        if self._distributed is None:
-            self._distributed = distribute.split_batches(self.distribution, self._dataset, self.options.batch_size)
-        return self._distributed
-
-    def _dataset(self, rows_of=None):
-        """Batches of every step as a prefetching tf.data pipeline: ``(x, y, learning rate)``.
-
-        Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the same rows
-        :func:`gradwatch.data.batches` yields; the row order of an epoch is made on the host
-        once per epoch, the gathering runs in tf.data's threads ahead of the training step.
-        ``rows_of(rows)`` (a worker under a strategy) keeps the part of each batch it trains on.
-        """
-        if rows_of is not None:  # a worker's pipeline under a strategy, built by tf.distribute
-            return self._make_dataset(rows_of)
-        if self._pipeline is None:  # every run iterates it afresh from its first batch
-            self._pipeline = self._make_dataset(None)
-        return self._pipeline
-
-    def _make_dataset(self, rows_of):
-        import tensorflow as tf
-
-        from . import streams
-
-        options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
-        epochs = -(-self.total_steps // per)
-        rates = tf.constant([options.lr_at(e, self.base_lr or 0.0) for e in range(1, epochs + 1)], tf.float32)
-        n_rows = len(self.data)
-        keep = rows_of or (lambda r: r)
-        steps = tf.data.Dataset.range(self.total_steps)
-
-        def with_rates(step, x, y):
-            return x, y, tf.gather(rates, step // per)
-
-        def orders():
-            for epoch in range(1, epochs + 1):
-                order = data_mod.epoch_order(n_rows, epoch, options.shuffle, options.seed)
-                yield order[: per * size].reshape(per, size).astype(np.int64)
-
-        if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
-            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed, keep)
-        elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
-            def read_batches():
-                for order in orders():
-                    for rows in order:
-                        rows = keep(rows)
-                        yield streams.read(self.data.x, rows), self.data.y.read(rows)
-
-            def spec(member):
-                return tf.TensorSpec((None,) + tuple(member.shape[1:]), tf.as_dtype(member.dtype))
-
-            batches = tf.data.Dataset.from_generator(
-                read_batches, output_signature=(tf.nest.map_structure(spec, self.data.x), spec(self.data.y)))
-        else:  # in memory: the rows of each batch gathered from constants in tf.data's threads
-            with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
-                x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
-            rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
-            pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
-            batches = pairs.map(
-                lambda s, r: with_rates(s, tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r))),
-                num_parallel_calls=tf.data.AUTOTUNE,
-            )
-            return batches.prefetch(tf.data.AUTOTUNE)
-        pairs = tf.data.Dataset.zip((steps, batches)).take(self.total_steps)
-        return pairs.map(lambda s, b: with_rates(s, *b)).prefetch(tf.data.AUTOTUNE)
+        return self.pipeline.batches()
 
     def reset(self) -> None:
         """Put every model and optimizer variable back to its value after set-up."""
@@ -584,7 +511,7 @@ class Trainer:
         detector = options.spike_rule.detector()
         result = RunResult(clipping, RowStore())
         if self.per_variable:
-            from .diagnose import LayerWatch
+            from ..diagnose import LayerWatch
 
             result.layers = LayerWatch(*self.variable_names, rule=options.spike_rule, shapes=self.variable_shapes)
         iterator = iter(self._batches())

@@ -1,0 +1,105 @@
+"""The batches of every step as a prefetching ``tf.data`` pipeline: ``(x, y, learning rate)``.
+
+Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the rows
+:func:`gradwatch.data.batches` yields, whether the data is in memory, read where it lies
+(an uncompressed ``.npz``) or a record stream; under a ``tf.distribute`` strategy each replica
+gets its consecutive share of every global batch (:func:`distribute.split_batches`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import data as data_mod
+from . import distribute
+
+
+class Pipeline:
+    """Builds the pipeline once; every run iterates it afresh from its first batch."""
+
+    def __init__(self, data, options, total_steps: int, steps_per_epoch: int, base_lr, distribution=None):
+        self.data, self.options = data, options
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.base_lr, self.distribution = base_lr, distribution
+        self._pipeline = None  # the tf.data pipeline, built on first use
+        self._distributed = None  # its distributed form under a strategy
+
+    def specs(self):
+        import tensorflow as tf
+
+        size = self.options.batch_size
+
+        def spec(array):
+            return tf.TensorSpec((size,) + array.shape[1:], tf.as_dtype(array.dtype))
+
+        return tf.nest.map_structure(spec, self.data.x), spec(self.data.y)
+
+    def batches(self):
+        """What the block iterates: :meth:`dataset`, or under a strategy its distributed form
+        (each replica gets its part of every global batch: :func:`distribute.split_batches`)."""
+        if self.distribution is None:
+            return self.dataset()
+        if self._distributed is None:
+            self._distributed = distribute.split_batches(self.distribution, self.dataset, self.options.batch_size)
+        return self._distributed
+
+    def dataset(self, rows_of=None):
+        """Batches of every step as a prefetching tf.data pipeline: ``(x, y, learning rate)``.
+
+        Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the same rows
+        :func:`gradwatch.data.batches` yields; the row order of an epoch is made on the host
+        once per epoch, the gathering runs in tf.data's threads ahead of the training step.
+        ``rows_of(rows)`` (a worker under a strategy) keeps the part of each batch it trains on.
+        """
+        if rows_of is not None:  # a worker's pipeline under a strategy, built by tf.distribute
+            return self._make(rows_of)
+        if self._pipeline is None:  # every run iterates it afresh from its first batch
+            self._pipeline = self._make(None)
+        return self._pipeline
+
+    def _make(self, rows_of):
+        import tensorflow as tf
+
+        from .. import streams
+
+        options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
+        epochs = -(-self.total_steps // per)
+        rates = tf.constant([options.lr_at(e, self.base_lr or 0.0) for e in range(1, epochs + 1)], tf.float32)
+        n_rows = len(self.data)
+        keep = rows_of or (lambda r: r)
+        steps = tf.data.Dataset.range(self.total_steps)
+
+        def with_rates(step, x, y):
+            return x, y, tf.gather(rates, step // per)
+
+        def orders():
+            for epoch in range(1, epochs + 1):
+                order = data_mod.epoch_order(n_rows, epoch, options.shuffle, options.seed)
+                yield order[: per * size].reshape(per, size).astype(np.int64)
+
+        if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
+            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed, keep)
+        elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
+            def read_batches():
+                for order in orders():
+                    for rows in order:
+                        rows = keep(rows)
+                        yield streams.read(self.data.x, rows), self.data.y.read(rows)
+
+            def spec(member):
+                return tf.TensorSpec((None,) + tuple(member.shape[1:]), tf.as_dtype(member.dtype))
+
+            batches = tf.data.Dataset.from_generator(
+                read_batches, output_signature=(tf.nest.map_structure(spec, self.data.x), spec(self.data.y)))
+        else:  # in memory: the rows of each batch gathered from constants in tf.data's threads
+            with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
+                x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
+            rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
+            pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
+            batches = pairs.map(
+                lambda s, r: with_rates(s, tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r))),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            return batches.prefetch(tf.data.AUTOTUNE)
+        pairs = tf.data.Dataset.zip((steps, batches)).take(self.total_steps)
+        return pairs.map(lambda s, b: with_rates(s, *b)).prefetch(tf.data.AUTOTUNE)
