@@ -276,6 +276,8 @@ def _tensorboard(path, every: int, info: dict):
 
 def _per_variable_writers(trainer, info: dict):
     """The trainer callbacks that write --layers-csv and --tensorboard (None when neither is asked)."""
+    from .diagnose.attribution import layer_rows
+
     layers, board = info["layers_sink"], info.get("tensorboard")
     if board is not None:
         trainer.capture_every = info["histogram_every"]
@@ -284,7 +286,7 @@ def _per_variable_writers(trainer, info: dict):
 
     def write(clipping, rows, norms):
         if layers:
-            layers.write(_layer_rows(trainer, clipping, rows, norms))
+            layers.write(layer_rows(clipping, trainer.variable_names, trainer.variable_shapes, rows, norms))
         if board:
             board.sink(clipping, trainer.variable_names[0]).write(rows, norms)
 
@@ -306,20 +308,6 @@ def _layers_sink(path, opened):
             if sink:
                 sink.discard()
         raise
-
-
-def _layer_rows(trainer, clipping, rows, norms) -> list[dict]:
-    """One --layers-csv row per step and variable."""
-    variables, layers = trainer.variable_names
-    shapes = ["x".join(map(str, s)) for s in trainer.variable_shapes]
-    out = []
-    for row, per in zip(rows, norms.tolist()):
-        grad, clipped, weight, update = per
-        for k, (variable, layer) in enumerate(zip(variables, layers)):
-            out.append({"clip": clipping.strategy, "param": clipping.param, "step": row["step"], "variable": variable,
-                        "layer": layer, "grad_norm": grad[k], "clipped_norm": clipped[k], "weight_norm": weight[k],
-                        "update_norm": update[k], "shape": shapes[k]})
-    return out
 
 
 def _describe(spec) -> str:
@@ -761,7 +749,12 @@ def suggest(
         return [base], found, compare_runs(trainer, candidates, on_progress=advance)
 
     runs, found, checked = _train_then_keep([], lambda progress: [probe(progress)], show=lambda *a, **k: None, quiet=quiet)[0]
-    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, _run_line(given, spec, found, checked), info.get("meta"))
+    from .report import calmest
+    from .session import command_line, run_line_from_options
+
+    threshold = found.threshold if not checked else calmest(checked).clipping.param
+    line = command_line(run_line_from_options(given), "global", threshold)
+    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, line, info.get("meta"))
 
 
 def _suggestion(rows, watch, sparse_norm=None):
@@ -775,17 +768,14 @@ def _suggestion(rows, watch, sparse_norm=None):
 
 
 def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
+    from .diagnose.suggest import unclipped_variant
     from .records import read_rows, split_variants
+    from .session import command_line, run_line_from_meta
 
     if verify:
         raise OptionError("--verify trains: give the MODEL and --data instead of a CSV")
     groups = split_variants(read_rows(path))
-    key = next((k for k in groups if k[0] == "none"), None)
-    if key is None:
-        key = next((k for k in groups if k[0] == "run" and not any(r["clipped"] for r in groups[k])), None)
-    if key is None:
-        raise GradwatchError(f"{path} holds no unclipped run; suggest needs the norms before any clipping: "
-                             "record one with gradwatch run --csv (no --clip) or compare --csv (with the none baseline)")
+    key = unclipped_variant(groups, path)
     rows = groups[key]
     watch = None
     if layers is not None:
@@ -793,55 +783,7 @@ def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
 
         watch = read_layers(layers, {key: rows}).get(key)
     found = _suggestion(rows, watch)
-    meta = rows[0]
-    parts = ["gradwatch", "run"]
-    if meta.get("model", "").startswith("sample:"):
-        parts += ["--sample", meta["model"][len("sample:"):]]
-    elif meta.get("model"):
-        parts += [meta["model"], "--data", meta["data"]]
-    else:
-        parts += ["MODEL", "--data", "DATA"]
-    _print_suggestion(found, watch, None, rows, _quoted(parts + ["--clip", "global", "--norm", f"{found.threshold:g}"]))
-
-
-def _quoted(parts) -> str:
-    import shlex
-
-    return " ".join(shlex.quote(str(p)) for p in parts)
-
-
-def _run_line(given: dict, spec, found, checked) -> str:
-    """The `gradwatch run` line with the user's own options and the suggested threshold."""
-    from .session import RunSpec
-
-    threshold = found.threshold if not checked else _calmest(checked).clipping.param
-    parts = ["gradwatch", "run"]
-    if given.get("model") is not None:
-        parts.append(given["model"])
-    flags = {"from_logits": "--from-logits", "allow_nonfinite_data": "--allow-nonfinite-data"}
-    for name in RunSpec.__dataclass_fields__:
-        value = given.get(name)
-        if name in ("model", "steps", "epochs") or value is None:
-            continue  # the probe's length is not the training's
-        option = "--" + name.replace("_", "-")
-        if name in flags:
-            parts += [flags[name]] if value else []
-        elif name in ("shuffle", "xla", "stream"):
-            parts.append(option if value else f"--no-{name}")
-        elif name == "opt":
-            for item in value:
-                parts += ["--opt", item]
-        else:
-            parts += [option, getattr(value, "value", value)]
-    return _quoted(parts + ["--clip", "global", "--norm", f"{threshold:g}"])
-
-
-def _calmest(results):
-    from .report import Variant, best_variant
-
-    shown = [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in results]
-    best = best_variant(shown)
-    return results[shown.index(best)]
+    _print_suggestion(found, watch, None, rows, command_line(run_line_from_meta(rows[0]), "global", found.threshold))
 
 
 def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None = None) -> None:
@@ -888,7 +830,9 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
             print_compare(console, shown, "verification: the candidates over the probe's steps")
             for sentence in compare_verdict(shown):
                 console.print(escape(sentence))
-            console.print(escape(f"Calmest candidate: global {_calmest(checked).clipping.param:g}."))
+            from .report import calmest
+
+            console.print(escape(f"Calmest candidate: global {calmest(checked).clipping.param:g}."))
         console.print(escape(f"Try: {line}"))
 
 

@@ -346,6 +346,12 @@ def compare_verdict(variants: list[Variant]) -> list[str]:
     return lines
 
 
+def calmest(results):
+    """Of training results (train.loop.RunResult), the one best_variant picks."""
+    shown = [Variant(r.clipping.strategy, r.clipping.param, r.rows) for r in results]
+    return results[shown.index(best_variant(shown))]
+
+
 def _keras_form(v: Variant) -> list[str]:
     """The recommended threshold as the user types it into Keras, where that is another number."""
     from .diagnose.suggest import keras_sentence, keras_threshold

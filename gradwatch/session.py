@@ -183,3 +183,48 @@ def describe(spec: RunSpec) -> str:
     from .records import describe_meta
 
     return describe_meta(run_meta(spec))
+
+
+def run_line_from_options(given: dict) -> list[str]:
+    """``gradwatch run`` with the user's own options (as given to a command; None: not given),
+    without the run's length (a probe's length is not the training's) and without clipping."""
+    parts = ["gradwatch", "run"]
+    if given.get("model") is not None:
+        parts.append(given["model"])
+    flags = {"from_logits": "--from-logits", "allow_nonfinite_data": "--allow-nonfinite-data"}
+    for name in RunSpec.__dataclass_fields__:
+        value = given.get(name)
+        if name in ("model", "steps", "epochs") or value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if name in flags:
+            parts += [flags[name]] if value else []
+        elif name in ("shuffle", "xla", "stream"):
+            parts.append(option if value else f"--no-{name}")
+        elif name == "opt":
+            for item in value:
+                parts += ["--opt", item]
+        else:
+            parts += [option, getattr(value, "value", value)]
+    return parts
+
+
+def run_line_from_meta(meta: dict) -> list[str]:
+    """``gradwatch run`` of what a CSV row says it trained (records.META_COLUMNS)."""
+    parts = ["gradwatch", "run"]
+    if meta.get("model", "").startswith("sample:"):
+        parts += ["--sample", meta["model"][len("sample:"):]]
+    elif meta.get("model"):
+        parts += [meta["model"], "--data", meta["data"]]
+    else:
+        parts += ["MODEL", "--data", "DATA"]
+    if meta.get("sparse_norm") == "rows":
+        parts += ["--sparse-norm", "rows"]
+    return parts
+
+
+def command_line(parts: list, clip: str, threshold: float) -> str:
+    """A shell-quoted command line from ``parts`` with ``--clip CLIP --norm THRESHOLD`` at the end."""
+    import shlex
+
+    return " ".join(shlex.quote(str(p)) for p in parts + ["--clip", clip, "--norm", f"{threshold:g}"])

@@ -29,6 +29,23 @@ from ..records import SpikeRule
 # The --layers-csv columns, one row per step and variable (compare: clip and param first).
 LAYER_COLUMNS = ["clip", "param", "step", "variable", "layer", "grad_norm", "clipped_norm", "weight_norm",
                  "update_norm", "shape"]
+
+
+def layer_rows(clipping, names: tuple[list[str], list[str]], shapes: list[tuple], rows, norms) -> list[dict]:
+    """One --layers-csv row (LAYER_COLUMNS) per step and variable: ``names`` are the (variables,
+    layers) of the per-variable records, ``norms`` a block's (n, 4, V) matrix beside its ``rows``."""
+    variables, layers = names
+    shapes = ["x".join(map(str, s)) for s in shapes]
+    out = []
+    for row, per in zip(rows, norms.tolist()):
+        grad, clipped, weight, update = per
+        for k, (variable, layer) in enumerate(zip(variables, layers)):
+            out.append({"clip": clipping.strategy, "param": clipping.param, "step": row["step"], "variable": variable,
+                        "layer": layer, "grad_norm": grad[k], "clipped_norm": clipped[k], "weight_norm": weight[k],
+                        "update_norm": update[k], "shape": shapes[k]})
+    return out
+
+
 RATIO_FLAG = 10.0  # flag a variable whose update/weight ratio is this many times the median
 HEAT_COLUMNS = 400  # the heat map keeps at most this many columns of steps, whatever the run's length
 TOP = 3  # variables named per spike

@@ -125,3 +125,17 @@ def keras_sentence(threshold: float, keras: float, strategy: str = "global") -> 
     return (f"In Keras, which measures an embedding's repeated rows one by one, the same clipping is "
             f"compile(optimizer=...({option}={keras:g})) (or tf.clip_by_global_norm(grads, {keras:g})), not {threshold:g}; "
             f"with --sparse-norm rows gradwatch clips on that norm too.")
+
+
+def unclipped_variant(groups: dict, path) -> tuple:
+    """Of a CSV's variants (records.split_variants), the key of the unclipped one suggest reads:
+    compare's ``none`` baseline, else a ``run`` that never clipped."""
+    from ..errors import GradwatchError
+
+    key = next((k for k in groups if k[0] == "none"), None)
+    if key is None:
+        key = next((k for k in groups if k[0] == "run" and not any(r["clipped"] for r in groups[k])), None)
+    if key is None:
+        raise GradwatchError(f"{path} holds no unclipped run; suggest needs the norms before any clipping: "
+                             "record one with gradwatch run --csv (no --clip) or compare --csv (with the none baseline)")
+    return key
