@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, Signalled, one_line
+from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, one_line
 
 app = typer.Typer(
     name="gradwatch",
@@ -97,12 +97,20 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class _Stdout(Console):
+    """rich's Console, but a closed pipe ends the command as any Unix tool's (exit 141, quietly),
+    not with rich's SystemExit(1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipe()
+
+
 def _stdout() -> Console:
     # Piped or redirected output is read later in an editor or a log: tables take the width their
     # content needs and sentences stay on one line (no hard wrap).
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        return Console(highlight=False, width=100_000, soft_wrap=True)
-    return Console(highlight=False)
+        return _Stdout(highlight=False, width=100_000, soft_wrap=True)
+    return _Stdout(highlight=False)
 
 
 def _version(value: bool):
@@ -393,6 +401,12 @@ def _steps(n: int) -> str:
 
 
 SIGNAL_NAMES = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}
+# Where a command is, for the line a signal outside training prints (main).
+_phase = {"now": "starting"}
+PHASE_TEXT = {
+    "loading": " while loading and preparing the run; no step was recorded and no output was written",
+    "reporting": " after training; the outputs were already written",
+}
 
 
 def _train_then_keep(sinks, train, show, quiet, before_commit=None):
@@ -407,6 +421,7 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
 
     sinks = [s for s in sinks if s is not None]
     progress = Progress(quiet, "gradwatch")
+    _phase["now"] = "loading"  # until the first block: train() loads, traces, then trains
     try:
         results = train(progress)
     except Interrupted as stop:
@@ -444,6 +459,7 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         before_commit(results)
     for s in sinks:
         s.commit()
+    _phase["now"] = "reporting"
     return results
 
 
@@ -864,22 +880,27 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("GRADWATCH_DEBUG"))
-    from .signals import stop_signals_unwind
+    _phase["now"] = "starting"
+    from .signals import first_received, stop_signals_unwind
 
     with stop_signals_unwind():
         try:
             result = app(args=args, prog_name="gradwatch", standalone_mode=False)
             from .sinks import stdout_errors
 
+            if result == 130 and first_received() is not None:  # typer turns a Ctrl-C into a return of 130
+                return _stopped_by(first_received())
             with stdout_errors():
                 sys.stdout.flush()
             return result if isinstance(result, int) else 0
         except typer.Exit as exc:
+            if first_received() is not None and exc.exit_code == 130:
+                return _stopped_by(first_received())
             return exc.exit_code
-        except (Interrupted, Signalled) as exc:
-            return 128 + exc.signum
+        except Interrupted as exc:
+            return 128 + exc.signum  # said where the rows were kept (_train_then_keep)
         except (typer.Abort, KeyboardInterrupt):
-            return 130
+            return _stopped_by(first_received() or 2)
         except (BrokenPipe, BrokenPipeError):
             _silence_stdout()
             return 141  # as a Unix tool killed by SIGPIPE
@@ -889,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
             _error(str(exc))
             return exc.exit_code
         except Exception as exc:
+            if first_received() is not None:  # e.g. TensorFlow's import wraps the signal in an ImportError
+                return _stopped_by(first_received())
             if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
                 sys.stdout.write(exc.ctx.get_help() + "\n")  # `gradwatch` alone: the help, readable, as typer does
                 return 2
@@ -904,6 +927,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             _error(f"unexpected {type(exc).__name__}: {exc} (set GRADWATCH_DEBUG=1 for the traceback, and please report it)")
             return 1
+
+
+def _stopped_by(signum: int) -> int:
+    """A signal outside a training block: one line saying what it stopped, and 128 + the signal."""
+    what = SIGNAL_NAMES.get(signum, f"signal {signum}")
+    sys.stderr.write(f"gradwatch: interrupted by {what}{PHASE_TEXT.get(_phase['now'], '')}\n")
+    sys.stderr.flush()
+    return 128 + signum
 
 
 def _silence_stdout() -> None:

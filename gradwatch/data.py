@@ -16,6 +16,8 @@ order; with shuffling, the rows of epoch e are taken in the order
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,11 +83,18 @@ def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
                 x = archive[x_keys[0]]
             else:
                 x = {k: archive[k] for k in x_keys}
-    except ValueError as exc:  # object arrays need pickle, which is never allowed
-        raise DataError(f"cannot read {path} without pickle ({exc}); save plain numeric arrays with numpy.savez") from None
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    except ValueError as exc:
+        if "pickle" in str(exc):  # object arrays need pickle, which is never allowed
+            raise DataError(f"cannot read {path} without pickle ({exc}); save plain numeric arrays with numpy.savez") from None
+        raise _unreadable_npz(path, exc) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _unreadable_npz(path, exc) from None
     return _checked(_by_input(x, options, path), y, "npz", path)
+
+
+def _unreadable_npz(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path} is not a complete .npz file ({first_line(exc)}): truncated, or not written by "
+                     "numpy.savez; write it again")
 
 
 def _npz_input_keys(path: Path, keys: list, options: DataOptions) -> list:
@@ -115,6 +124,8 @@ def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
         raise DataError(f"{path} is not a readable CSV ({str(exc).strip().splitlines()[0]}); check the file") from None
     if frame.shape[1] < 2:
         raise DataError(f"{path} needs feature columns and a target column; it has {frame.shape[1]} column(s)")
+    if len(frame) == 0:
+        raise DataError(f"{path} has a header but no rows; give a CSV with one row per example")
     target = options.target if options.target is not None else frame.columns[-1]
     if target not in frame.columns:
         raise DataError(
@@ -284,8 +295,11 @@ def load_npz_streamed(path: Path, options: DataOptions, model_assets: Path | Non
     """An uncompressed .npz whose rows are read as batches need them (streams.NpzMember)."""
     from .streams import npz_members
 
-    with np.load(path, allow_pickle=False) as archive:  # the names only; no array is read
-        x_keys = _npz_input_keys(path, list(archive.keys()), options)
+    try:
+        with np.load(path, allow_pickle=False) as archive:  # the names only; no array is read
+            x_keys = _npz_input_keys(path, list(archive.keys()), options)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _unreadable_npz(path, exc) from None
     members = npz_members(path, x_keys + [options.y_key])
     x = members[x_keys[0]] if len(x_keys) == 1 else {k: members[k] for k in x_keys}
     return _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path)

@@ -80,7 +80,13 @@ def load(path: str, endpoint: str | None = None, output: str | None = None) -> L
 
 
 def _load_keras(p: Path) -> LoadedModel:
+    import zipfile
+
     import keras
+
+    if not zipfile.is_zipfile(p):
+        raise ModelError(f"{p} is not a complete .keras archive (truncated, or not written by model.save); "
+                         "save the model again with model.save('model.keras')")
 
     import warnings
 

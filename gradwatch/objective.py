@@ -156,6 +156,7 @@ def make_optimizer(config: dict):
             f"unknown optimizer {class_name!r}; give a Keras optimizer identifier, e.g. sgd, momentum, adam, "
             "adamw, rmsprop, adagrad, nadam, lion"
         )
+    _check_numbers(getattr(keras.optimizers, resolved), config["config"], class_name)
     try:
         optimizer = keras.optimizers.get({"class_name": resolved, "config": dict(config["config"])})
     except (ValueError, TypeError) as exc:
@@ -166,6 +167,21 @@ def make_optimizer(config: dict):
     if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
         raise OptionError(f"`--lr` must be > 0. Received: lr={lr}")
     return optimizer
+
+
+def _check_numbers(cls, given: dict, class_name: str) -> None:
+    """A hyperparameter whose default is a number must be given as one (``--opt beta_1=abc`` would
+    fail only when the step is traced, and look like a problem of the loss or the data)."""
+    try:
+        defaults = cls().get_config()
+    except Exception:  # an optimizer that needs arguments: Keras checks them itself
+        return
+    for key, value in given.items():
+        default = defaults.get(key)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and isinstance(value, str):
+            raise OptionError(f"--opt {key}={value!r}: optimizer {class_name}'s {key} is a number "
+                              f"(default {default:g}); write e.g. --opt {key}={default:g}")
 
 
 def _optimizer_class_name(name: str) -> str | None:

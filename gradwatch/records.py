@@ -267,11 +267,15 @@ def _parse(column: str, text: str):
 def _header(path: Path) -> list[str] | None:
     if not path.is_file():
         raise GradwatchError(f"no such file: {path}; give the path of a CSV written by gradwatch run/compare --csv")
+    not_text = GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv")
     try:
+        with path.open("rb") as handle:
+            if b"\0" in handle.read(1 << 16):  # binary: say so at once, whatever its size
+                raise not_text
         with path.open(newline="", encoding="utf-8") as handle:
             return next(csv.reader(handle), None)
-    except UnicodeDecodeError:
-        raise GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise not_text from None
 
 
 def is_summary_csv(path: str | os.PathLike) -> bool:
@@ -354,7 +358,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                 if legacy and row["param"] is not None:
                     row["threshold"] = row["param"]
                 rows.append(row)
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, csv.Error):
         raise GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv") from None
     if not rows:
         raise GradwatchError(f"{path} has a header but no rows; the run recorded no steps")

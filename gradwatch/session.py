@@ -90,7 +90,23 @@ def resolve(spec: RunSpec) -> RunSpec:
     for key, value in DEFAULTS.items():
         if values[key] is None:
             values[key] = value
+    _check_counts(values)
     return replace(spec, **values)
+
+
+MAX_SEED = 2**32 - 1  # NumPy's and TensorFlow's seeds both take this range
+MAX_STEPS = 10**12  # a run's steps must fit the step counters (int64) with room; nothing is sized by them
+
+
+def _check_counts(values: dict) -> None:
+    """The integer options that would fail deep inside NumPy or TensorFlow, checked before loading."""
+    seed = values.get("seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"`--seed` must be between 0 and {MAX_SEED}. Received: seed={seed}")
+    for name in ("steps", "epochs"):
+        value = values.get(name)
+        if value is not None and value > MAX_STEPS:
+            raise OptionError(f"`--{name}` must be at most {MAX_STEPS:.0e}. Received: {name}={value}")
 
 
 def prepare(spec: RunSpec):

@@ -38,6 +38,15 @@ def deferred_interrupt():
             signal.signal(number, handler)
 
 
+received: list[int] = []  # the stop signals received while the CLI ran (stop_signals_unwind)
+
+
+def first_received() -> int | None:
+    """The first stop signal the running command received, if any: libraries on the way (typer,
+    TensorFlow's import) turn the exception it raised into exceptions or exit codes of their own."""
+    return received[0] if received else None
+
+
 class stop_signals_unwind:
     """While the CLI runs, SIGTERM and SIGHUP unwind like Ctrl-C (so outputs are kept or
     cleaned up) instead of killing the process on the spot. Training blocks defer them further
@@ -48,13 +57,21 @@ class stop_signals_unwind:
         if threading.current_thread() is not threading.main_thread():
             return self
 
+        received.clear()
+
         def unwind(signum, frame):
+            received.append(signum)
             raise Signalled(signum)
+
+        def interrupt(signum, frame):
+            received.append(signum)
+            raise KeyboardInterrupt
 
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 number = getattr(signal, name)
                 self.previous[number] = signal.signal(number, unwind)
+        self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
         return self
 
     def __exit__(self, *exc):

@@ -62,15 +62,17 @@ class CsvSink:
         if self.path.is_dir():
             raise GradwatchError(f"{option} {self.path} is a folder; give a file name such as {self.path / 'steps.csv'}")
         parent = self.path.parent
+        if parent.exists() and not parent.is_dir():
+            raise GradwatchError(f"cannot write {self.path}: {parent} is a file, not a folder; give a path in a folder")
         if not parent.is_dir():
             raise GradwatchError(f"cannot write {self.path}: folder {parent} does not exist; create it first")
         self.direct = self.path.exists() and not self.path.is_file()
         self.tmp_path = self.path if self.direct else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        if not self.direct:
-            _refuse_unfinished(self.tmp_path, option)
         try:
-            # A regular open gets the umask's mode, as any new file of the user's would.
-            self._file = open(self.tmp_path, "w", newline="", encoding="utf-8")
+            if self.direct:
+                self._file = open(self.tmp_path, "w", newline="", encoding="utf-8")
+            else:
+                self._file = _locked(self.tmp_path, self.path, option)
         except OSError as exc:
             raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror}; choose a writable folder for {option}") from None
         self._writer = csv.writer(self._file)
@@ -110,6 +112,9 @@ class CsvSink:
             try:
                 os.replace(self.tmp_path, self.path)
             except OSError as exc:
+                if not self.path.parent.is_dir():
+                    raise OutputError(f"cannot write {self.path}: its folder {self.path.parent} was removed while the run "
+                                      "wrote into it, and the rows went with it; keep the folder until the run ends") from None
                 self.kept = self.tmp_path
                 raise OutputError(f"cannot move {self.tmp_path} to {self.path}: {exc.strerror}; the rows are in {self.tmp_path}") from None
 
@@ -127,6 +132,34 @@ class CsvSink:
             self.kept = self.tmp_path
         else:
             self.tmp_path.unlink(missing_ok=True)
+
+
+def _locked(partial: Path, target: Path, option: str):
+    """``partial`` opened for writing under an exclusive lock, held until it is closed: a second
+    gradwatch writing the same output is refused at once instead of mixing its rows in.
+
+    Opened without truncating, so that neither a running run's rows nor an unfinished run's
+    are lost before the lock and the check (:func:`_refuse_unfinished`) say it is ours.
+    """
+    import fcntl
+
+    # A regular open gets the umask's mode, as any new file of the user's would.
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise GradwatchError(
+            f"another gradwatch is writing {target} now ({partial} is locked); wait for it to finish, "
+            f"or give another {option}"
+        ) from None
+    try:
+        _refuse_unfinished(partial, option)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "w", newline="", encoding="utf-8")
 
 
 def _refuse_unfinished(partial: Path, option: str) -> None:

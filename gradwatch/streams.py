@@ -180,14 +180,13 @@ class RecordStream:
 
         def epoch(e):
             examples = self.make()
-            if shuffle:
-                examples = examples.shuffle(self.buffer, seed=int(np.random.default_rng([seed, e]).integers(2**31)),
-                                            reshuffle_each_iteration=False)
+            if shuffle:  # one shuffle seed an epoch, from (seed, epoch), made in the graph as the epochs come
+                epoch_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), e]),
+                                                         minval=0, maxval=2**31 - 1, dtype=tf.int64)
+                examples = examples.shuffle(self.buffer, seed=epoch_seed, reshuffle_each_iteration=False)
             return examples.batch(batch_size, drop_remainder=True).take(per_epoch)
 
-        stream = epoch(1)
-        for e in range(2, epochs + 1):
-            stream = stream.concatenate(epoch(e))
+        stream = tf.data.Dataset.range(1, epochs + 1).flat_map(epoch)  # nothing sized by the number of epochs
         return stream.map(lambda bx, by: tf.nest.map_structure(lambda t, d: tf.cast(keep(t), d), (bx, by), dtypes),
                           num_parallel_calls=tf.data.AUTOTUNE)
 

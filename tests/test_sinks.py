@@ -53,7 +53,8 @@ def test_rows_reach_the_partial_file_as_they_are_written_and_survive_an_error(tm
 def test_an_unfinished_partial_file_is_never_overwritten(tmp_path):
     target = tmp_path / "steps.csv"
     sink = CsvSink(target, COLUMNS)
-    sink.write(make_rows([1.0], [1.0]))  # then the process is killed: the .partial stays
+    sink.write(make_rows([1.0], [1.0]))
+    sink._file.close()  # then the process is killed: its lock goes with it, the .partial stays
     with pytest.raises(GradwatchError, match="did not finish.*gradwatch report"):
         CsvSink(target, COLUMNS)
     assert len(read_rows(tmp_path / "steps.csv.partial")) == 1

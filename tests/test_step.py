@@ -61,7 +61,7 @@ def test_gradientwatch_in_fit_equals_gradwatch_run_step_by_step():
 
 
 def _variables(model):
-    return [(v.path, np.array(v)) for v in model.variables if "seed_generator" not in v.path]
+    return [(v.path, v.numpy()) for v in model.variables if "seed_generator" not in v.path]
 
 
 @pytest.mark.parametrize("clip, param", [("zclip", {"z": 2.0}), ("autoclip", {"percentile": 50})])

@@ -12,6 +12,10 @@ from ..errors import OptionError
 from .adaptive import AGC, AutoClip, ZClip
 from .tf_ops import ClipByAverageNorm, ClipByGlobalNorm, ClipByNorm, ClipByValue, NoClip
 
+# Parameters a float32 step can use: N and 1/N stay normal float32 numbers with room to spare
+# (float32's normal range is about 1.2e-38 to 3.4e38).
+PARAM_RANGE = (1e-30, 1e30)
+
 STRATEGIES = {
     s.name: s
     for s in (NoClip(), ClipByValue(), ClipByNorm(), ClipByAverageNorm(), ClipByGlobalNorm(), AGC(), AutoClip(), ZClip())
@@ -43,6 +47,13 @@ class Clipping:
         if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
             bound = f"in (0, {upper:g}]" if upper is not None else "a finite number > 0"
             raise OptionError(f"`--{option}` must be {bound}. Received: {option}={self.param}")
+        low, high = PARAM_RANGE
+        if not low <= value <= high:
+            raise OptionError(
+                f"`--{option}` must be between {low:g} and {high:g}: clipping computes in float32, where a threshold "
+                f"outside that range rounds to 0 or makes the clipping scale underflow to 0 (every gradient zeroed). "
+                f"Received: {option}={self.param}"
+            )
         object.__setattr__(self, "param", value)
 
     @property
@@ -85,7 +96,10 @@ def parse_variants(strategies: str, thresholds: str, baseline: bool = True) -> l
     variants = [Clipping("none")] if baseline or "none" in items else []
     for n in names:
         for v in values:
-            variants.append(Clipping(n, v))
+            try:
+                variants.append(Clipping(n, v))
+            except OptionError as exc:
+                raise OptionError(f"--thresholds item {v:g} for --clip {n}: {exc}") from None
     return _unique(variants)
 
 
@@ -98,19 +112,29 @@ def parse_variant_list(text: str) -> list[Clipping]:
             raise OptionError(f"--variants {text!r} has an empty item; write e.g. --variants none,global:5,zclip:2.5")
         name, _, value = item.partition(":")
         name = name.strip().lower()
-        if name not in STRATEGIES:
-            raise OptionError(f"--variants item {item!r}: unknown clipping strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-        if value.strip():
-            try:
-                param = float(value)
-            except ValueError:
-                raise OptionError(f"--variants item {item!r}: {value.strip()!r} is not a number; write e.g. global:5") from None
-        else:
-            param = None
-        if name == "none" and param is not None:
-            raise OptionError(f"--variants item {item!r}: the baseline takes no parameter; write none")
-        variants.append(Clipping(name, param))
+        variants.append(_variant_item(item, name, value))
     return _unique(variants)
+
+
+def _variant_item(item: str, name: str, value: str) -> Clipping:
+    """One ``--variants`` item; any error names the item."""
+    if name not in STRATEGIES:
+        raise OptionError(f"--variants item {item!r}: unknown clipping strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    if value.strip():
+        try:
+            param = float(value)
+        except ValueError:
+            raise OptionError(f"--variants item {item!r}: {value.strip()!r} is not a number; write e.g. global:5") from None
+    else:
+        param = None
+    if name == "none" and param is not None:
+        raise OptionError(f"--variants item {item!r}: the baseline takes no parameter; write none")
+    if param is None and STRATEGIES[name].option is not None and STRATEGIES[name].default is None:
+        raise OptionError(f"--variants item {item!r}: {name} needs a threshold; write e.g. {name}:5")
+    try:
+        return Clipping(name, param)
+    except OptionError as exc:
+        raise OptionError(f"--variants item {item!r}: {exc}") from None
 
 
 def _unique(variants: list[Clipping]) -> list[Clipping]:

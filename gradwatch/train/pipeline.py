@@ -64,13 +64,21 @@ class Pipeline:
 
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
         epochs = -(-self.total_steps // per)
-        rates = tf.constant([options.lr_at(e, self.base_lr or 0.0) for e in range(1, epochs + 1)], tf.float32)
         n_rows = len(self.data)
         keep = rows_of or (lambda r: r)
-        steps = tf.data.Dataset.range(self.total_steps)
 
-        def with_rates(step, x, y):
-            return x, y, tf.gather(rates, step // per)
+        base = float(self.base_lr or 0.0)
+
+        def rate(step):
+            # TrainOptions.lr_at in the graph, in float64 as Python computes it (the same libm pow),
+            # so that nothing is made per epoch up front: a run's length sizes nothing.
+            if options.lr_decay is None:
+                return tf.constant(np.float32(base))
+            epoch = step // per + 1
+            exponent = tf.cast(tf.maximum(epoch - options.decay_after_epoch, 0), tf.float64)
+            return tf.cast(base * tf.pow(tf.constant(options.lr_decay, tf.float64), exponent), tf.float32)
+
+        rates = tf.data.Dataset.range(self.total_steps).map(rate)
 
         def orders():
             for epoch in range(1, epochs + 1):
@@ -95,11 +103,11 @@ class Pipeline:
             with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
                 x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
             rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
-            pairs = tf.data.Dataset.zip((steps, rows.unbatch())).take(self.total_steps)
+            pairs = tf.data.Dataset.zip((rows.unbatch(), rates)).take(self.total_steps)
             batches = pairs.map(
-                lambda s, r: with_rates(s, tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r))),
+                lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
             return batches.prefetch(tf.data.AUTOTUNE)
-        pairs = tf.data.Dataset.zip((steps, batches)).take(self.total_steps)
-        return pairs.map(lambda s, b: with_rates(s, *b)).prefetch(tf.data.AUTOTUNE)
+        pairs = tf.data.Dataset.zip((batches, rates)).take(self.total_steps)
+        return pairs.map(lambda b, rate: (*b, rate)).prefetch(tf.data.AUTOTUNE)

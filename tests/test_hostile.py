@@ -1,0 +1,171 @@
+"""Issue 22, part 2: every promise of the exit-code table under hostile but realistic use.
+A real subprocess wherever a signal, a pipe or a second process is involved."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import interrupt_gradwatch, read_csv
+
+
+def gradwatch(*args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "gradwatch", *map(str, args)], text=True, **popen)
+
+
+def rows_in(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def wait_for_rows(path: Path, proc, rows: int = 2, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while rows_in(path) < rows:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no rows in time"
+        time.sleep(0.1)
+
+
+def one_line_error(err: str, *words):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradwatch: error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_a_second_run_on_the_same_csv_is_refused_and_the_first_keeps_its_rows(tmp_path, module_model, regression_npz):
+    target = tmp_path / "run.csv"
+    args = [module_model, "--data", regression_npz, "--loss", "mse", "--csv", target, "-q", "--fetch-every", 1]
+    first = gradwatch("run", *args, "--steps", 100000, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_rows(target.with_name("run.csv.partial"), first)
+        second = subprocess.run([sys.executable, "-m", "gradwatch", "run", *map(str, args), "--steps", "5"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        one_line_error(second.stderr, "another gradwatch is writing", str(target))
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err
+    rows = read_csv(target)
+    assert rows["step"].tolist() == list(range(1, len(rows) + 1)) and len(rows) > 2  # one run's rows, whole
+    assert not target.with_name("run.csv.partial").exists()
+
+
+def test_a_huge_step_count_starts_at_once_and_stops_on_sigterm(tmp_path, module_model, regression_npz):
+    target = tmp_path / "run.csv"
+    args = [module_model, "--data", regression_npz, "--loss", "mse", "--csv", target, "--steps", 10**12, "-q",
+            "--lr-decay", 0.5]  # a per-epoch schedule over 3e11 epochs: nothing may be made per epoch up front
+
+    def ready(proc):
+        wait_for_rows(target.with_name("run.csv.partial"), proc, rows=3, seconds=90)
+
+    code, err = interrupt_gradwatch(["run", *args], ready, signal.SIGTERM)
+    assert code == 143, err
+    assert "interrupted by SIGTERM" in err and len(read_csv(target)) >= 3
+    refused = subprocess.run([sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz),
+                              "--loss", "mse", "--steps", str(10**13)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "`--steps` must be at most" in refused.stderr
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP")])
+def test_a_signal_while_loading_exits_with_its_code_and_says_what_it_stopped(sig, code, name, module_model, regression_npz,
+                                                                                tmp_path):
+    proc = gradwatch("run", module_model, "--data", regression_npz, "--loss", "mse", "--csv", tmp_path / "x.csv",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)  # inside TensorFlow's import: long before the first step
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert f"gradwatch: interrupted by {name} while loading" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_a_closed_pipe_ends_quietly_with_141(fmt, module_model, regression_npz):
+    proc = gradwatch("run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 3, "--format", fmt, "-q",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written (`gradwatch ... | true`)
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 141, err
+    assert err == ""
+
+
+def test_report_into_a_closed_pipe(tmp_path, module_model, regression_npz):
+    target = tmp_path / "run.csv"
+    subprocess.run([sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz), "--loss",
+                    "mse", "--steps", "300", "--csv", str(target), "-q"], check=True, capture_output=True, timeout=120)
+    shell = subprocess.run(f'"{sys.executable}" -m gradwatch report "{target}" | head -1; exit ${{PIPESTATUS[0]}}',
+                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert shell.returncode == 141 and shell.stderr == "" and shell.stdout.startswith("gradwatch report")
+
+
+def _truncated(path: Path, out: Path) -> Path:
+    out.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return out
+
+
+def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, module_model, regression_npz, keras_file_model, ids_npz):
+    base = ["run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 2, "-q"]
+    cases = [
+        (base + ["--seed", -1], "`--seed` must be between 0"),
+        (base + ["--seed", 99999999999999999999], "`--seed` must be between 0"),
+        (["run", module_model, "--data", _truncated(regression_npz, tmp_path / "cut.npz"), "--loss", "mse"],
+         "not a complete .npz"),
+        (["run", _truncated(keras_file_model, tmp_path / "cut.keras"), "--data", ids_npz], "not a complete .keras"),
+        (base + ["--clip", "global", "--norm", 1e38], "between 1e-30 and 1e+30"),
+        (base + ["--clip", "global", "--norm", 1e-45], "between 1e-30 and 1e+30"),
+        (["compare", *base[1:], "--thresholds", "none,1e38"], "--thresholds item 1e+38"),
+        (["compare", *base[1:], "--variants", "none,global:-1"], "--variants item 'global:-1'"),
+        (["compare", *base[1:], "--variants", "global"], "--variants item 'global': global needs a threshold"),
+        (base + ["--optimizer", "adam", "--opt", "beta_1=abc"], "--opt beta_1='abc'"),
+    ]
+    (tmp_path / "afile").write_text("x")
+    cases.append((base + ["--csv", tmp_path / "afile" / "run.csv"], "is a file, not a folder"))
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("a,b,c,d,y\n")
+    cases.append((["run", module_model, "--data", header_only, "--loss", "mse"], "has a header but no rows"))
+    nul = tmp_path / "zeros.csv"
+    nul.write_bytes(b"\0" * (4 << 20))
+    cases.append((["report", nul], "is not a text CSV"))
+    for args, words in cases:
+        code, out, err = cli(*args)
+        assert code == 2, (args, err)
+        one_line_error(err, words)
+        assert "unexpected" not in err and "please report" not in err
+
+
+def test_a_folder_removed_under_a_running_csv_says_so(tmp_path, module_model, regression_npz):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / "run.csv"
+    proc = gradwatch("run", module_model, "--data", regression_npz, "--loss", "mse", "--csv", target, "--steps", 100000,
+                     "-q", "--fetch-every", 1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_rows(target.with_name("run.csv.partial"), proc)
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 74, err
+    assert "was removed while the run wrote into it" in err and ".partial" not in err.split("error:")[-1]
