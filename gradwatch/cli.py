@@ -73,6 +73,8 @@ LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multipl
 DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
 OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights, optimizer, clipping and BatchNorm state as they were and go on; apply: apply the update anyway (as Keras fit does); stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False)]
 SparseNormOpt = Annotated[Optional[SparseNorm], typer.Option("--sparse-norm", help="What clipping measures an embedding gradient's repeated rows by: summed (the true norm of the applied gradient) or rows (row by row, as Keras' global_clipnorm/clipnorm/clipvalue and tf.clip_by_global_norm do, so the threshold is the one to type into Keras).  [default: summed]", show_default=False)]
+StartStepOpt = Annotated[Optional[int], typer.Option("--start-step", help="Continue as step N+1 of your training: the first N batches of the data order are skipped, rows are numbered from N+1, and a .keras file's saved optimizer state (slots, iteration count, schedule) goes on.  [default: 0]", show_default=False)]
+FreshOptimizerOpt = Annotated[Optional[bool], typer.Option("--fresh-optimizer", help="Start the optimizer over instead of continuing from the state a .keras file saved.", show_default=False)]
 FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
 XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
@@ -204,6 +206,7 @@ def run(
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
+    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
@@ -378,7 +381,7 @@ def _setup(spec, trainer, info: dict) -> None:
     from .records import setup_text
 
     info["meta"] = describe_run(spec, trainer)
-    info["setup"] = setup_text(info["meta"])
+    info["setup"] = setup_text(info["meta"]) + (f"; {trainer.state_text}" if trainer.state_text else "")
     if trainer.loss_scaling:
         info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
     if trainer.distribution is not None:
@@ -481,6 +484,7 @@ def compare(
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
+    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
@@ -719,6 +723,7 @@ def suggest(
     epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
+    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,

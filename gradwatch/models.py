@@ -46,6 +46,10 @@ class LoadedModel:
     extra_losses: Callable | None = None
     compiled_optimizer: dict | None = None
     loss_scaling: bool = False
+    # The training state the file (or object) carries: its compiled optimizer once it has trained
+    # (slots, iteration count), and a LossScaleOptimizer's (scale, good steps); None: none saved.
+    saved_optimizer: Any = None
+    saved_loss_scale: tuple | None = None
     warnings: list = field(default_factory=list)  # said once on stderr before training
 
     @property
@@ -139,11 +143,15 @@ def _wrap_keras(model, p) -> LoadedModel:
     if getattr(model, "_compile_loss", None) is not None:
         # Keras' own loss of fit: the compiled loss plus model.losses (regularizers, add_loss).
         compiled_loss = lambda x, y, y_pred: model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)  # noqa: E731
-    compiled_optimizer = None
+    compiled_optimizer = saved_optimizer = saved_loss_scale = None
     if getattr(model, "optimizer", None) is not None:
         inner = getattr(model.optimizer, "inner_optimizer", None) or model.optimizer  # unwrap a LossScaleOptimizer
         # get_config() serializes a learning-rate schedule too, so it is rebuilt with the optimizer.
         compiled_optimizer = {"class_name": type(inner).__name__, "config": inner.get_config()}
+        if getattr(inner, "built", False) and int(inner.iterations.numpy()) > 0:
+            saved_optimizer = inner  # Keras restored its slots and iteration count with the weights
+            if inner is not model.optimizer and getattr(model.optimizer, "built", False):
+                saved_loss_scale = (float(model.optimizer.dynamic_scale.numpy()), int(model.optimizer.step_counter.numpy()))
     policy = getattr(model, "dtype_policy", None)
     loss_scaling = getattr(policy, "name", "") == "mixed_float16" or any(
         getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16" for layer in model._flatten_layers()
@@ -172,6 +180,8 @@ def _wrap_keras(model, p) -> LoadedModel:
         extra_losses=lambda: model.losses,
         compiled_optimizer=compiled_optimizer,
         loss_scaling=loss_scaling,
+        saved_optimizer=saved_optimizer,
+        saved_loss_scale=saved_loss_scale,
     )
 
 

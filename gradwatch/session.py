@@ -16,6 +16,8 @@ DEFAULTS = {
     "decay_after_epoch": 1,
     "on_nonfinite": "skip",
     "sparse_norm": "summed",
+    "start_step": 0,
+    "fresh_optimizer": False,
     "xla": False,
     "spike_factor": 2.0,
     "spike_window": 20,
@@ -54,6 +56,8 @@ class RunSpec:
     decay_after_epoch: int | None = None
     on_nonfinite: str | None = None
     sparse_norm: str | None = None  # clipping measures an embedding's repeated rows summed or by rows (train.step)
+    start_step: int | None = None  # continue as step N+1 of the user's training (N batches of the order consumed)
+    fresh_optimizer: bool | None = None  # ignore the optimizer state a .keras file carries
     fetch_every: int | None = None
     xla: bool | None = None
     spike_factor: float | None = None
@@ -103,7 +107,7 @@ def _check_counts(values: dict) -> None:
     seed = values.get("seed")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise OptionError(f"`--seed` must be between 0 and {MAX_SEED}. Received: seed={seed}")
-    for name in ("steps", "epochs"):
+    for name in ("steps", "epochs", "start_step"):
         value = values.get(name)
         if value is not None and value > MAX_STEPS:
             raise OptionError(f"`--{name}` must be at most {MAX_STEPS:.0e}. Received: {name}={value}")
@@ -169,6 +173,8 @@ def _prepare(spec: RunSpec, distribution):
         decay_after_epoch=spec.decay_after_epoch,
         on_nonfinite=spec.on_nonfinite,
         sparse_norm=spec.sparse_norm,
+        start_step=spec.start_step,
+        fresh_optimizer=spec.fresh_optimizer,
         fetch_every=spec.fetch_every,
         xla=spec.xla,
         spike_rule=spike_rule,
@@ -207,7 +213,8 @@ def run_line_from_options(given: dict) -> list[str]:
     parts = ["gradwatch", "run"]
     if given.get("model") is not None:
         parts.append(given["model"])
-    flags = {"from_logits": "--from-logits", "allow_nonfinite_data": "--allow-nonfinite-data"}
+    flags = {"from_logits": "--from-logits", "allow_nonfinite_data": "--allow-nonfinite-data",
+             "fresh_optimizer": "--fresh-optimizer"}
     for name in RunSpec.__dataclass_fields__:
         value = given.get(name)
         if name in ("model", "steps", "epochs") or value is None:

@@ -52,6 +52,8 @@ class TrainOptions:
     decay_after_epoch: int = 1
     on_nonfinite: str = "skip"
     sparse_norm: str = "summed"  # what clipping measures an embedding's repeated rows by (train.step)
+    start_step: int = 0  # the run continues as step start_step + 1 of the user's training
+    fresh_optimizer: bool = False  # ignore the optimizer state the model file carries
     fetch_every: int | None = None  # None: auto (see _next_block)
     xla: bool = False
     spike_rule: SpikeRule = field(default_factory=SpikeRule)
@@ -68,6 +70,7 @@ class TrainOptions:
             (self.decay_after_epoch >= 0, f"`--decay-after-epoch` must be >= 0. Received: {self.decay_after_epoch}"),
             (self.on_nonfinite in ON_NONFINITE,
              f"`--on-nonfinite` must be one of {', '.join(ON_NONFINITE)}. Received: {self.on_nonfinite}"),
+            (self.start_step >= 0, f"`--start-step` must be >= 0. Received: start_step={self.start_step}"),
             (self.sparse_norm in SPARSE_NORMS,
              f"`--sparse-norm` must be one of {', '.join(SPARSE_NORMS)}. Received: {self.sparse_norm}"),
             (self.fetch_every is None or self.fetch_every >= 1, f"`--fetch-every` must be >= 1. Received: fetch_every={self.fetch_every}"),
@@ -152,6 +155,7 @@ class Trainer:
 
         self._loss_scale = tf.Variable(INITIAL_LOSS_SCALE, dtype=tf.float32, trainable=False, name="loss_scale")
         self._good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good_steps")
+        self.state_text = self._continue_from(model, options)
         self.used: list | None = None  # variables with a gradient, known after the first trace
         self.skipped: list[str] = []
         self.traces = 0  # how often a block was traced: once per strategy (tests check it)
@@ -166,7 +170,8 @@ class Trainer:
         self.capture_every: int | None = None
         self._captured: list | None = None
         # The batches of every step, built on first use (train/pipeline.py).
-        self.pipeline = Pipeline(self.data, options, self.total_steps, self.steps_per_epoch, self.base_lr, distribution)
+        self.pipeline = Pipeline(self.data, options, self.total_steps, self.steps_per_epoch, self.base_lr, distribution,
+                                 start=options.start_step)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -240,6 +245,27 @@ class Trainer:
             )
         self._blocks[key] = traced
         return traced
+
+    def _continue_from(self, model, options) -> str:
+        """Take over the training state the model carries (its optimizer's slots and iteration
+        count, so a schedule goes on; a LossScaleOptimizer's scale), unless told not to; say which."""
+        saved = model.saved_optimizer
+        if saved is None:
+            return "fresh optimizer state (the model carries none)" if options.start_step else ""
+        iterations = int(saved.iterations.numpy())
+        if options.fresh_optimizer:
+            return f"fresh optimizer state (--fresh-optimizer; the model's is at iteration {iterations})"
+        if options.optimizer is not None:
+            return f"fresh optimizer state (--optimizer given; the model's {type(saved).__name__} is at iteration {iterations})"
+        restore_optimizer(self.optimizer, saved)
+        if model.saved_loss_scale is not None:
+            self._loss_scale.assign(model.saved_loss_scale[0])
+            self._good_steps.assign(model.saved_loss_scale[1])
+        text = f"optimizer state restored from the model (iteration {iterations})"
+        if options.start_step != iterations:
+            text += (f"; its iteration count is {iterations} but the data starts at step {options.start_step + 1}"
+                     f" (--start-step {options.start_step}): give --start-step {iterations} to continue where it stopped")
+        return text
 
     @property
     def variable_names(self) -> tuple[list[str], list[str]]:
@@ -533,13 +559,13 @@ class Trainer:
                     done = int(done)
                     columns = [a.numpy()[:done].tolist() for a in arrays[: len(RECORDED)]]
                     seconds = (time.perf_counter() - start) / max(done, 1)
-                    rows = self._rows(len(result.rows), columns, detector, seconds * 1000.0)
+                    rows = self._rows(options.start_step + len(result.rows), columns, detector, seconds * 1000.0)
                     result.rows.extend(rows)
                     if on_rows:
                         on_rows(rows)
                     last = len(result.rows)
                     if on_capture and done == size and (last == self.total_steps or last % self.capture_every == 0):
-                        on_capture(last, [b.numpy() for b in self._captured])
+                        on_capture(options.start_step + last, [b.numpy() for b in self._captured])
                     if self.per_variable:
                         per = arrays[len(RECORDED)].numpy()[:done]
                         result.layers.update(rows, per)
@@ -611,6 +637,23 @@ class Trainer:
             per, size = self.steps_per_epoch, self.options.batch_size
             self._bad_steps = {epoch: self.bad_rows[order[: per * size]].reshape(per, size).any(axis=1)}
         return bool(self._bad_steps[epoch][k])
+
+
+def restore_optimizer(optimizer, saved) -> None:
+    """Copy a trained Keras optimizer's variables (iteration count, slots) into ``optimizer``,
+    built for the same variables; a one-line error when they do not match."""
+    from ..errors import ModelError
+
+    ours, theirs = list(optimizer.variables), list(saved.variables)
+    mismatch = len(ours) != len(theirs) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(ours, theirs))
+    if type(optimizer) is not type(saved) or mismatch:
+        raise ModelError(
+            f"the model's saved {type(saved).__name__} state ({len(theirs)} variables) does not fit the "
+            f"{type(optimizer).__name__} gradwatch builds for its trainable variables ({len(ours)}); "
+            "add --fresh-optimizer to start it over"
+        )
+    for a, b in zip(ours, theirs):
+        a.assign(b.numpy())
 
 
 def _float32_text(value: float) -> float:

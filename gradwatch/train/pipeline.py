@@ -17,8 +17,9 @@ from . import distribute
 class Pipeline:
     """Builds the pipeline once; every run iterates it afresh from its first batch."""
 
-    def __init__(self, data, options, total_steps: int, steps_per_epoch: int, base_lr, distribution=None):
+    def __init__(self, data, options, total_steps: int, steps_per_epoch: int, base_lr, distribution=None, start: int = 0):
         self.data, self.options = data, options
+        self.start = start  # batches of the data order consumed first: the run continues as step start + 1
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.base_lr, self.distribution = base_lr, distribution
         self._pipeline = None  # the tf.data pipeline, built on first use
@@ -63,7 +64,8 @@ class Pipeline:
         from .. import streams
 
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
-        epochs = -(-self.total_steps // per)
+        start, end = self.start, self.start + self.total_steps
+        epochs = -(-end // per)
         n_rows = len(self.data)
         keep = rows_of or (lambda r: r)
 
@@ -78,7 +80,7 @@ class Pipeline:
             exponent = tf.cast(tf.maximum(epoch - options.decay_after_epoch, 0), tf.float64)
             return tf.cast(base * tf.pow(tf.constant(options.lr_decay, tf.float64), exponent), tf.float32)
 
-        rates = tf.data.Dataset.range(self.total_steps).map(rate)
+        rates = tf.data.Dataset.range(start, end).map(rate)
 
         def orders():
             for epoch in range(1, epochs + 1):
@@ -86,11 +88,16 @@ class Pipeline:
                 yield order[: per * size].reshape(per, size).astype(np.int64)
 
         if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
-            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed, keep)
+            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed,
+                                               keep).skip(start)
         elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
             def read_batches():
+                k = 0
                 for order in orders():
                     for rows in order:
+                        k += 1
+                        if k <= start:  # consumed before this run: not read
+                            continue
                         rows = keep(rows)
                         yield streams.read(self.data.x, rows), self.data.y.read(rows)
 
@@ -103,7 +110,7 @@ class Pipeline:
             with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
                 x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
             rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
-            pairs = tf.data.Dataset.zip((rows.unbatch(), rates)).take(self.total_steps)
+            pairs = tf.data.Dataset.zip((rows.unbatch().skip(start), rates)).take(self.total_steps)
             batches = pairs.map(
                 lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
                 num_parallel_calls=tf.data.AUTOTUNE,

@@ -1,0 +1,99 @@
+"""Issue 23: continue the user's training where it stands. Keras' own train step, written out,
+is the reference: Adam on a warm-up + cosine schedule with a global clip, saved at step N."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+BATCH, ROWS, SAVED_AT, MORE = 16, 160, 23, 12  # 10 batches an epoch: step 23 is inside epoch 3
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(ROWS, 6)).astype("float32")
+    y = (np.tanh(x @ rng.normal(size=(6, 1))) + 0.1).astype("float32")
+    return x, y
+
+
+def build():
+    import keras
+
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=200, warmup_target=0.02, warmup_steps=30)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, global_clipnorm=0.5), loss="mse")
+    return model
+
+
+def keras_steps(model, x, y, first: int, count: int):
+    """Keras' train step written out for steps first+1 .. first+count, batches in file order."""
+    import tensorflow as tf
+
+    per = ROWS // BATCH
+    losses, rates = [], []
+    for step in range(first, first + count):
+        k = step % per
+        xb, yb = x[k * BATCH:(k + 1) * BATCH], y[k * BATCH:(k + 1) * BATCH]
+        rates.append(float(np.float32(model.optimizer.learning_rate.numpy())))
+        with tf.GradientTape() as tape:
+            y_pred = model(xb, training=True)
+            loss = model.compute_loss(x=xb, y=yb, y_pred=y_pred, training=True)
+        model.optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        losses.append(float(loss))
+    return np.array(losses), np.array(rates)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    x, y = data()
+    model = build()
+    keras_steps(model, x, y, 0, SAVED_AT)
+    path = tmp_path_factory.mktemp("resume") / "at23.keras"
+    model.save(str(path))
+    losses, rates = keras_steps(model, x, y, SAVED_AT, MORE)  # what the user's training did next
+    return path, (x, y), losses, rates
+
+
+def test_a_saved_file_continues_as_keras_does_step_by_step(saved):
+    import gradwatch
+
+    path, xy, losses, rates = saved
+    rows = gradwatch.run(path, xy, clip="global", norm=0.5, batch_size=BATCH, steps=MORE, shuffle=False,
+                         start_step=SAVED_AT)
+    assert rows["step"].tolist() == list(range(SAVED_AT + 1, SAVED_AT + MORE + 1))
+    assert rows["epoch"].tolist() == [(s - 1) // 10 + 1 for s in rows["step"]]
+    np.testing.assert_allclose(rows["lr"], rates, rtol=1e-5)
+    np.testing.assert_allclose(rows["loss"], losses, rtol=1e-5)
+    fresh = gradwatch.run(path, xy, clip="global", norm=0.5, batch_size=BATCH, steps=MORE, shuffle=False,
+                          start_step=SAVED_AT, fresh_optimizer=True)
+    assert fresh["lr"][0] == 0.0  # the warm-up starts over
+    assert abs(fresh["loss"][3] - losses[3]) > 1e-3
+
+
+def test_every_compare_variant_starts_from_the_saved_state(saved):
+    import gradwatch
+
+    path, xy, losses, rates = saved
+    long = gradwatch.compare(path, xy, variants=["none", "global:0.5", "global:0.05"], batch_size=BATCH, steps=MORE,
+                             shuffle=False, start_step=SAVED_AT)
+    for clip, param in (("none", None), ("global", 0.5), ("global", 0.05)):
+        part = long[(long["clip"] == clip) & ((long["param"] == param) if param else long["param"].isna())]
+        assert part["step"].iloc[0] == SAVED_AT + 1
+        assert part["loss"].iloc[0] == pytest.approx(losses[0], rel=1e-5)
+        assert part["lr"].iloc[0] == pytest.approx(rates[0], rel=1e-5)
+    same = long[(long["clip"] == "global") & (long["param"] == 0.5)]
+    np.testing.assert_allclose(same["loss"], losses, rtol=1e-5)
+
+
+def test_the_start_line_says_what_was_restored(cli, saved, tmp_path):
+    path, (x, y), _, _ = saved
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    code, out, err = cli("run", path, "--data", tmp_path / "d.npz", "--batch-size", BATCH, "--no-shuffle", "--steps", 2,
+                         "--start-step", 20, "--clip", "global", "--norm", 0.5)
+    assert code == 0, err
+    assert "optimizer state restored from the model (iteration 23)" in err
+    assert "give --start-step 23" in err
+    code, out, err = cli("run", path, "--data", tmp_path / "d.npz", "--steps", 2, "--fresh-optimizer")
+    assert code == 0 and "fresh optimizer state (--fresh-optimizer; the model's is at iteration 23)" in err
