@@ -104,6 +104,7 @@ def test_clipping_twice_equals_clipping_once(name, grads, t):
 @SETTINGS
 @given(grads=gradient_lists, t=thresholds)
 @example(grads=[np.array([1e-45], np.float32)], t=1.0)  # a denormal: found by hypothesis in CI
+@example(grads=[np.array([27.0, 4.484681e-33], np.float32)], t=0.01171875)  # t * g near float32's smallest normal
 def test_unchanged_below_threshold(name, grads, t):
     # scale the gradients well below the threshold in the strategy's own measure
     scaled = [np.asarray(g, np.float32) for g in grads]

@@ -45,7 +45,7 @@ class ClipByValue:
 
 
 class ClipByNorm:
-    """Per tensor, ``tf.clip_by_norm(g, N)``: g * N / max(‖g‖, N)."""
+    """Per tensor, ``tf.clip_by_norm(g, N)``: g * N / ‖g‖ where ‖g‖ > N; below it g itself."""
 
     name = "norm"
     option = "norm"
@@ -59,8 +59,14 @@ class ClipByNorm:
     def apply(self, grads, threshold, variables, state):
         import tensorflow as tf
 
-        clipped = [tf.clip_by_norm(g, threshold) for g in grads]
-        changed = [tf.norm(values_of(g)) > threshold for g in grads]
+        clipped, changed = [], []
+        for g in grads:
+            over = tf.norm(values_of(g)) > threshold
+            # Below the threshold the gradient is left as it is: clip_by_norm's t * g / t can round,
+            # and flushes elements near float32's smallest normal number to zero.
+            by_norm = values_of(tf.clip_by_norm(g, threshold))
+            clipped.append(map_values(g, lambda v, c=by_norm, o=over: tf.where(o, c, v)))
+            changed.append(over)
         return ClipResult(clipped, _any(changed), state, threshold)
 
 
