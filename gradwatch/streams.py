@@ -11,7 +11,7 @@ Two kinds of stream stand in for the in-memory arrays of :class:`gradwatch.data.
   touched, and an epoch touches them all.
 * **Record streams** (:class:`RecordStream`): a ``tf.data.Dataset.save`` folder or TFRecord
   files of ``tf.train.Example``, read in file order. Shuffling draws from a bounded buffer
-  (``--shuffle-buffer`` elements) seeded by ``(seed, epoch)``: deterministic for a seed, the
+  (``--shuffle-buffer`` elements) seeded by ``seed`` and reshuffled every epoch: deterministic for a seed, the
   same for every variant of a comparison, but not the in-memory permutation.
 
 Under a tf.distribute strategy every worker reads the same stream and keeps its replicas'
@@ -178,15 +178,13 @@ class RecordStream:
         dtypes = tf.nest.map_structure(lambda c: tf.as_dtype(c.dtype), (x, y))
         per_epoch = self.rows // batch_size
 
-        def epoch(e):
-            examples = self.make()
-            if shuffle:  # one shuffle seed an epoch, from (seed, epoch), made in the graph as the epochs come
-                epoch_seed = tf.random.stateless_uniform([], seed=tf.stack([tf.constant(seed, tf.int64), e]),
-                                                         minval=0, maxval=2**31 - 1, dtype=tf.int64)
-                examples = examples.shuffle(self.buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-            return examples.batch(batch_size, drop_remainder=True).take(per_epoch)
-
-        stream = tf.data.Dataset.range(1, epochs + 1).flat_map(epoch)  # nothing sized by the number of epochs
+        examples = self.make()
+        if shuffle:
+            # One seed from --seed; the buffer reshuffles on every pass, so each epoch has its own
+            # order, the same in every run: nothing is made per epoch up front.
+            examples = examples.shuffle(self.buffer, seed=int(np.random.default_rng([seed, 0]).integers(2**31)),
+                                        reshuffle_each_iteration=True)
+        stream = examples.batch(batch_size, drop_remainder=True).take(per_epoch).repeat(epochs)
         return stream.map(lambda bx, by: tf.nest.map_structure(lambda t, d: tf.cast(keep(t), d), (bx, by), dtypes),
                           num_parallel_calls=tf.data.AUTOTUNE)
 
