@@ -73,6 +73,9 @@ LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multipl
 DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
 OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights, optimizer, clipping and BatchNorm state as they were and go on; apply: apply the update anyway (as Keras fit does); stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False)]
 SparseNormOpt = Annotated[Optional[SparseNorm], typer.Option("--sparse-norm", help="What clipping measures an embedding gradient's repeated rows by: summed (the true norm of the applied gradient) or rows (row by row, as Keras' global_clipnorm/clipnorm/clipvalue and tf.clip_by_global_norm do, so the threshold is the one to type into Keras).  [default: summed]", show_default=False)]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Continue from a tf.train.Checkpoint written as tf.train.Checkpoint(model=model, optimizer=optimizer) (by your training loop, or by --save-checkpoints): the model's variables and the optimizer's state; a folder means its latest.", show_default=False)]
+SaveCheckpointsOpt = Annotated[Optional[Path], typer.Option("--save-checkpoints", help="Write the run's model and optimizer state into this folder (step-N) every --checkpoint-every steps, for --checkpoint later.", show_default=False)]
+CheckpointEveryOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="With --save-checkpoints: at every step that is a multiple of N.  [default: 100]", show_default=False)]
 StartStepOpt = Annotated[Optional[int], typer.Option("--start-step", help="Continue as step N+1 of your training: the first N batches of the data order are skipped, rows are numbered from N+1, and a .keras file's saved optimizer state (slots, iteration count, schedule) goes on.  [default: 0]", show_default=False)]
 FreshOptimizerOpt = Annotated[Optional[bool], typer.Option("--fresh-optimizer", help="Start the optimizer over instead of continuing from the state a .keras file saved.", show_default=False)]
 FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
@@ -206,7 +209,8 @@ def run(
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
-    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None,
+    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None, checkpoint: CheckpointOpt = None,
+    save_checkpoints: SaveCheckpointsOpt = None, checkpoint_every: CheckpointEveryOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
@@ -226,7 +230,8 @@ def run(
         csv = plot = layers_csv = tensorboard = None
         quiet = True
     _check_plot(plot)
-    _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard})
+    _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard,
+                        "--save-checkpoints": save_checkpoints})
     info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     layers_sink = _layers_sink(layers_csv, [sink])
@@ -331,7 +336,7 @@ def _resolved(params: dict):
     from .session import RunSpec, resolve
 
     names = RunSpec.__dataclass_fields__.keys()
-    return resolve(_spec(**{k: params[k] for k in names}))
+    return resolve(_spec(**{k: params.get(k) for k in names}))  # a command may take fewer
 
 
 def _writes(spec) -> bool:
@@ -484,7 +489,7 @@ def compare(
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
-    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None,
+    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None, checkpoint: CheckpointOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
@@ -723,7 +728,7 @@ def suggest(
     epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
-    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None,
+    start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None, checkpoint: CheckpointOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
     spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,

@@ -18,6 +18,7 @@ DEFAULTS = {
     "sparse_norm": "summed",
     "start_step": 0,
     "fresh_optimizer": False,
+    "checkpoint_every": 100,
     "xla": False,
     "spike_factor": 2.0,
     "spike_window": 20,
@@ -58,6 +59,9 @@ class RunSpec:
     sparse_norm: str | None = None  # clipping measures an embedding's repeated rows summed or by rows (train.step)
     start_step: int | None = None  # continue as step N+1 of the user's training (N batches of the order consumed)
     fresh_optimizer: bool | None = None  # ignore the optimizer state a .keras file carries
+    checkpoint: str | None = None  # a tf.train.Checkpoint(model=, optimizer=) to continue from
+    save_checkpoints: str | None = None  # write the run's state there (run)
+    checkpoint_every: int | None = None  # ... every N steps
     fetch_every: int | None = None
     xla: bool | None = None
     spike_factor: float | None = None
@@ -175,6 +179,9 @@ def _prepare(spec: RunSpec, distribution):
         sparse_norm=spec.sparse_norm,
         start_step=spec.start_step,
         fresh_optimizer=spec.fresh_optimizer,
+        checkpoint=None if spec.checkpoint is None else str(spec.checkpoint),
+        save_checkpoints=None if spec.save_checkpoints is None else str(spec.save_checkpoints),
+        checkpoint_every=spec.checkpoint_every,
         fetch_every=spec.fetch_every,
         xla=spec.xla,
         spike_rule=spike_rule,
@@ -217,7 +224,7 @@ def run_line_from_options(given: dict) -> list[str]:
              "fresh_optimizer": "--fresh-optimizer"}
     for name in RunSpec.__dataclass_fields__:
         value = given.get(name)
-        if name in ("model", "steps", "epochs") or value is None:
+        if name in ("model", "steps", "epochs", "save_checkpoints", "checkpoint_every") or value is None:
             continue
         option = "--" + name.replace("_", "-")
         if name in flags:

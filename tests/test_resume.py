@@ -97,3 +97,75 @@ def test_the_start_line_says_what_was_restored(cli, saved, tmp_path):
     assert "give --start-step 23" in err
     code, out, err = cli("run", path, "--data", tmp_path / "d.npz", "--steps", 2, "--fresh-optimizer")
     assert code == 0 and "fresh optimizer state (--fresh-optimizer; the model's is at iteration 23)" in err
+
+
+# --- tf.train.Checkpoint: a custom loop's, and gradwatch's own -------------------------------
+
+
+def test_a_custom_loop_checkpoint_continues_on_the_savedmodel(cli, tmp_path, module_model, regression_npz):
+    """A tf.Module trained by a hand-written loop with Keras' Adam (built over its variables in
+    another order than gradwatch's), checkpointed at step 7: gradwatch continues it step by step."""
+    import keras
+    import pandas as pd
+    import tensorflow as tf
+
+    with np.load(regression_npz) as archive:
+        x, y = archive["x"].astype("float32"), archive["y"].astype("float32")
+    module = tf.saved_model.load(str(module_model))
+    optimizer = keras.optimizers.Adam(0.05)
+    variables = [module.b, module.w]  # not the order the SavedModel's function captures them in
+
+    def step(k):
+        xb, yb = x[(k % 3) * 32:(k % 3 + 1) * 32], y[(k % 3) * 32:(k % 3 + 1) * 32]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(module(xb) - yb))
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return float(loss)
+
+    for k in range(7):
+        step(k)
+    prefix = tf.train.Checkpoint(model=module, optimizer=optimizer).write(str(tmp_path / "loop" / "ckpt-7"))
+    expected = [step(k) for k in range(7, 13)]
+    code, out, err = cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--optimizer", "adam",
+                         "--lr", 0.05, "--no-shuffle", "--checkpoint", prefix, "--start-step", 7, "--steps", 6,
+                         "--format", "csv")
+    assert code == 0, err
+    assert "restored from the checkpoint" in err and "(iteration 7)" in err
+    rows = pd.read_csv(__import__("io").StringIO(out))
+    assert rows["step"].tolist() == list(range(8, 14))
+    np.testing.assert_allclose(rows["loss"], expected, rtol=1e-5)
+
+    other = tf.Module()
+    other.v = tf.Variable(tf.zeros([3, 3]))
+    adam = keras.optimizers.Adam()
+    adam.build([other.v])
+    wrong = tf.train.Checkpoint(model=other, optimizer=adam).write(str(tmp_path / "other" / "ckpt"))
+    code, out, err = cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--optimizer", "adam",
+                         "--checkpoint", wrong, "--steps", 2)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not match this model" in err, err
+    code, out, err = cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--checkpoint",
+                         tmp_path / "nothing-here", "--steps", 2)
+    assert code == 2 and "cannot read the checkpoint" in err, err
+
+
+def test_a_window_around_a_spike_replays_the_long_run_exactly(cli, tmp_path, module_model, regression_npz):
+    """The recipe of the README: a long run writes checkpoints; the window before a step replays
+    from the nearest one with per-variable records, row for row as the long run had them."""
+    from conftest import read_csv
+
+    common = ["run", module_model, "--data", regression_npz, "--loss", "mse", "--optimizer", "adam", "--lr", 0.05,
+              "--clip", "global", "--norm", 2.0, "-q"]
+    code, _, err = cli(*common, "--steps", 30, "--csv", tmp_path / "long.csv", "--save-checkpoints", tmp_path / "ck",
+                       "--checkpoint-every", 10)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "ck").glob("*.index")) == ["step-10.index", "step-20.index",
+                                                                         "step-30.index"]
+    code, _, err = cli(*common, "--checkpoint", tmp_path / "ck" / "step-20", "--start-step", 20, "--steps", 10,
+                       "--csv", tmp_path / "window.csv", "--layers-csv", tmp_path / "layers.csv")
+    assert code == 0, err
+    long, window = read_csv(tmp_path / "long.csv"), read_csv(tmp_path / "window.csv")
+    tail = long[long["step"] > 20].reset_index(drop=True)
+    assert window["step"].tolist() == list(range(21, 31))
+    for column in ("loss", "grad_norm", "clipped_norm", "lr"):
+        np.testing.assert_allclose(window[column], tail[column], rtol=1e-6, err_msg=column)
+    assert set(read_csv(tmp_path / "layers.csv")["step"]) == set(range(21, 31))

@@ -54,6 +54,9 @@ class TrainOptions:
     sparse_norm: str = "summed"  # what clipping measures an embedding's repeated rows by (train.step)
     start_step: int = 0  # the run continues as step start_step + 1 of the user's training
     fresh_optimizer: bool = False  # ignore the optimizer state the model file carries
+    checkpoint: str | None = None  # a tf.train.Checkpoint (model=, optimizer=) to continue from
+    save_checkpoints: str | None = None  # write the run's state into this folder ...
+    checkpoint_every: int = 100  # ... at every step that is a multiple of this
     fetch_every: int | None = None  # None: auto (see _next_block)
     xla: bool = False
     spike_rule: SpikeRule = field(default_factory=SpikeRule)
@@ -71,6 +74,8 @@ class TrainOptions:
             (self.on_nonfinite in ON_NONFINITE,
              f"`--on-nonfinite` must be one of {', '.join(ON_NONFINITE)}. Received: {self.on_nonfinite}"),
             (self.start_step >= 0, f"`--start-step` must be >= 0. Received: start_step={self.start_step}"),
+            (self.checkpoint_every >= 1, f"`--checkpoint-every` must be >= 1. Received: {self.checkpoint_every}"),
+            (not (self.checkpoint and self.fresh_optimizer), "give --checkpoint or --fresh-optimizer, not both"),
             (self.sparse_norm in SPARSE_NORMS,
              f"`--sparse-norm` must be one of {', '.join(SPARSE_NORMS)}. Received: {self.sparse_norm}"),
             (self.fetch_every is None or self.fetch_every >= 1, f"`--fetch-every` must be >= 1. Received: fetch_every={self.fetch_every}"),
@@ -249,6 +254,22 @@ class Trainer:
     def _continue_from(self, model, options) -> str:
         """Take over the training state the model carries (its optimizer's slots and iteration
         count, so a schedule goes on; a LossScaleOptimizer's scale), unless told not to; say which."""
+        extras = {"loss_scale": self._loss_scale, "loss_scale_good_steps": self._good_steps}
+        self.checkpoints = None
+        if options.save_checkpoints:
+            from .checkpoint import Writer
+
+            self.checkpoints = Writer(options.save_checkpoints, options.checkpoint_every, model.keep_alive,
+                                      self.optimizer, extras)
+        if options.checkpoint:
+            from .checkpoint import restore
+
+            iterations = restore(options.checkpoint, model.keep_alive, model.variables, self.optimizer, extras)
+            text = f"model and optimizer state restored from the checkpoint {options.checkpoint} (iteration {iterations})"
+            if options.start_step != iterations:
+                text += (f"; its iteration count is {iterations} but the data starts at step {options.start_step + 1}"
+                         f" (--start-step {options.start_step})")
+            return text
         saved = model.saved_optimizer
         if saved is None:
             return "fresh optimizer state (the model carries none)" if options.start_step else ""
@@ -551,6 +572,9 @@ class Trainer:
                     size = min(size, self.total_steps - len(result.rows))
                     if self.capture_every:  # end the block where a histogram is due
                         size = min(size, self.capture_every - len(result.rows) % self.capture_every)
+                    if self.checkpoints is not None:  # ... and where a checkpoint is due (absolute steps)
+                        every, at = self.checkpoints.every, options.start_step + len(result.rows)
+                        size = min(size, every - at % every)
                     start = time.perf_counter()
                     ends = len(result.rows) + size
                     due = self.capture_every and (ends == self.total_steps or ends % self.capture_every == 0)
@@ -571,6 +595,10 @@ class Trainer:
                         result.layers.update(rows, per)
                         if on_variables:
                             on_variables(rows, per)
+                    if self.checkpoints is not None and done == size:
+                        at = options.start_step + len(result.rows)
+                        if self.checkpoints.due(at):
+                            self.checkpoints.write(at)
                     if on_progress:
                         on_progress(len(result.rows), self.total_steps)
                     if rows and rows[-1]["nonfinite"] and options.on_nonfinite == "stop":
