@@ -169,3 +169,24 @@ def test_a_window_around_a_spike_replays_the_long_run_exactly(cli, tmp_path, mod
     for column in ("loss", "grad_norm", "clipped_norm", "lr"):
         np.testing.assert_allclose(window[column], tail[column], rtol=1e-6, err_msg=column)
     assert set(read_csv(tmp_path / "layers.csv")["step"]) == set(range(21, 31))
+
+
+def test_a_model_object_continues_from_its_own_optimizer_and_keeps_it(saved):
+    """gradwatch.run(model): the compiled optimizer's state is where training goes on from, and
+    the object's weights and optimizer state are as they were afterwards."""
+    import keras
+
+    import gradwatch
+
+    path, xy, losses, rates = saved
+    model = keras.saving.load_model(str(path))
+    weights = [w.copy() for w in model.get_weights()]
+    state = [v.numpy().copy() for v in model.optimizer.variables]
+    rows = gradwatch.run(model, xy, clip="global", norm=0.5, batch_size=BATCH, steps=MORE, shuffle=False,
+                         start_step=SAVED_AT)
+    np.testing.assert_allclose(rows["loss"], losses, rtol=1e-5)
+    np.testing.assert_allclose(rows["lr"], rates, rtol=1e-5)
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    for v, before in zip(model.optimizer.variables, state):
+        np.testing.assert_array_equal(v.numpy(), before)
