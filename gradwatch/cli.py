@@ -79,7 +79,7 @@ CheckpointEveryOpt = Annotated[Optional[int], typer.Option("--checkpoint-every",
 StartStepOpt = Annotated[Optional[int], typer.Option("--start-step", help="Continue as step N+1 of your training: the first N batches of the data order are skipped, rows are numbered from N+1, and a .keras file's saved optimizer state (slots, iteration count, schedule) goes on.  [default: 0]", show_default=False)]
 FreshOptimizerOpt = Annotated[Optional[bool], typer.Option("--fresh-optimizer", help="Start the optimizer over instead of continuing from the state a .keras file saved.", show_default=False)]
 FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
-XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA.  [default: off]", show_default=False)]
+XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA (it stops with a one-line reason where XLA cannot compile the model).  [default: as Keras' jit_compile=\"auto\": on where a GPU is visible, falling back with a note where XLA cannot compile]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
 SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
 AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-data", help="Train even when the data holds NaN or inf (the verdict then blames the data, not the training).", show_default=False)]
@@ -375,8 +375,11 @@ def _train_one(spec, clipping, sink, quiet, progress, info: dict):
     progress.label = f"clip {clipping.label}"
     write = (lambda c, rows: sink.write(_tagged(c, rows, info))) if sink else None
     write_layers, capture = _per_variable_writers(trainer, info)
-    return api.train(trainer, [clipping], on_rows=write, on_progress=lambda c, done, total: progress.update(done, total),
-                     on_variables=write_layers, on_capture=capture)[0]
+    try:
+        return api.train(trainer, [clipping], on_rows=write, on_progress=lambda c, done, total: progress.update(done, total),
+                         on_variables=write_layers, on_capture=capture)[0]
+    finally:
+        _say_notes(trainer)
 
 
 def _setup(spec, trainer, info: dict) -> None:
@@ -599,8 +602,17 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
                                "(--on-nonfinite stop); the other variants go on"))
 
     write_layers, capture = _per_variable_writers(trainer, info)
-    return api.train(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped,
-                     on_variables=write_layers, on_capture=capture)
+    try:
+        return api.train(trainer, variants, on_rows=write, on_progress=advance, on_stop=stopped,
+                         on_variables=write_layers, on_capture=capture)
+    finally:
+        _say_notes(trainer)
+
+
+def _say_notes(trainer) -> None:
+    """What the trainer decided by itself while training (the automatic XLA falling back)."""
+    for note in getattr(trainer, "notes", []):
+        _stderr().print(escape(f"gradwatch: note: {note}"))
 
 
 @app.command()

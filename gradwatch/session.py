@@ -19,7 +19,6 @@ DEFAULTS = {
     "start_step": 0,
     "fresh_optimizer": False,
     "checkpoint_every": 100,
-    "xla": False,
     "spike_factor": 2.0,
     "spike_window": 20,
     "from_logits": False,

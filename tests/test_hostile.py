@@ -169,3 +169,51 @@ def test_a_folder_removed_under_a_running_csv_says_so(tmp_path, module_model, re
             proc.kill()
     assert proc.returncode == 74, err
     assert "was removed while the run wrote into it" in err and ".partial" not in err.split("error:")[-1]
+
+
+@pytest.fixture(scope="module")
+def lstm_lm(tmp_path_factory):
+    """A word LSTM as a tf.Module SavedModel with dynamic batch and time: XLA cannot compile its gradient."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+
+    class LM(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = tf.Variable(tf.random.stateless_normal([50, 8], seed=[1, 1]) * 0.1)
+            self.lstm = keras.layers.LSTM(8, return_sequences=True)
+            self.lstm.build((None, None, 8))
+            self.out = tf.Variable(tf.random.stateless_normal([8, 50], seed=[2, 2]) * 0.1)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+        def __call__(self, ids):
+            return tf.einsum("btd,dv->btv", self.lstm(tf.nn.embedding_lookup(self.emb, ids)), self.out)
+
+    folder = tmp_path_factory.mktemp("lstm")
+    tf.saved_model.save(LM(), str(folder / "lm"))
+    ids = np.random.default_rng(0).integers(0, 50, size=(64, 10)).astype("int32")
+    np.savez(folder / "ids.npz", x=ids, y=np.roll(ids, -1, axis=1))
+    return folder / "lm", folder / "ids.npz"
+
+
+def test_xla_that_cannot_compile_is_one_line_when_asked_and_a_note_when_automatic(cli, lstm_lm):
+    import gradwatch
+    from gradwatch import api
+
+    model, ids = lstm_lm
+    args = ["run", model, "--data", ids, "--loss", "sparse_categorical_crossentropy", "--from-logits", "--steps", 3, "-q"]
+    code, out, err = cli(*args, "--xla")
+    assert code == 2, err
+    one_line_error(err, "--xla: XLA cannot compile this model's training step", "BroadcastGradientArgs", "drop --xla")
+    # The automatic default, as on a machine with a GPU: falls back, says so once, and trains.
+    spec = api.make_spec(str(model), str(ids), loss="sparse_categorical_crossentropy", from_logits=True, steps=3)
+    variant = api.clipping_of("none")
+    trainer = api.prepare_trainer(spec, [variant])
+    trainer.xla = True  # what auto decides where a GPU is visible
+    (result,) = api.train(trainer, [variant])
+    assert len(result.rows) == 3 and not trainer.xla and len(trainer.notes) == 1
+    assert "trained without it" in trainer.notes[0]
+    plain = gradwatch.run(str(model), str(ids), loss="sparse_categorical_crossentropy", from_logits=True, steps=3)
+    np.testing.assert_allclose([r["loss"] for r in result.rows], plain["loss"], rtol=1e-6)

@@ -58,7 +58,7 @@ class TrainOptions:
     save_checkpoints: str | None = None  # write the run's state into this folder ...
     checkpoint_every: int = 100  # ... at every step that is a multiple of this
     fetch_every: int | None = None  # None: auto (see _next_block)
-    xla: bool = False
+    xla: bool | None = None  # None: as Keras' jit_compile="auto", on where a GPU is visible
     spike_rule: SpikeRule = field(default_factory=SpikeRule)
 
     def __post_init__(self):
@@ -161,6 +161,9 @@ class Trainer:
         self._loss_scale = tf.Variable(INITIAL_LOSS_SCALE, dtype=tf.float32, trainable=False, name="loss_scale")
         self._good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good_steps")
         self.state_text = self._continue_from(model, options)
+        # XLA as Keras' fit decides it (jit_compile="auto"): asked for, or on where a GPU is visible.
+        self.xla = options.xla if options.xla is not None else bool(tf.config.list_logical_devices("GPU"))
+        self.notes: list[str] = []  # said once on stderr after training (the automatic XLA falling back)
         self.used: list | None = None  # variables with a gradient, known after the first trace
         self.skipped: list[str] = []
         self.traces = 0  # how often a block was traced: once per strategy (tests check it)
@@ -190,7 +193,7 @@ class Trainer:
 
         capture = self.capture_every is not None
         distribution = self.distribution
-        key = (strategy.name, self.per_variable, capture)
+        key = (strategy.name, self.per_variable, capture, self.xla)
         if key in self._blocks:
             return self._blocks[key]
         step = self._step_fn(strategy, self.per_variable, capture)
@@ -202,7 +205,7 @@ class Trainer:
                 self._captured = [tf.Variable(tf.zeros(v.shape, tf.as_dtype(v.dtype)), trainable=False)
                                   for v in self.used]
         captured = self._captured
-        if self.options.xla:
+        if self.xla:
             # tf.data's iterator cannot be XLA-compiled, the step inside the loop can.
             step = tf.function(step, jit_compile=True, autograph=False)
         learning_rate = None if self.scheduled else self.optimizer.learning_rate
@@ -579,7 +582,19 @@ class Trainer:
                     ends = len(result.rows) + size
                     due = self.capture_every and (ends == self.total_steps or ends % self.capture_every == 0)
                     capture_at = tf.constant(size - 1 if due else -1)  # keep the gradients of this block's last step
-                    done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite, capture_at)
+                    try:
+                        done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite,
+                                                    capture_at)
+                    except Exception as exc:
+                        if not (self.xla and not result.rows and _xla_failed(exc)):
+                            raise
+                        if options.xla:  # asked for: say why, and what to do
+                            raise OptionError(f"--xla: XLA cannot compile this model's training step "
+                                              f"({_xla_reason(exc)}); drop --xla") from None
+                        self.xla = False  # the automatic default falls back, once, and says so
+                        self.notes.append(f"XLA cannot compile this model's training step ({_xla_reason(exc)}); "
+                                          "trained without it")
+                        return self.run(clipping, on_rows, on_progress, on_variables, on_capture)
                     done = int(done)
                     columns = [a.numpy()[:done].tolist() for a in arrays[: len(RECORDED)]]
                     seconds = (time.perf_counter() - start) / max(done, 1)
@@ -665,6 +680,24 @@ class Trainer:
             per, size = self.steps_per_epoch, self.options.batch_size
             self._bad_steps = {epoch: self.bad_rows[order[: per * size]].reshape(per, size).any(axis=1)}
         return bool(self._bad_steps[epoch][k])
+
+
+def _xla_failed(exc) -> bool:
+    """Is this TensorFlow's error for a step that XLA cannot compile?"""
+    text = str(exc)
+    return ("tf2xla" in text or "XLA compilation requires" in text or "compile-time constant" in text
+            or "XLA can't" in text or "not supported by XLA" in text)
+
+
+def _xla_reason(exc) -> str:
+    import re
+
+    text = str(exc)
+    found = re.search(r"with op (\w+) must be a compile-time constant", text)
+    if found:
+        return f"its {found.group(1)} op needs a shape XLA cannot know at compile time"
+    found = re.search(r"(Detected unsupported operations[^.]*|[^.]*not supported by XLA[^.]*)", text)
+    return found.group(1).strip()[:160] if found else first_line(exc)[:160]
 
 
 def restore_optimizer(optimizer, saved) -> None:
