@@ -484,17 +484,40 @@ def _shape(dims) -> str:
 
 SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy"}
 PROBABILITY_LOSSES = {"binary_crossentropy"}
+# Losses that compare targets and outputs element by element: their shapes must agree (Keras
+# broadcasts a (N, 3) target against a 1-unit output, or a (N,) one against 3 units, silently).
+ELEMENTWISE_LOSSES = {
+    "mean_squared_error", "mse", "mean_absolute_error", "mae", "mean_absolute_percentage_error", "mape",
+    "mean_squared_logarithmic_error", "msle", "huber", "log_cosh", "logcosh", "binary_crossentropy",
+    "binary_focal_crossentropy", "categorical_crossentropy", "categorical_focal_crossentropy",
+    "kl_divergence", "kld", "kullback_leibler_divergence", "poisson", "cosine_similarity", "hinge",
+    "squared_hinge", "categorical_hinge", "kldivergence",
+}
+ONE_HOT_LOSSES = {"categorical_crossentropy", "categorical_focal_crossentropy"}
+
+
+def loss_key(name: str | None) -> str | None:
+    """A Keras loss identifier as one name: ``MeanSquaredError``, ``mean_squared_error`` -> ``mean_squared_error``."""
+    if not name:
+        return None
+    import re
+
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name).strip()).lower()
 
 
 def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
-    """Targets outside the loss's domain, where that is cheap to see: class ids that are not
-    whole numbers in [0, classes), binary targets outside [0, 1]. TensorFlow would fail with a
-    kernel trace, or silently train on garbage."""
+    """Targets that do not fit the loss, where that is cheap to see: class ids that are not whole
+    numbers in [0, classes), binary targets outside [0, 1], targets whose shape the loss would
+    broadcast against the model's output, categorical_crossentropy over one unit (always 0),
+    one-hot targets for a sparse loss and class ids for a one-hot one. TensorFlow would fail with
+    a kernel trace, or silently train on garbage."""
     y = data.y
     if data.stream is not None:
         return  # not scanned a second time; TensorFlow's own errors stay
     if not isinstance(y, np.ndarray):
         y = y.read(np.arange(len(y)))  # the targets alone, read whole
+    loss = loss_key(loss)
+    _check_target_shape(data.path, np.asarray(y), loss, classes)
     if loss in SPARSE_CLASS_LOSSES:
         values = np.asarray(y)
         if np.issubdtype(values.dtype, np.floating):
@@ -524,6 +547,29 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
                 f"{data.path}: {loss} needs targets in [0, 1], but {int(bad.sum())} are outside, the first "
                 f"y{list(map(int, at))} = {values[at]}; rescale the labels or pick another --loss"
             )
+
+
+def _check_target_shape(path, y: np.ndarray, loss: str | None, classes: int | None) -> None:
+    if classes is None or loss is None:
+        return
+    last = y.shape[-1] if y.ndim >= 2 else 1  # a (N,) target is one value a row, as (N, 1)
+    integral = y.size > 0 and bool(np.all(y == np.round(y)))
+    if loss in ONE_HOT_LOSSES and classes == 1:
+        raise DataError(f"{loss} over a model with 1 output unit is 0 for every example (one class always has "
+                        "probability 1): use binary_crossentropy for one probability, or give the model one unit per class")
+    if loss in SPARSE_CLASS_LOSSES and y.ndim >= 2 and last == classes > 1 and integral and set(np.unique(y)) <= {0, 1} \
+            and np.all(y.sum(axis=-1) == 1):
+        raise DataError(f"{path}: the targets are one-hot rows of {classes} (the model's outputs), but {loss} takes "
+                        "class ids: use --loss categorical_crossentropy, or store y.argmax(axis=-1)")
+    if loss not in ELEMENTWISE_LOSSES or last == classes:
+        return
+    if loss in ONE_HOT_LOSSES and last == 1 and integral:
+        raise DataError(f"{path}: the targets are class ids (one a row) but {loss} takes one-hot rows of {classes}; "
+                        "use --loss sparse_categorical_crossentropy")
+    shape = str(tuple(int(d) for d in y.shape))  # (64,) for one value a row, as NumPy writes it
+    raise DataError(f"{path}: targets of shape {shape} against a model with {classes} output unit(s): {loss} would "
+                    f"broadcast them and train on a loss you did not mean; give targets with {classes} value(s) a row "
+                    "(--y-key / --target), or the model as many outputs as targets")
 
 
 # --- batch order ----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class LoadedModel:
     # The training state the file (or object) carries: its compiled optimizer once it has trained
     # (slots, iteration count), and a LossScaleOptimizer's (scale, good steps); None: none saved.
     saved_optimizer: Any = None
+    compiled_loss_name: str | None = None  # the compiled loss's Keras name (mse, categorical_crossentropy), if known
     saved_loss_scale: tuple | None = None
     warnings: list = field(default_factory=list)  # said once on stderr before training
 
@@ -181,8 +182,16 @@ def _wrap_keras(model, p) -> LoadedModel:
         compiled_optimizer=compiled_optimizer,
         loss_scaling=loss_scaling,
         saved_optimizer=saved_optimizer,
+        compiled_loss_name=_loss_name(getattr(model, "loss", None)) if compiled_loss is not None else None,
         saved_loss_scale=saved_loss_scale,
     )
+
+
+def _loss_name(loss) -> str | None:
+    """The Keras name of what compile(loss=...) was given: a string, a Loss object or a function."""
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) if loss is not None else None
 
 
 def _load_saved_model(p: Path, endpoint: str | None, output: str | None) -> LoadedModel:

@@ -160,8 +160,9 @@ def _prepare(spec: RunSpec, distribution):
     )
     dataset = data_mod.load(spec.data, options, model.assets)
     bad_rows = data_mod.check_finite(dataset, spec.allow_nonfinite_data)
-    if spec.loss:
-        data_mod.check_targets(dataset, spec.loss, model.output_dim)
+    loss_name = spec.loss or model.compiled_loss_name
+    if loss_name:
+        data_mod.check_targets(dataset, loss_name, model.output_dim)
     shuffle = spec.shuffle if spec.shuffle is not None else dataset.kind != "text"
     train_options = TrainOptions(
         batch_size=spec.batch_size,
