@@ -97,6 +97,11 @@ def test_the_start_line_says_what_was_restored(cli, saved, tmp_path):
     assert "give --start-step 23" in err
     code, out, err = cli("run", path, "--data", tmp_path / "d.npz", "--steps", 2, "--fresh-optimizer")
     assert code == 0 and "fresh optimizer state (--fresh-optimizer; the model's is at iteration 23)" in err
+    code, out, err = cli("suggest", path, "--data", tmp_path / "d.npz", "--batch-size", BATCH, "--no-shuffle",
+                         "--steps", 8, "--start-step", SAVED_AT)
+    assert code == 0, err
+    assert "optimizer state restored from the model (iteration 23)" in err  # the probe starts there too
+    assert "--start-step 23" in out.strip().splitlines()[-1]
 
 
 # --- tf.train.Checkpoint: a custom loop's, and gradwatch's own -------------------------------
@@ -190,3 +195,27 @@ def test_a_model_object_continues_from_its_own_optimizer_and_keeps_it(saved):
         np.testing.assert_array_equal(a, b)
     for v, before in zip(model.optimizer.variables, state):
         np.testing.assert_array_equal(v.numpy(), before)
+
+
+def test_a_loss_scale_optimizer_goes_on_at_its_saved_scale(tmp_path):
+    """mixed_float16: the saved LossScaleOptimizer's dynamic scale (halved by Keras on overflowing
+    steps) is the scale gradwatch's first step uses, not a fresh 2**15."""
+    import keras
+
+    import gradwatch
+
+    x, y = data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+        model.fit(x, y * 300.0, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)  # overflows at 2**15
+        scale = float(model.optimizer.dynamic_scale.numpy())
+        model.save(str(tmp_path / "mixed.keras"))
+        rows = gradwatch.run(str(tmp_path / "mixed.keras"), (x, y * 300.0), batch_size=BATCH, steps=3, shuffle=False,
+                             start_step=10)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert scale < 2.0**15
+    assert rows["loss_scale"][0] == scale
