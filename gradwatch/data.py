@@ -319,6 +319,10 @@ def _streams(p: Path, options: DataOptions) -> bool:
     return _size_on_disk(p) > AUTO_STREAM_BYTES
 
 
+def _of_stream(found, path) -> Dataset:
+    return Dataset(found.x, found.y, found.kind, str(path), stream=found.stream)
+
+
 def load(path, options: DataOptions, model_assets: Path | None = None) -> Dataset:
     """Load the data at ``path`` (the kind recognised from the path), or an in-memory (x, y)
     pair or tf.data.Dataset of (x, y) examples or batches."""
@@ -335,14 +339,14 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
 
     if p.suffix.lower() in streams.TFRECORD_SUFFIXES or (p.is_dir() and any(
             f.suffix in streams.TFRECORD_SUFFIXES for f in p.iterdir())):
-        return streams.load_tfrecord(p, options, _by_input)
+        return _of_stream(streams.load_tfrecord(p, options, _by_input), p)
     if options.features:
         raise DataError("--features describes the records of a TFRecord file (.tfrecord); drop it for this data")
     if p.is_dir():
         if not (p / "dataset_spec.pb").exists() and not any(p.glob("*.snapshot")):
             raise DataError(f"{p} is a folder but not one written by tf.data.Dataset.save; give an .npz, .csv or .txt file")
         if _streams(p, options):
-            return streams.load_saved(p, options, _by_input)
+            return _of_stream(streams.load_saved(p, options, _by_input), p)
         return load_tf_data(p, options, model_assets)
     if p.suffix.lower() == ".npz" and _streams(p, options):
         return load_npz_streamed(p, options, model_assets)

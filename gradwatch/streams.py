@@ -265,11 +265,20 @@ def load_tfrecord(path, options, by_input):
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfr")
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """What a record stream's loader found: columns of x and y, the kind, the stream itself
+    (``data.load`` makes the Dataset of it, so this module needs nothing from ``data``)."""
+
+    x: object
+    y: object
+    kind: str
+    stream: "RecordStream"
+
+
 def _stream(make, path, options, by_input, kind):
     """Count the rows and check every value is finite in one pass, a few thousand rows at a time."""
     import tensorflow as tf
-
-    from .data import Dataset
 
     if options.allow_nonfinite:
         raise DataError(f"{path} is streamed: --allow-nonfinite-data is not supported for it yet; clean the data")
@@ -295,7 +304,7 @@ def _stream(make, path, options, by_input, kind):
 
     x = tf.nest.map_structure(column, spec[0])
     x = by_input(x if not isinstance(x, (tuple, list)) else tuple(x), options, path)
-    return Dataset(x, column(spec[1]), kind, str(path), stream=RecordStream(make, rows, options.shuffle_buffer))
+    return Streamed(x, column(spec[1]), kind, RecordStream(make, rows, options.shuffle_buffer))
 
 
 def _flat_named(x):
