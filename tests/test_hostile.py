@@ -3,7 +3,6 @@ A real subprocess wherever a signal, a pipe or a second process is involved."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -45,19 +44,16 @@ def one_line_error(err: str, *words):
 def test_a_second_run_on_the_same_csv_is_refused_and_the_first_keeps_its_rows(tmp_path, module_model, regression_npz):
     target = tmp_path / "run.csv"
     args = [module_model, "--data", regression_npz, "--loss", "mse", "--csv", target, "-q", "--fetch-every", 1]
-    first = gradwatch("run", *args, "--steps", 100000, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+
+    def second_run(first):
         wait_for_rows(target.with_name("run.csv.partial"), first)
         second = subprocess.run([sys.executable, "-m", "gradwatch", "run", *map(str, args), "--steps", "5"],
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         one_line_error(second.stderr, "another gradwatch is writing", str(target))
-        first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 130, err
+
+    code, err = interrupt_gradwatch(["run", *args, "--steps", 100000], second_run)
+    assert code == 130, err
     rows = read_csv(target)
     assert rows["step"].tolist() == list(range(1, len(rows) + 1)) and len(rows) > 2  # one run's rows, whole
     assert not target.with_name("run.csv.partial").exists()
@@ -155,19 +151,16 @@ def test_a_folder_removed_under_a_running_csv_says_so(tmp_path, module_model, re
     folder = tmp_path / "out"
     folder.mkdir()
     target = folder / "run.csv"
-    proc = gradwatch("run", module_model, "--data", regression_npz, "--loss", "mse", "--csv", target, "--steps", 100000,
-                     "-q", "--fetch-every", 1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+
+    def remove_folder(proc):
         wait_for_rows(target.with_name("run.csv.partial"), proc)
         for f in folder.iterdir():
             f.unlink()
         folder.rmdir()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 74, err
+
+    code, err = interrupt_gradwatch(["run", module_model, "--data", regression_npz, "--loss", "mse", "--csv", target,
+                                     "--steps", 100000, "-q", "--fetch-every", 1], remove_folder)
+    assert code == 74, err
     assert "was removed while the run wrote into it" in err and ".partial" not in err.split("error:")[-1]
 
 
