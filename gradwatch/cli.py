@@ -268,7 +268,8 @@ def run(
     if plot is not None:
         from .report import Variant, plot as draw
 
-        shown = [Variant(clipping.strategy, clipping.param, results[0].rows, meta=info.get("meta", {}))]
+        shown = [Variant(clipping.strategy, clipping.param, results[0].rows, meta=info.get("meta", {}),
+                         layers=results[0].layers)]  # the per-layer heat map too, as report --layers --plot
         _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind), plot)
 
 

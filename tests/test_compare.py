@@ -260,6 +260,13 @@ def test_plots_from_run_and_compare_in_svg_and_pdf(cli, module_model, data_dir, 
     code, _, err = cli("run", module_model, *base, "--clip", "global", "--norm", 0.1, "--plot", pdf)
     assert code == 0, err
     assert pdf.read_bytes()[:5] == b"%PDF-"
+    with_layers, without = tmp_path / "layers.svg", tmp_path / "plain.svg"
+    for path, flag in ((with_layers, "--per-variable"), (without, "--no-per-variable")):
+        code, _, err = cli("run", module_model, *base, "--clip", "global", "--norm", 0.1, flag, "--plot", path)
+        assert code == 0, err
+    assert "gradient norm per layer, global 0.1" in with_layers.read_text()  # the heat map, as report --layers --plot
+    assert "gradient norm per layer" not in without.read_text()
+    with_layers.unlink(), without.unlink()
     code, _, err = cli("run", module_model, *base, "--plot", tmp_path / "x.jpg")
     assert code == 2 and "png, svg, pdf" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.svg", "run.pdf"]
