@@ -126,6 +126,22 @@ def test_a_nan_batch_in_the_trainer_leaves_batchnorm_and_adam_as_they_were():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=a.path)
 
 
+def test_a_step_with_an_inf_gradient_is_non_finite_and_not_clipped():
+    """inf > threshold is true: without the rule the row would say clipped and non-finite at once."""
+    import gradwatch
+
+    x, y = regression(rows=6 * BATCH)
+    import keras
+
+    x[2 * BATCH + 1, 0] = 3e38  # a finite input whose squared error overflows: an inf loss and gradient
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    rows = gradwatch.run(model, (x, y), clip="global", norm=1.0, batch_size=BATCH, epochs=1, shuffle=False)
+    assert rows["nonfinite"].tolist() == [k == 2 for k in range(6)]
+    assert not rows["clipped"][2] and rows["clipped"].drop(index=2).all()
+
+
 def test_on_nonfinite_apply_trains_on_as_keras_does():
     import keras
 

@@ -95,7 +95,9 @@ def measured_step(grads, variables, strategy, param, state, loss, sparse_norm: s
     return Measured(
         apply=applied, finite=finite, grads_finite=grads_finite,
         grad_norm=tf.cast(grad_norm, tf.float64), grad_norm_rows=tf.cast(grad_norm_rows, tf.float64),
-        clipped_norm=tf.cast(clipped_norm, tf.float64), threshold=threshold, clipped=result.clipped,
+        # A non-finite step clipped nothing that counts (it is skipped, or applied as it came): never
+        # "clipped" beside "nonfinite" in one row.
+        clipped_norm=tf.cast(clipped_norm, tf.float64), threshold=threshold, clipped=result.clipped & finite,
         state=next_state, grad_norms=grad_norms, clipped_norms=clipped_norms, summed=true,
     )
 
