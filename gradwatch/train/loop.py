@@ -160,7 +160,14 @@ class Trainer:
 
         self._loss_scale = tf.Variable(INITIAL_LOSS_SCALE, dtype=tf.float32, trainable=False, name="loss_scale")
         self._good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good_steps")
-        self.state_text = self._continue_from(model, options)
+        extras = {"loss_scale": self._loss_scale, "loss_scale_good_steps": self._good_steps}  # checkpointed too
+        self.checkpoints = None
+        if options.save_checkpoints:
+            from .checkpoint import Writer
+
+            self.checkpoints = Writer(options.save_checkpoints, options.checkpoint_every, model.keep_alive,
+                                      self.optimizer, extras)
+        self.state_text = self._continue_from(model, options, extras)
         # XLA as Keras' fit decides it (jit_compile="auto"): asked for, or on where a GPU is visible.
         self.xla = options.xla if options.xla is not None else bool(tf.config.list_logical_devices("GPU"))
         self.notes: list[str] = []  # said once on stderr after training (the automatic XLA falling back)
@@ -254,25 +261,16 @@ class Trainer:
         self._blocks[key] = traced
         return traced
 
-    def _continue_from(self, model, options) -> str:
-        """Take over the training state the model carries (its optimizer's slots and iteration
-        count, so a schedule goes on; a LossScaleOptimizer's scale), unless told not to; say which."""
-        extras = {"loss_scale": self._loss_scale, "loss_scale_good_steps": self._good_steps}
-        self.checkpoints = None
-        if options.save_checkpoints:
-            from .checkpoint import Writer
-
-            self.checkpoints = Writer(options.save_checkpoints, options.checkpoint_every, model.keep_alive,
-                                      self.optimizer, extras)
+    def _continue_from(self, model, options, extras: dict) -> str:
+        """Take over the training state of ``--checkpoint``, or the one the model carries (its
+        optimizer's slots and iteration count, so a schedule goes on; a LossScaleOptimizer's
+        scale), unless told not to; say which."""
         if options.checkpoint:
             from .checkpoint import restore
 
             iterations = restore(options.checkpoint, model.keep_alive, model.variables, self.optimizer, extras)
-            text = f"model and optimizer state restored from the checkpoint {options.checkpoint} (iteration {iterations})"
-            if options.start_step != iterations:
-                text += (f"; its iteration count is {iterations} but the data starts at step {options.start_step + 1}"
-                         f" (--start-step {options.start_step})")
-            return text
+            return (f"model and optimizer state restored from the checkpoint {options.checkpoint} (iteration "
+                    f"{iterations})" + _position(iterations, options.start_step))
         saved = model.saved_optimizer
         if saved is None:
             return "fresh optimizer state (the model carries none)" if options.start_step else ""
@@ -285,11 +283,7 @@ class Trainer:
         if model.saved_loss_scale is not None:
             self._loss_scale.assign(model.saved_loss_scale[0])
             self._good_steps.assign(model.saved_loss_scale[1])
-        text = f"optimizer state restored from the model (iteration {iterations})"
-        if options.start_step != iterations:
-            text += (f"; its iteration count is {iterations} but the data starts at step {options.start_step + 1}"
-                     f" (--start-step {options.start_step}): give --start-step {iterations} to continue where it stopped")
-        return text
+        return f"optimizer state restored from the model (iteration {iterations})" + _position(iterations, options.start_step)
 
     @property
     def variable_names(self) -> tuple[list[str], list[str]]:
@@ -429,15 +423,12 @@ class Trainer:
                     return tf.constant(True)
 
             finite, grads_finite, loss = got["finite"], got["grads_finite"], got["loss"]
-            go = applies(finite, on_nonfinite)
-            tf.cond(go, update, lambda: tf.constant(False))
-            if restored:
-                def put_back():
-                    for variable, value in zip(restored, before_forward):
-                        variable.assign(value)
-                    return tf.constant(True)
+            def skip():  # the forward pass's own state goes back too
+                for variable, value in zip(restored, before_forward):
+                    variable.assign(value)
+                return tf.constant(False)
 
-                tf.cond(go, lambda: tf.constant(False), put_back)
+            tf.cond(applies(finite, on_nonfinite), update, skip)
             scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
             if scaling:
                 new_scale, new_good = next_loss_scale(loss_scale, good_steps, grads_finite)
@@ -680,6 +671,14 @@ class Trainer:
             per, size = self.steps_per_epoch, self.options.batch_size
             self._bad_steps = {epoch: self.bad_rows[order[: per * size]].reshape(per, size).any(axis=1)}
         return bool(self._bad_steps[epoch][k])
+
+
+def _position(iterations: int, start_step: int) -> str:
+    """What the start line adds when the restored iteration count and the data position disagree."""
+    if start_step == iterations:
+        return ""
+    return (f"; its iteration count is {iterations} but the data starts at step {start_step + 1} (--start-step "
+            f"{start_step}): give --start-step {iterations} to continue where it stopped")
 
 
 def _xla_failed(exc) -> bool:

@@ -110,7 +110,8 @@ def _hand_on(raw, summed_grad, clipped, positions):
     if positions is None:
         return clipped
     before, after = summed_grad.values, clipped.values
-    factor = tf.where(tf.equal(before, 0), tf.ones_like(before), after / tf.where(tf.equal(before, 0), tf.ones_like(before), before))
+    zero, one = tf.equal(before, 0), tf.ones_like(before)
+    factor = tf.where(zero, one, after / tf.where(zero, one, before))
     return tf.IndexedSlices(raw.values * tf.gather(factor, positions), raw.indices, raw.dense_shape)
 
 
