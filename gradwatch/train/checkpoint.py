@@ -47,7 +47,8 @@ def restore(path, trackable, variables, optimizer, extras: dict | None = None) -
     _restore_optimizer(reader, shapes, optimizer)
     # The learning rate is set by gradwatch every step (--lr, the schedule): not part of the match.
     own = [v for v in optimizer.variables if not _name(v).endswith("learning_rate")]
-    missing = [v for v in list(variables) + own if not _held(reader, shapes, v)]
+    held = _Held(reader, shapes)
+    missing = [v for v in list(variables) + own if not held(v)]
     if missing:
         names = ", ".join(_name(v) for v in missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise _mismatch(path, f"nothing in it fits {names}")
@@ -124,16 +125,35 @@ def _slot(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else name
 
 
-def _held(reader, shapes: dict, variable) -> bool:
-    """Does the variable now hold a value the checkpoint holds (of its shape)?"""
-    import numpy as np
+class _Held:
+    """Does a variable now hold a value the checkpoint holds (of its shape)? Each tensor of the
+    checkpoint is read once and kept as a digest of its bytes, however many variables share
+    its shape (keeping the tensors would hold a second copy of the model in memory)."""
 
-    value = np.asarray(variable.numpy())
-    for key, shape in shapes.items():
-        if tuple(shape) == value.shape and not key.startswith("_CHECKPOINTABLE"):
-            if np.array_equal(reader.get_tensor(key), value):
+    def __init__(self, reader, shapes: dict):
+        self.reader, self.digests = reader, {}
+        self.by_shape: dict[tuple, list] = {}
+        for key, shape in shapes.items():
+            if not key.startswith("_CHECKPOINTABLE"):
+                self.by_shape.setdefault(tuple(shape), []).append(key)
+
+    def __call__(self, variable) -> bool:
+        import numpy as np
+
+        value = np.asarray(variable.numpy())
+        mine = _digest(value)
+        for key in self.by_shape.get(value.shape, []):
+            if key not in self.digests:
+                self.digests[key] = _digest(np.asarray(self.reader.get_tensor(key)))
+            if self.digests[key] == mine:
                 return True
-    return False
+        return False
+
+
+def _digest(array) -> tuple:
+    import hashlib
+
+    return str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).digest()  # tobytes: C order
 
 
 def _name(variable) -> str:
