@@ -433,15 +433,19 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
 
     sinks = [s for s in sinks if s is not None]
     progress = Progress(quiet, "gradwatch")
+
+    def keep(results):  # a finished, interrupted or stopped run: every recorded row where it was asked for
+        progress.close()
+        if before_commit:
+            before_commit(results)
+        for s in sinks:
+            s.commit()
+
     _phase["now"] = "loading"  # until the first block: train() loads, traces, then trains
     try:
         results = train(progress)
     except Interrupted as stop:
-        progress.close()
-        if before_commit:
-            before_commit(stop.results)
-        for s in sinks:
-            s.commit()
+        keep(stop.results)
         kept = sum(len(r.rows) for r in stop.results)
         where = f" in {', '.join(str(s.path) for s in sinks)}" if sinks else ""
         what = SIGNAL_NAMES.get(stop.signum, f"signal {stop.signum}")
@@ -449,14 +453,9 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         show(stop.results, f"interrupted by {what} after {_steps(kept)}")
         raise
     except NonFiniteStop as stop:
-        progress.close()
-        results = [stop.result]
-        if before_commit:
-            before_commit(results)
-        for s in sinks:
-            s.commit()
+        keep([stop.result])
         last = stop.result.rows[-1]["step"] if len(stop.result.rows) else 0
-        show(results, f"stopped at step {last}: not finite")
+        show([stop.result], f"stopped at step {last}: not finite")
         raise
     except BaseException:
         progress.close()
@@ -466,11 +465,7 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         if kept:
             _stderr().print(escape(f"gradwatch: the rows recorded before the error are in {', '.join(kept)}"))
         raise
-    progress.close()
-    if before_commit:
-        before_commit(results)
-    for s in sinks:
-        s.commit()
+    keep(results)
     _phase["now"] = "reporting"
     return results
 
