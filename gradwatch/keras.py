@@ -162,10 +162,10 @@ class GradientWatch(keras.callbacks.Callback):
                           state, self._loss, self.sparse_norm)
         tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, m.state)
         overflow, nonfinite = nonfinite_kinds(m.finite, m.grads_finite, self._loss, scale is not None)
-        row = tf.stack([tf.cast(self._loss, tf.float64), m.grad_norm, m.grad_norm_rows, m.clipped_norm, m.threshold, lr,
-                        tf.cast(m.clipped, tf.float64), tf.cast(nonfinite, tf.float64),
-                        tf.constant(1.0, tf.float64) if scale is None else tf.cast(scale, tf.float64),
-                        tf.cast(overflow, tf.float64)])
+        values = {"loss": self._loss, "grad_norm": m.grad_norm, "grad_norm_rows": m.grad_norm_rows,
+                  "clipped_norm": m.clipped_norm, "threshold": m.threshold, "lr": lr, "clipped": m.clipped,
+                  "nonfinite": nonfinite, "loss_scale": 1.0 if scale is None else scale, "overflow": overflow}
+        row = tf.stack([tf.cast(values[name], tf.float64) for name in _BUFFERED])  # by name: the order is _BUFFERED's
         self._buffer.assign(tf.tensor_scatter_nd_update(self._buffer, [[self._count % self.capacity]], row[None]))
         self._count.assign_add(1)
         out = distribute.replica_share(m.apply, replicas)
