@@ -39,7 +39,8 @@ from .clip import map_values
 from .errors import GradwatchError, OptionError
 from .objective import refuse_hidden_options
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
-from .records import COLUMNS, CSV_COLUMNS, RowStore, SpikeRule, clip_ratio
+from .diagnose.spikes import SpikeRule
+from .records import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
 
 # What the watched apply writes per step into the device buffer, in this order.
 _BUFFERED = ("loss", "grad_norm", "grad_norm_rows", "clipped_norm", "threshold", "lr", "clipped", "nonfinite",

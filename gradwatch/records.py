@@ -1,4 +1,4 @@
-"""Per-step rows: their columns, the spike rule, summary statistics, the column store and reading CSVs back.
+"""Per-step rows: their columns, summary statistics, the column store and reading CSVs back.
 
 Nothing here imports TensorFlow: `gradwatch report` reads saved CSVs through this module.
 """
@@ -9,9 +9,7 @@ import csv
 import math
 import os
 from array import array
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,54 +80,6 @@ SUMMARY_INT_COLUMNS = {"steps", "spikes", "nonfinite"}
 # Columns added after 0.1.0, with the value they take when reading an older CSV.
 ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan"), "reg_loss": float("nan"),
                  "loss_scale": 1.0, "overflow": False, "grad_norm_rows": float("nan")}
-
-
-@dataclass(frozen=True)
-class SpikeRule:
-    """When is the loss of a step a jump?
-
-    A step's loss is a spike when it is not finite, or when, with at least ``min_history``
-    finite losses before it, it exceeds the median of the previous ``window`` finite losses
-    by more than ``(factor - 1)`` times that median's magnitude: with the defaults, the loss
-    more than doubles against its recent typical value. The median (not the mean) keeps one
-    spike from hiding the next.
-    """
-
-    factor: float = 2.0
-    window: int = 20
-    min_history: int = 3
-
-    def __post_init__(self):
-        if not (math.isfinite(self.factor) and self.factor > 1):
-            raise GradwatchError(f"`--spike-factor` must be > 1. Received: spike_factor={self.factor}")
-        if self.window < 1:
-            raise GradwatchError(f"`--spike-window` must be >= 1. Received: spike_window={self.window}")
-
-    def detector(self) -> "SpikeDetector":
-        return SpikeDetector(self)
-
-    def mark(self, losses) -> list[bool]:
-        """The rule applied to a whole loss series (used by tests and by `report`)."""
-        detector = self.detector()
-        return [detector.update(float(x)) for x in losses]
-
-
-class SpikeDetector:
-    """The spike rule, fed one loss at a time during a run."""
-
-    def __init__(self, rule: SpikeRule):
-        self.rule = rule
-        self.history: deque[float] = deque(maxlen=rule.window)
-
-    def update(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return True
-        spike = False
-        if len(self.history) >= min(self.rule.min_history, self.rule.window):
-            median = float(np.median(self.history))
-            spike = loss - median > (self.rule.factor - 1.0) * abs(median)
-        self.history.append(loss)
-        return spike
 
 
 def clip_ratio(grad_norm: float, clipped_norm: float) -> float:

@@ -133,7 +133,7 @@ def prepare(spec: RunSpec):
 def _prepare(spec: RunSpec, distribution):
     from . import data as data_mod
     from . import models
-    from .records import SpikeRule
+    from .diagnose.spikes import SpikeRule
     from .objective import make_loss, parse_opt_args
     from .train.loop import TrainOptions, Trainer
 

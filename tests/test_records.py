@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from gradwatch.errors import GradwatchError
-from gradwatch.records import COLUMNS, SpikeRule, read_rows, summarize
+from gradwatch.diagnose.spikes import SpikeRule
+from gradwatch.records import COLUMNS, read_rows, summarize
 from gradwatch.sinks import rows_to_csv
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import read_csv
 from gradwatch.diagnose.suggest import round2, suggest_threshold
-from gradwatch.records import SpikeRule
+from gradwatch.diagnose.spikes import SpikeRule
 
 
 def rows_of(norms, loss_spikes=()):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..records import SpikeRule
+from .spikes import SpikeRule
 
 # The --layers-csv columns, one row per step and variable (compare: clip and param first).
 LAYER_COLUMNS = ["clip", "param", "step", "variable", "layer", "grad_norm", "clipped_norm", "weight_norm",

@@ -45,7 +45,7 @@ def round2(value: float) -> float:
 def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: str | None = None) -> Suggestion:
     """The rule above on an unclipped run's rows (step, grad_norm, loss_spike); ``grad_spikes``:
     the steps the gradient-spike rule flagged (diagnose.LayerWatch or records.SpikeRule on the norms)."""
-    from ..records import SpikeRule
+    from .spikes import SpikeRule
 
     steps = np.array([int(r["step"]) for r in rows])
     # Under --sparse-norm rows the threshold clips the norm Keras measures: propose it on that one.

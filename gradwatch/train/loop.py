@@ -22,7 +22,8 @@ from . import distribute
 from ..clip import Clipping
 from ..objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from ..errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
-from ..records import RowStore, SpikeRule, clip_ratio, summarize
+from ..diagnose.spikes import SpikeRule
+from ..records import RowStore, clip_ratio, summarize
 from ..signals import deferred_interrupt
 from .pipeline import Pipeline
 from .step import INITIAL_LOSS_SCALE, ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, next_loss_scale, nonfinite_kinds, unscale
