@@ -148,25 +148,31 @@ def compare(model=None, data=None, variants=None, *, clip=None, thresholds=None,
 @dataclass
 class Summary:
     """What the CLI's tables say about a frame of rows: ``table`` one row per variant (the
-    ``--summary-csv`` columns), ``verdict`` the sentences under it, ``variants`` the full
-    summary of each (``{label: dict}``, as ``records.summarize`` makes it)."""
+    ``--summary-csv`` columns), ``findings`` the verdict as data (dicts with ``code``, ``kind``,
+    ``variant``, ``steps``, ``numbers``, ``message``: the CLI's ``--findings``), ``verdict`` the
+    lines the CLI prints from them, ``variants`` the full summary of each (``{label: dict}``)."""
 
     table: object  # pandas.DataFrame
     verdict: list
     variants: dict
+    findings: list
 
     def __str__(self) -> str:
         return self.table.to_string(index=False) + "\n" + "\n".join(self.verdict)
 
 
-def summarize(rows) -> Summary:
-    """The summary and verdict of a frame from :func:`run` or :func:`compare` (or a read CSV)."""
+def summarize(rows, rule=None) -> Summary:
+    """The summary and findings of a frame from :func:`run` or :func:`compare` (or a read CSV).
+
+    ``rule``: the spike rule the gradient spikes are found by (``diagnose.spikes.SpikeRule``;
+    default, the default rule; loss spikes are the frame's ``loss_spike`` column)."""
     import math
 
     import pandas as pd
 
+    from .diagnose.findings import findings_of
     from .records import META_COLUMNS
-    from .report import COMPARE_COLUMNS, Variant, compare_verdict, run_verdict, summary_rows
+    from .report import COMPARE_COLUMNS, Variant, summary_rows, verdict_lines
 
     records = rows.to_dict("records")
     groups: dict = {}
@@ -174,8 +180,9 @@ def summarize(rows) -> Summary:
         param = row.get("param")
         param = None if param is None or (isinstance(param, float) and math.isnan(param)) else float(param)
         groups.setdefault((row.get("clip", "run"), param), []).append(row)
-    variants = [Variant(clip, param, group, meta={c: group[0].get(c, "") for c in META_COLUMNS})
+    variants = [Variant(clip, param, group, meta={c: group[0].get(c, "") for c in META_COLUMNS}, rule=rule)
                 for (clip, param), group in groups.items()]
-    verdict = [run_verdict(variants[0].summary)] if len(variants) == 1 else compare_verdict(variants)
+    found = findings_of(variants)
     table = pd.DataFrame(summary_rows(variants), columns=COMPARE_COLUMNS)
-    return Summary(table, verdict, {v.label: v.summary for v in variants})
+    lines = [line.strip() for line in verdict_lines(found, len(variants) == 1)[1:]]  # without the "Verdict:" heading
+    return Summary(table, lines, {v.label: v.summary for v in variants}, [f.as_dict() for f in found])

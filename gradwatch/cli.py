@@ -81,11 +81,14 @@ FreshOptimizerOpt = Annotated[Optional[bool], typer.Option("--fresh-optimizer", 
 FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
 XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA (it stops with a one-line reason where XLA cannot compile the model).  [default: as Keras' jit_compile=\"auto\": on where a GPU is visible, falling back with a note where XLA cannot compile]", show_default=False)]
 SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
+SpikeFloorOpt = Annotated[Optional[float], typer.Option("--spike-floor", help="The spike rule's absolute floor: a spike also rises by more than this fraction of the largest loss so far (so float32 noise near 0 is none).  [default: 0.01]", show_default=False)]
+FindingsOpt = Annotated[Optional[Path], typer.Option("--findings", help="Write the verdict's findings (code, variant, steps, numbers, message) to this JSON file.", show_default=False)]
+FailOnOpt = Annotated[Optional[str], typer.Option("--fail-on", help="Exit 4, after writing every output, when a finding with one of these codes appears, e.g. loss_spikes,nonfinite (codes: README, Findings).", show_default=False)]
 SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
 AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-data", help="Train even when the data holds NaN or inf (the verdict then blames the data, not the training).", show_default=False)]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this .png, .svg or .pdf.", show_default=False)]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False)]
-FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv/json: the rows, on stdout.")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv: the rows; json: {rows, findings}; on stdout.")]
 LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False)]
 PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False)]
 TensorBoardOpt = Annotated[Optional[Path], typer.Option("--tensorboard", help="Write TensorBoard event files to this folder: scalars every step, per-variable norms, gradient histograms (one sub-folder per run).", show_default=False)]
@@ -183,10 +186,11 @@ def _warn_skipped(trainer):
         _stderr().print(escape(f"gradwatch: warning: no gradient reaches {', '.join(trainer.skipped)}; left out of training and norms"))
 
 
-def _emit_rows(rows, columns, fmt: Format):
+def _emit_rows(rows, columns, fmt: Format, found=()):
+    """--format csv: the rows; json: {"rows": [...], "findings": [...]}."""
     from .sinks import rows_to_csv, rows_to_json, write_stdout
 
-    text = rows_to_csv(rows, columns) if fmt is Format.csv else rows_to_json(rows, columns)
+    text = rows_to_csv(rows, columns) if fmt is Format.csv else rows_to_json(rows, columns, [f.as_dict() for f in found])
     write_stdout(text if text.endswith("\n") else text + "\n")
 
 
@@ -204,6 +208,8 @@ def run(
     csv: CsvOpt = None,
     plot: PlotOpt = None,
     format: FormatOpt = Format.table,
+    findings: FindingsOpt = None,
+    fail_on: FailOnOpt = None,
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
@@ -212,7 +218,7 @@ def run(
     start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None, checkpoint: CheckpointOpt = None,
     save_checkpoints: SaveCheckpointsOpt = None, checkpoint_every: CheckpointEveryOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
+    spike_window: SpikeWindowOpt = None, spike_floor: SpikeFloorOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
     stream: StreamOpt = None, features: FeaturesOpt = None, shuffle_buffer: ShuffleBufferOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
     tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
@@ -224,53 +230,118 @@ def run(
     from .sinks import CsvSink
 
     clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
+    codes = _fail_codes(fail_on)
     spec = _resolved(locals())
     silent = not _writes(spec)
     if silent:  # a multi-worker run's other workers train along and write nothing
-        csv = plot = layers_csv = tensorboard = None
+        csv = plot = layers_csv = tensorboard = findings = None
         quiet = True
     _check_plot(plot)
+    _check_findings(findings)
     _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard,
-                        "--save-checkpoints": save_checkpoints})
+                        "--save-checkpoints": save_checkpoints, "--findings": findings})
     info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     layers_sink = _layers_sink(layers_csv, [sink])
     info["layers_sink"] = layers_sink
     info["tensorboard"] = board = _tensorboard(tensorboard, histogram_every, info)
     title = f"gradwatch run: {_describe(spec)}, clip {clipping.label}"
+    diagnosis = _Diagnosis(info)
 
     def render(results, stopped=None):
-        if silent:
+        if silent or not results:
             return
+        found = diagnosis.of(results)
         if format is Format.table:
-            from .report import run_table, run_verdict
-
-            if not results:
-                return
-            summary = results[0].summary
+            from .report import run_table, verdict_lines
+            from .report_diagnose import print_section
             from .sinks import stdout_errors
 
+            shown = diagnosis.variants(results)
             with stdout_errors():
                 console = _stdout()
                 console.print(escape(title + (f" ({stopped})" if stopped else "")), style="italic")
-                console.print(run_table(summary))
-                console.print(escape(run_verdict(summary)))
-                from .report import Variant
-                from .report_diagnose import print_section
-
-                print_section(console, [Variant(clipping.strategy, clipping.param, results[0].rows, layers=results[0].layers)])
+                console.print(run_table(shown[0].summary))
+                for line in verdict_lines(found):
+                    console.print(escape(line))
+                print_section(console, shown)
         else:
-            _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
+            _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format, found)
 
     results = _train_then_keep([sink, layers_sink, board], lambda progress: [_train_one(spec, clipping, sink, quiet, progress, info)],
-                               show=render, quiet=quiet)
+                               show=render, quiet=quiet, before_commit=lambda results: diagnosis.write(results, findings))
     render(results)
     if plot is not None:
-        from .report import Variant, plot as draw
+        from .report import plot as draw
 
-        shown = [Variant(clipping.strategy, clipping.param, results[0].rows, meta=info.get("meta", {}),
-                         layers=results[0].layers)]  # the per-layer heat map too, as report --layers --plot
+        shown = diagnosis.variants(results)  # with the per-layer heat map, as report --layers --plot
         _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind), plot)
+    _fail_if(codes, diagnosis.of(results) if not silent else [])
+
+
+class _Diagnosis:
+    """The findings of a command's results, made once and shared by the table, --format json,
+    --findings and --fail-on (so they cannot disagree)."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        self._key, self._found = None, []
+
+    def variants(self, results):
+        from .report import Variant
+
+        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped, self.info.get("meta", {}),
+                        layers=r.layers, rule=self.info.get("rule")) for r in results]
+
+    def of(self, results):
+        from .diagnose.findings import findings_of
+
+        key = [(id(r), len(r.rows)) for r in results]
+        if key != self._key:
+            self._key, self._found = key, findings_of(self.variants(results), self.info.get("data_view"))
+        return self._found
+
+    def write(self, results, path) -> None:
+        if path is not None and results:
+            _write_findings(path, self.of(results))
+
+
+def _fail_codes(text):
+    from .diagnose.findings import parse_codes
+
+    return parse_codes(text) if text is not None else []
+
+
+def _check_findings(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise OptionError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+
+
+def _write_findings(path: Path, found) -> None:
+    """The findings as a JSON list, written beside ``path`` and moved into place; OS errors exit 74."""
+    import json
+
+    from .errors import OutputError
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(json.dumps([f.as_dict() for f in found], indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fail_if(codes, found) -> None:
+    """--fail-on: exit FAIL_ON_EXIT when a finding has one of ``codes`` (every output is written by now)."""
+    from .diagnose.findings import FAIL_ON_EXIT, failing
+
+    hits = failing(found, codes)
+    if hits:
+        named = "; ".join(f"{f.code} ({f.variant or 'comparison'})" for f in hits[:5])
+        _stderr().print(escape(f"gradwatch: --fail-on: {len(hits)} finding{'s' * (len(hits) != 1)}: {named}"))
+        raise typer.Exit(FAIL_ON_EXIT)
 
 
 def _per_variable(asked: bool | None, format: Format, *outputs) -> bool:
@@ -390,6 +461,8 @@ def _setup(spec, trainer, info: dict) -> None:
     from .records import setup_text
 
     info["meta"] = describe_run(spec, trainer)
+    info["rule"] = trainer.options.spike_rule
+    info["data_view"] = trainer.data_view()
     info["setup"] = setup_text(info["meta"]) + (f"; {trainer.state_text}" if trainer.state_text else "")
     if trainer.loss_scaling:
         info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
@@ -483,6 +556,8 @@ def compare(
     summary_csv: Annotated[Optional[Path], typer.Option("--summary-csv", help="The summary table, one row per variant.", show_default=False)] = None,
     plot: PlotOpt = None,
     format: FormatOpt = Format.table,
+    findings: FindingsOpt = None,
+    fail_on: FailOnOpt = None,
     endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
@@ -490,7 +565,7 @@ def compare(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
     start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None, checkpoint: CheckpointOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
+    spike_window: SpikeWindowOpt = None, spike_floor: SpikeFloorOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
     stream: StreamOpt = None, features: FeaturesOpt = None, shuffle_buffer: ShuffleBufferOpt = None, layers_csv: LayersCsvOpt = None, per_variable: PerVariableOpt = None,
     tensorboard: TensorBoardOpt = None, histogram_every: HistogramEveryOpt = 100,
@@ -508,14 +583,16 @@ def compare(
         variants = parse_variant_list(variants_)
     else:
         variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
+    codes = _fail_codes(fail_on)
     spec = _resolved(locals())
     silent = not _writes(spec)
     if silent:  # a multi-worker run's other workers train along and write nothing
-        csv = summary_csv = plot = layers_csv = tensorboard = None
+        csv = summary_csv = plot = layers_csv = tensorboard = findings = None
         quiet = True
     _check_plot(plot)
+    _check_findings(findings)
     _check_paths(spec, {"--csv": csv, "--summary-csv": summary_csv, "--plot": plot, "--layers-csv": layers_csv,
-                        "--tensorboard": tensorboard})
+                        "--tensorboard": tensorboard, "--findings": findings})
     info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     try:
@@ -527,40 +604,34 @@ def compare(
     layers_sink = info["layers_sink"] = _layers_sink(layers_csv, [sink, summary_sink])
     info["tensorboard"] = board = _tensorboard(tensorboard, histogram_every, info)
     title = f"gradwatch compare: {_describe(spec)}"
-
-    def shown(results):
-        from .report import Variant
-
-        return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped, info.get("meta", {}), layers=r.layers)
-                for r in results]
+    diagnosis = _Diagnosis(info)
 
     def render(results, stopped=None):
-        from .report import compare_verdict, print_compare
+        from .report import print_compare, verdict_lines
 
-        if silent:
+        if silent or not results:
             return
+        found = diagnosis.of(results)
         if format is Format.table:
-            if not results:
-                return
+            from .report_diagnose import print_section
             from .sinks import stdout_errors
 
-            variants_shown = shown(results)
+            variants_shown = diagnosis.variants(results)
             with stdout_errors():
                 console = _stdout()
                 print_compare(console, variants_shown, title + (f" ({stopped})" if stopped else ""))
-                for line in compare_verdict(variants_shown):
+                for line in verdict_lines(found, single=len(variants_shown) == 1):
                     console.print(escape(line))
-                from .report_diagnose import print_section
-
                 print_section(console, variants_shown)
         else:
-            _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format)
+            _emit_rows([row for r in results for row in _tagged(r.clipping, r.rows, info)], CSV_COLUMNS, format, found)
 
     def record(results):
         if summary_sink:
             from .report import summary_rows
 
-            summary_sink.write(summary_rows(shown(results)))
+            summary_sink.write(summary_rows(diagnosis.variants(results)))
+        diagnosis.write(results, findings)
 
     train = lambda progress: _train_many(spec, variants, sink, quiet, progress, info)  # noqa: E731
     results = _train_then_keep([sink, summary_sink, layers_sink, board], train, show=render, quiet=quiet, before_commit=record)
@@ -568,7 +639,9 @@ def compare(
     if plot is not None:
         from .report import plot as draw
 
-        _write_plot(lambda path, kind: draw(shown(results), path, f"{title}\n{info.get('setup', '')}", kind), plot)
+        shown = diagnosis.variants(results)
+        _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind, diagnosis.of(results)), plot)
+    _fail_if(codes, diagnosis.of(results) if not silent else [])
 
 
 def _train_many(spec, variants, sink, quiet, progress, info: dict):
@@ -616,16 +689,21 @@ def report(
     file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv`, `compare --csv` or `compare --summary-csv`.", show_default=False)],
     plot: PlotOpt = None,
     layers: Annotated[Optional[Path], typer.Option("--layers", help="The --layers-csv file of the same run: rebuild the spikes and what drove them, and the per-layer table.", show_default=False)] = None,
+    findings: FindingsOpt = None,
+    fail_on: FailOnOpt = None,
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
+    from .diagnose.findings import findings_of
     from .records import META_COLUMNS, describe_meta, is_summary_csv, read_rows, setup_text, split_variants
-    from .report import Variant, compare_verdict, plot as draw, print_compare, run_table, run_verdict
+    from .report import Variant, plot as draw, print_compare, run_table, verdict_lines
     from .sinks import check_outputs, stdout_errors
 
+    codes = _fail_codes(fail_on)
     _check_plot(plot)
-    check_outputs({"--plot": plot}, {"CSV it reads": file, "layers CSV it reads": layers})
+    _check_findings(findings)
+    check_outputs({"--plot": plot, "--findings": findings}, {"CSV it reads": file, "layers CSV it reads": layers})
     if is_summary_csv(file):
-        return _report_summary(file, plot)
+        return _report_summary(file, plot, findings, codes)
     rows, unfinished = read_rows(file), file.name.endswith(".partial")
     groups = split_variants(rows)
     watches = {}
@@ -644,6 +722,9 @@ def report(
     if single and variants[0].clip != "run":
         title += f", clip {variants[0].label}"
     setup = setup_text(meta)
+    found = findings_of(variants)
+    if findings is not None:
+        _write_findings(findings, found)
     with stdout_errors():
         console = _stdout()
         if single:
@@ -651,13 +732,12 @@ def report(
             if setup:
                 console.print(escape(setup), style="italic")
             console.print(run_table(variants[0].summary))
-            console.print(escape(run_verdict(variants[0].summary)))
         else:
             if setup:
                 console.print(escape(setup), style="italic")
             print_compare(console, variants, title)
-            for line in compare_verdict(variants):
-                console.print(escape(line))
+        for line in verdict_lines(found, single):
+            console.print(escape(line))
         from .report_diagnose import print_section
 
         print_section(console, variants)
@@ -665,11 +745,13 @@ def report(
         _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({len(rows)} rows)"))
     if plot is not None:
         full = f"{title}\n{setup}" if setup else title
-        _write_plot(lambda path, kind: draw(variants, path, full, kind), plot)
+        _write_plot(lambda path, kind: draw(variants, path, full, kind, found), plot)
+    _fail_if(codes, found)
 
 
-def _report_summary(file: Path, plot: Path | None) -> None:
+def _report_summary(file: Path, plot: Path | None, findings: Path | None, codes: list) -> None:
     """`report` on the file of `compare --summary-csv`: its table again; the rest needs the steps."""
+    from .diagnose.findings import run_findings
     from .records import META_COLUMNS, describe_meta, read_summary, setup_text
     from .report import Variant, print_compare
     from .sinks import stdout_errors
@@ -690,6 +772,10 @@ def _report_summary(file: Path, plot: Path | None) -> None:
         print_compare(console, variants, title)
         console.print("This file holds one summary row per variant; the verdict, the loss sparkline and --plot "
                       "need the per-step CSV that compare --csv writes.")
+    found = [f for v in variants for f in run_findings(v)]
+    if findings is not None:
+        _write_findings(findings, found)
+    _fail_if(codes, found)
 
 
 def _check_plot(plot: Path | None) -> None:
@@ -738,7 +824,7 @@ def suggest(
     lr_decay: LrDecayOpt = None, decay_after_epoch: DecayAfterOpt = None, on_nonfinite: OnNonFiniteOpt = None, sparse_norm: SparseNormOpt = None,
     start_step: StartStepOpt = None, fresh_optimizer: FreshOptimizerOpt = None, checkpoint: CheckpointOpt = None,
     fetch_every: FetchEveryOpt = None, xla: XlaOpt = None, spike_factor: SpikeFactorOpt = None,
-    spike_window: SpikeWindowOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
+    spike_window: SpikeWindowOpt = None, spike_floor: SpikeFloorOpt = None, allow_nonfinite_data: AllowNonFiniteOpt = None,
     strategy: StrategyOpt = None, cpu_devices: CpuDevicesOpt = None,
     stream: StreamOpt = None, features: FeaturesOpt = None, shuffle_buffer: ShuffleBufferOpt = None, quiet: QuietOpt = False,
 ):
@@ -770,7 +856,21 @@ def suggest(
         _say(quiet, f"gradwatch: probing {_describe(spec)} unclipped for {_steps(trainer.total_steps)}; {info['setup']}")
         progress.label = "unclipped probe"
         base = trainer.run(Clipping("none", None), on_progress=progress.update)
-        found = _suggestion(base.rows, base.layers, spec.sparse_norm)
+        from .diagnose.suggest import TooFewCalmSteps
+
+        try:
+            found = _suggestion(base.rows, base.layers, spec.sparse_norm, raw=True)
+            info["early"] = None
+        except TooFewCalmSteps as early:  # broke down at once: measure the norms of a clipped training
+            if early.first is None:  # nothing broke down: the probe is just too short
+                raise GradwatchError(str(early)) from None
+            info["early"] = early
+            _say(quiet, f"gradwatch: the unclipped probe was calm for only {early.calm} steps; probing again, "
+                        "clipped by AutoClip (p=10)")
+            progress.label = "AutoClip probe"
+            clipped = trainer.run(Clipping("autoclip", 10.0), on_progress=progress.update)
+            found = _suggestion(clipped.rows, None, spec.sparse_norm, clipped_probe="an AutoClip (p=10) probe")
+            info["probe_rows"] = clipped.rows
         if not verify:
             return [base], found, None
         candidates = [Clipping("global", t) for t, _, _ in found.candidates]
@@ -788,17 +888,22 @@ def suggest(
 
     threshold = found.threshold if not checked else calmest(checked).clipping.param
     line = command_line(run_line_from_options(given), "global", threshold)
-    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, line, info.get("meta"))
+    _print_suggestion(found, runs[0].layers, checked, runs[0].rows, line, info.get("meta"), info.get("early"),
+                      info.get("probe_rows"))
 
 
-def _suggestion(rows, watch, sparse_norm=None):
+def _suggestion(rows, watch, sparse_norm=None, clipped_probe=None, raw=False):
+    """suggest_threshold; too few calm steps is a one-line error (exit 2), or raised as it is (``raw``)."""
     from .diagnose import suggest_threshold
+    from .diagnose.suggest import TooFewCalmSteps
 
     grad_spikes = [s.step for s in watch.spikes if "grad" in s.kinds] if watch is not None else None
     try:
-        return suggest_threshold(rows, grad_spikes, sparse_norm)
-    except ValueError as exc:
-        raise GradwatchError(f"{exc}: the probe diverged at once; lower --lr and run suggest again") from None
+        return suggest_threshold(rows, grad_spikes, sparse_norm, clipped_probe)
+    except TooFewCalmSteps as exc:
+        if raw:
+            raise
+        raise GradwatchError(str(exc)) from None
 
 
 def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
@@ -820,23 +925,33 @@ def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
     _print_suggestion(found, watch, None, rows, command_line(run_line_from_meta(rows[0]), "global", found.threshold))
 
 
-def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None = None) -> None:
+def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None = None, early=None,
+                      probe_rows=None) -> None:
+    """``rows``: the unclipped probe; ``probe_rows``: the AutoClip probe the proposal came from
+    when the unclipped one broke down at once (``early``)."""
     import numpy as np
     from rich.table import Table
 
-    from .report import Variant, compare_verdict, fmt, print_compare
+    from .diagnose.findings import findings_of
+    from .report import Variant, fmt, print_compare, verdict_lines
     from .sinks import stdout_errors
 
     with stdout_errors():
         console = _stdout()
-        spikes = f"first spike at step {found.first_spike}" if found.first_spike else "no spike"
+        spikes = f"first spike or non-finite step at step {found.first_spike}" if found.first_spike else "no spike"
+        if early is not None:
+            spikes = (f"first spike or non-finite step at step {early.first}; then an AutoClip probe of "
+                      f"{len(probe_rows or rows)} steps from the same start")
         console.print(escape(f"gradwatch suggest: an unclipped probe of {len(rows)} steps, {spikes}"), style="italic")
-        table = Table(title="global gradient norm, unclipped", header_style="bold", title_justify="left")
+        where = "the AutoClip probe" if early is not None else "unclipped"
+        table = Table(title=f"global gradient norm, {where}", header_style="bold", title_justify="left")
         for name, justify in (("steps", "left"), ("n", "right"), ("median", "right"), ("p90", "right"), ("max", "right")):
             table.add_column(name, justify=justify, no_wrap=True)
         calm = "calm (before the first spike)" if found.first_spike and found.calm_steps < len(rows) else "calm"
+        if early is not None:
+            calm = "AutoClip probe" + (" (before its first loss spike)" if found.first_spike else "")
         table.add_row(calm, str(found.calm_steps), *[fmt(found.stats["calm"][k]) for k in ("median", "p90", "max")])
-        finite = sum(1 for r in rows if math.isfinite(r["grad_norm"]))
+        finite = sum(1 for r in (probe_rows or rows) if math.isfinite(r["grad_norm"]))
         table.add_row("all finite", str(finite), *[fmt(found.stats["all"][k]) for k in ("median", "p90", "max")])
         console.print(table)
         table = Table(title="candidates: how often each would clip", header_style="bold", title_justify="left")
@@ -848,6 +963,8 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
         console.print(table)
         console.print(escape(f"Rule: the threshold is the {found.rule}, to two significant digits "
                              "(candidates: half, once and twice that)."))
+        for finding_line in verdict_lines(found.findings(rows, early))[1:]:
+            console.print(escape(finding_line.strip()))
         if watch is not None:
             shares = watch.mean_shares()
             order = [k for k in np.argsort(-np.nan_to_num(shares, nan=-1.0))[:3] if math.isfinite(shares[k])]
@@ -862,8 +979,8 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
             shown = [Variant("none", None, rows, meta=meta or {})] + [
                 Variant(r.clipping.strategy, r.clipping.param, r.rows, meta=meta or {}) for r in checked]
             print_compare(console, shown, "verification: the candidates over the probe's steps")
-            for sentence in compare_verdict(shown):
-                console.print(escape(sentence))
+            for verdict in verdict_lines(findings_of(shown), single=False):
+                console.print(escape(verdict))
             from .report import calmest
 
             console.print(escape(f"Calmest candidate: global {calmest(checked).clipping.param:g}."))

@@ -49,7 +49,7 @@ class GradientWatch(keras.callbacks.Callback):
     """Optimizer wrapper (``wrap``) and callback in one: records every step of ``fit``."""
 
     def __init__(self, clip: str = "global", norm=None, value=None, factor=None, percentile=None, z=None,
-                 csv=None, tensorboard=None, spike_factor: float = 2.0, spike_window: int = 20, capacity: int = 1024,
+                 csv=None, tensorboard=None, spike_factor: float = 2.0, spike_window: int = 20, spike_floor: float = 0.01, capacity: int = 1024,
                  on_nonfinite: str = "skip", sparse_norm: str = "summed"):
         super().__init__()
         self.clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
@@ -59,7 +59,7 @@ class GradientWatch(keras.callbacks.Callback):
         if sparse_norm not in SPARSE_NORMS:
             raise OptionError(f"`sparse_norm` must be one of {', '.join(SPARSE_NORMS)}. Received: {sparse_norm!r}")
         self.on_nonfinite, self.sparse_norm = on_nonfinite, sparse_norm
-        self.rule = SpikeRule(factor=spike_factor, window=spike_window)
+        self.rule = SpikeRule(factor=spike_factor, window=spike_window, floor=spike_floor)
         self.csv, self.tensorboard = csv, tensorboard
         self.capacity = int(capacity)
         self._rows = RowStore()
@@ -302,10 +302,10 @@ class GradientWatch(keras.callbacks.Callback):
         return frame
 
     def summary(self) -> Summary:
-        """The CLI's summary table and verdict of the recorded steps."""
+        """The CLI's summary table, findings and verdict of the recorded steps (api.Summary)."""
         if not len(self._rows):
             raise GradwatchError("no step recorded yet: run model.fit(..., callbacks=[watch]) first")
-        return summarize(self.rows)
+        return summarize(self.rows, self.rule)
 
 
 def _variable(initial, name: str):

@@ -73,10 +73,12 @@ def setup_text(meta: dict) -> str:
 
 # `compare --summary-csv`: one row per variant (then the META_COLUMNS).
 SUMMARY_COLUMNS = [
-    "clip", "param", "steps", "final_loss", "best_loss", "spikes", "largest_jump", "nonfinite",
+    "clip", "param", "steps", "final_loss", "best_loss", "loss_spikes", "grad_spikes", "largest_jump", "nonfinite",
     "pct_clipped", "mean_clip_ratio", "grad_norm_median", "grad_norm_p95", "grad_norm_max", "wall_s",
 ]
-SUMMARY_INT_COLUMNS = {"steps", "spikes", "nonfinite"}
+SUMMARY_INT_COLUMNS = {"steps", "loss_spikes", "grad_spikes", "nonfinite"}
+# Summary columns renamed since 0.2 (its name then -> today's), so older summary files read.
+RENAMED_SUMMARY_COLUMNS = {"spikes": "loss_spikes"}
 # Columns added after 0.1.0, with the value they take when reading an older CSV.
 ADDED_COLUMNS = {"nonfinite_input": False, "threshold": float("nan"), "reg_loss": float("nan"),
                  "loss_scale": 1.0, "overflow": False, "grad_norm_rows": float("nan")}
@@ -108,42 +110,71 @@ def _reg_share(loss, reg) -> float:
     return float(np.median(reg[keep] / loss[keep])) if keep.any() else float("nan")
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Summary of one run's rows: what the tables and the verdict are made of.
+def _largest_jump(loss: np.ndarray, steps) -> tuple[float, int | None]:
+    """The largest rise of the loss between consecutive finite losses (across any non-finite
+    steps between them), and the later step; (NaN, None) when the loss never rises."""
+    at = np.flatnonzero(np.isfinite(loss))
+    if at.size < 2:
+        return float("nan"), None
+    rises = np.diff(loss[at])
+    k = int(np.argmax(rises))
+    if not rises[k] > 0:
+        return float("nan"), None
+    return float(rises[k]), int(steps[at[k + 1]])
 
-    Losses and norms are summarised over finite values; non-finite steps are counted apart.
-    ``final_loss`` is the mean finite loss over the last 10 % of steps (at least one step).
-    ``largest_jump`` is the largest rise of the loss from one step to the next.
+
+def final_loss(loss) -> float:
+    """The median finite loss over the last 10 % of steps (at least one): where the run ended,
+    robust to one outlier batch landing in that stretch; NaN when none of them is finite."""
+    loss = np.asarray(loss, dtype=np.float64)
+    if not loss.size:
+        return float("nan")
+    tail = max(1, int(math.ceil(loss.size * 0.1)))
+    return _stat(np.median, loss[-tail:])
+
+
+def summarize(rows: list[dict], rule=None) -> dict:
+    """Summary of one run's rows: what the tables and the findings are made of.
+
+    Losses and norms are summarised over finite values; non-finite steps are counted apart,
+    never also as spikes. ``final_loss``: see :func:`final_loss`. ``largest_jump``: see
+    :func:`_largest_jump`. Loss spikes are the run's ``loss_spike`` column; gradient spikes the
+    same rule (``rule``, default ``SpikeRule()``) on the global norm before clipping.
     """
+    from .diagnose.spikes import SpikeRule
+
     n = len(rows)
     col = {c: (rows.column(c) if isinstance(rows, RowStore) else [r.get(c, ADDED_COLUMNS.get(c)) for r in rows]) for c in COLUMNS}
     loss = np.array(col["loss"], dtype=np.float64)
     grad_norm = np.array(col["grad_norm"], dtype=np.float64)
     ratio = np.array(col["clip_ratio"], dtype=np.float64)
-    tail = max(1, int(math.ceil(n * 0.1))) if n else 0
-    with np.errstate(invalid="ignore"):  # inf - inf next to a non-finite step: left out below
-        jumps = np.diff(loss) if n > 1 else np.array([])
-    finite_jumps = np.where(np.isfinite(jumps), jumps, -np.inf)
-    jump_at = int(np.argmax(finite_jumps)) if finite_jumps.size and np.isfinite(finite_jumps.max()) else None
+    jump, jump_step = _largest_jump(loss, col["step"])
+    bad_input = [bool(v) for v in col["nonfinite_input"]]
+    loss_spike = [bool(v) and math.isfinite(x) for v, x in zip(col["loss_spike"], loss)]  # files of 0.2 marked NaN too
+    grad_spike = (rule or SpikeRule()).mark(grad_norm)
+    overflow = [bool(v) for v in col["overflow"]]
+    grad_spike = [g and not o for g, o in zip(grad_spike, overflow)]
     return {
         "steps": n,
         "loss_first": float(loss[0]) if n else float("nan"),
         "loss_last": float(loss[-1]) if n else float("nan"),
-        "final_loss": _stat(np.mean, loss[-tail:]) if n else float("nan"),
+        "final_loss": final_loss(loss),
         "best_loss": _stat(np.min, loss),
-        "largest_jump": float(finite_jumps[jump_at]) if jump_at is not None else float("nan"),
-        "largest_jump_step": int(col["step"][jump_at + 1]) if jump_at is not None else None,
-        "spikes": int(sum(bool(v) for v in col["loss_spike"])),
-        "spike_steps": [int(step) for step, spike in zip(col["step"], col["loss_spike"]) if spike],
-        "spike_steps_clean": [int(step) for step, spike, bad in zip(col["step"], col["loss_spike"], col["nonfinite_input"])
-                              if spike and not bad],
+        "largest_jump": jump,
+        "largest_jump_step": jump_step,
+        "loss_spikes": sum(loss_spike),
+        "spike_steps": [int(step) for step, spike in zip(col["step"], loss_spike) if spike],
+        "spike_steps_clean": [int(step) for step, spike, bad in zip(col["step"], loss_spike, bad_input) if spike and not bad],
+        "grad_spikes": sum(grad_spike),
+        "grad_spike_steps": [int(step) for step, spike in zip(col["step"], grad_spike) if spike],
         "nonfinite": int(sum(bool(v) for v in col["nonfinite"])),
-        "overflow": int(sum(bool(v) for v in col["overflow"])),
+        "nonfinite_steps": [int(step) for step, v in zip(col["step"], col["nonfinite"]) if v],
+        "overflow": sum(overflow),
         "reg_share": _reg_share(col["loss"], col["reg_loss"]),
         # steps whose batch held non-finite input data, and the non-finite / spike steps among them
-        "bad_input_steps": int(sum(bool(v) for v in col["nonfinite_input"])),
-        "nonfinite_from_data": int(sum(bool(a) and bool(b) for a, b in zip(col["nonfinite"], col["nonfinite_input"]))),
-        "spikes_from_data": int(sum(bool(a) and bool(b) for a, b in zip(col["loss_spike"], col["nonfinite_input"]))),
+        "bad_input_steps": sum(bad_input),
+        "nonfinite_from_data": int(sum(bool(a) and b for a, b in zip(col["nonfinite"], bad_input))),
+        "spikes_from_data": int(sum(a and b for a, b in zip(loss_spike, bad_input))),
         "pct_clipped": 100.0 * sum(bool(v) for v in col["clipped"]) / n if n else float("nan"),
         "mean_clip_ratio": _stat(np.mean, ratio),
         "grad_norm_median": _stat(np.median, grad_norm),
@@ -230,22 +261,24 @@ def _header(path: Path) -> list[str] | None:
 
 def is_summary_csv(path: str | os.PathLike) -> bool:
     """Is this the one-row-per-variant file of `compare --summary-csv` (rather than per-step rows)?"""
-    header = _header(Path(path)) or []
-    return "step" not in header and all(c in header for c in SUMMARY_COLUMNS)
+    header = [RENAMED_SUMMARY_COLUMNS.get(c, c) for c in _header(Path(path)) or []]
+    return "step" not in header and all(c in header for c in SUMMARY_COLUMNS if c != "grad_spikes")
 
 
 def read_summary(path: str | os.PathLike) -> list[dict]:
     """Read a `compare --summary-csv` file back: one dict per variant."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
-        records = list(csv.DictReader(handle))
+        records = [{RENAMED_SUMMARY_COLUMNS.get(k, k): v for k, v in r.items()} for r in csv.DictReader(handle)]
     rows = []
     for line_no, record in enumerate(records, start=2):
         try:
             row = {}
             for column in SUMMARY_COLUMNS + META_COLUMNS:
                 text = record.get(column) or ""
-                if column in SUMMARY_INT_COLUMNS:
+                if column == "grad_spikes" and not text:  # a summary file of 0.2
+                    row[column] = None
+                elif column in SUMMARY_INT_COLUMNS:
                     row[column] = int(text)
                 elif column in ("clip", "param") or column in META_COLUMNS:
                     row[column] = _parse(column, text)

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from .diagnose.findings import COMPARISON_CODES, Finding, fmt, who
 from .records import META_COLUMNS, SUMMARY_COLUMNS, summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -31,6 +32,7 @@ class Variant:
     meta: dict = field(default_factory=dict)  # records.META_COLUMNS: model, data, optimizer, loss_fn
     given_summary: dict | None = None  # read from a --summary-csv file, which has no rows
     layers: object = None  # diagnose.LayerWatch, when per-variable norms were recorded
+    rule: object = None  # the run's diagnose.spikes.SpikeRule (None: the default rule)
 
     @property
     def label(self) -> str:
@@ -52,32 +54,21 @@ class Variant:
         if self.given_summary is not None:
             return self.given_summary
         if not hasattr(self, "_summary"):
-            self._summary = summarize(self.rows)
+            self._summary = summarize(self.rows, self.rule)
         return self._summary
-
-
-def fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def sparkline(values, width: int = 24) -> str:
     """Loss per step in `width` characters: each the highest loss of its stretch of steps
-    (so spikes show), `!` where a stretch holds a non-finite loss."""
+    (so spikes show), scaled from the series' lowest loss (▁) to its highest (█) at every width;
+    `!` where a stretch holds a non-finite loss."""
     values = list(values)
     if not values:
         return ""
     width = min(width, len(values))
     buckets = [values[i * len(values) // width : (i + 1) * len(values) // width] for i in range(width)]
     peaks = [max(b) if all(math.isfinite(v) for v in b) else math.nan for b in buckets]
-    finite = [p for p in peaks if math.isfinite(p)]
+    finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "!" * width
     low, high = min(finite), max(finite)
@@ -103,9 +94,10 @@ def run_table(summary: dict, title: str = "") -> Table:
         "grad norm median / p95 / max",
         f"{fmt(summary['grad_norm_median'])} / {fmt(summary['grad_norm_p95'])} / {fmt(summary['grad_norm_max'])}",
     )
-    table.add_row("steps clipped", f"{summary['pct_clipped']:.1f} %")
+    table.add_row("steps clipped (non-finite ones never are)", f"{summary['pct_clipped']:.1f} %")
     table.add_row("mean clip ratio", fmt(summary["mean_clip_ratio"], 3))
-    table.add_row("loss spikes", str(summary["spikes"]))
+    table.add_row("loss spikes", str(summary["loss_spikes"]))
+    table.add_row("gradient spikes", str(summary["grad_spikes"]))
     table.add_row("non-finite steps", str(summary["nonfinite"]))
     if summary.get("overflow"):
         table.add_row("float16 overflow steps (skipped, scale halved)", str(summary["overflow"]))
@@ -116,61 +108,26 @@ def run_table(summary: dict, title: str = "") -> Table:
     return table
 
 
-def jump_sentence(summary: dict) -> str:
-    """Is the loss jumping? One sentence citing the numbers.
-
-    Steps whose batch held non-finite input data (``--allow-nonfinite-data``) are the data's
-    doing, not the training's: they are named apart and do not make the loss "jumping".
-    """
-    spikes, nonfinite = summary["spikes"], summary["nonfinite"]
-    from_data = _data_sentence(summary)
-    if from_data:
-        spikes -= summary.get("spikes_from_data", 0)
-        nonfinite -= summary.get("nonfinite_from_data", 0)
-        if spikes == 0 and nonfinite == 0:
-            return f"loss is stable apart from the input data: {from_data}"
-        spike_steps = summary.get("spike_steps_clean", summary["spike_steps"])
-        return _jumping(spikes, nonfinite, spike_steps, summary) + f"; besides, {from_data}"
-    if spikes == 0 and nonfinite == 0:
-        return "loss is stable: no spikes, no non-finite steps"
-    return _jumping(spikes, nonfinite, summary["spike_steps"], summary)
+SHOWN_KINDS = ("problem", "warning")  # what the verdict shows of a clipped variant in a comparison (and clip_never_binds)
 
 
-def _data_sentence(summary: dict) -> str:
-    bad = summary.get("bad_input_steps", 0)
-    if not bad:
-        return ""
-    n = summary.get("nonfinite_from_data", 0)
-    return (
-        f"{bad} step{'s' * (bad != 1)} trained on batches with NaN/inf input values, "
-        f"{n} of them non-finite: the data, not the training, produced {'them' if n != 1 else 'it'}"
-    )
+def verdict_lines(findings: list[Finding], single: bool = True) -> list[str]:
+    """The verdict under a table, one line per finding: its message, then its code in brackets
+    (the code --fail-on and --findings use). A comparison names each line's variant and shows,
+    of the clipped variants, their problems and warnings; --findings holds every finding."""
+    def line(f: Finding) -> str:
+        name = "" if single or not f.variant or f.code in COMPARISON_CODES else (
+            "unclipped" if f.variant == "none" else f.variant) + ": "
+        text = name + f.message
+        return f"{text[0].upper()}{text[1:]}. [{f.code}]"
 
-
-def _jumping(spikes: int, nonfinite: int, spike_steps: list, summary: dict) -> str:
-    parts = [f"{spikes} spike{'s' * (spikes != 1)}"]
-    if spike_steps:
-        parts[0] += f" (first at step {spike_steps[0]})"
-    if nonfinite:
-        parts.append(f"{nonfinite} non-finite step{'s' * (nonfinite != 1)}")
-    if summary["largest_jump_step"] is not None and summary["largest_jump"] > 0:
-        parts.append(f"largest jump +{fmt(summary['largest_jump'])} at step {summary['largest_jump_step']}")
-    return "loss is jumping: " + ", ".join(parts)
-
-
-def clip_sentence(summary: dict) -> str:
-    """Was clipping active? Made from the rows alone, so a saved CSV reads like the live run."""
-    if summary["pct_clipped"] == 0:
-        return f"no step was clipped (grad norm max {fmt(summary['grad_norm_max'])})"
-    return (
-        f"clipping was active on {summary['pct_clipped']:.0f}% of steps "
-        f"(grad norm median {fmt(summary['grad_norm_median'])}, mean clip ratio {fmt(summary['mean_clip_ratio'], 3)})"
-    )
-
-
-def run_verdict(summary: dict) -> str:
-    sentence = jump_sentence(summary)
-    return f"Verdict: {sentence[0].upper()}{sentence[1:]}; {clip_sentence(summary)}."
+    if single:
+        return ["Verdict:"] + ["  " + line(f) for f in findings]
+    overall = [f for f in findings if f.code in COMPARISON_CODES or not f.variant]
+    base = [f for f in findings if f.variant == "none" and f not in overall]
+    others = [f for f in findings if f.variant and f.variant != "none" and f not in overall
+              and (f.kind in SHOWN_KINDS or f.code == "clip_never_binds")]
+    return ["Verdict:"] + ["  " + line(f) for f in base + overall + others]
 
 
 # --- comparisons ------------------------------------------------------------------------------
@@ -189,7 +146,7 @@ def summary_rows(variants: list[Variant]) -> list[dict]:
 
 
 COMPARE_HEADERS = [
-    ("variant", "left"), ("final loss", "right"), ("best", "right"), ("spikes", "right"),
+    ("variant", "left"), ("final loss", "right"), ("best", "right"), ("loss spikes", "right"), ("grad spikes", "right"),
     ("largest jump", "right"), ("nonfinite", "right"), ("% clipped", "right"), ("clip ratio", "right"),
     ("grad norm med", "right"), ("p95", "right"), ("max", "right"), ("wall s", "right"),
 ]
@@ -200,7 +157,7 @@ def compare_cells(v: Variant) -> list[str]:
     s = v.summary
     return [
         escape(v.shown_label), fmt(s["final_loss"]) if math.isfinite(s["final_loss"]) else "diverged",
-        fmt(s["best_loss"]), str(s["spikes"]), fmt(s["largest_jump"]), str(s["nonfinite"]),
+        fmt(s["best_loss"]), str(s["loss_spikes"]), fmt(s["grad_spikes"]), fmt(s["largest_jump"]), str(s["nonfinite"]),
         f"{s['pct_clipped']:.1f}", fmt(s["mean_clip_ratio"], 3), fmt(s["grad_norm_median"]),
         fmt(s["grad_norm_p95"]), fmt(s["grad_norm_max"]), f"{s['wall_s']:.1f}",
     ]
@@ -237,10 +194,13 @@ def print_compare(console, variants: list[Variant], title: str) -> None:
     def natural_width(table) -> int:  # what it needs, not what the console would squeeze it to
         return Measurement.get(console, console.options.update_width(1_000_000), table).maximum
 
-    for spark in (24, 12, 0) if all(v.rows for v in variants) else (0,):
+    sparks = all(v.rows for v in variants)
+    for spark in (24, 12, 0) if sparks else (0,):
         table = compare_table(variants, title, spark)
         if natural_width(table) <= console.width:
             console.print(table)
+            if sparks and not spark:
+                console.print(loss_lines(variants, console.width))
             return
     groups, group = [], []
     for v in variants:
@@ -254,10 +214,27 @@ def print_compare(console, variants: list[Variant], title: str) -> None:
         part = f" ({k + 1}/{len(groups)})" if len(groups) > 1 else ""
         console.print(escape(title + part), style="italic")  # a line of its own: the narrow table would wrap it
         console.print(stacked_compare_table(group, ""))
+    if sparks:
+        console.print(loss_lines(variants, console.width))
+
+
+def loss_lines(variants: list[Variant], width: int) -> Table:
+    """The loss sparklines alone, one line per variant, as wide as the terminal allows (at most
+    48): the picture of a table too wide to carry it."""
+    label = max(len(v.shown_label) for v in variants)
+    spark = max(8, min(48, width - label - 7))
+    table = Table(title="loss per step (each character the highest loss of its steps; ▁ lowest, █ highest)",
+                  title_justify="left", show_header=False, box=None)
+    table.add_column("variant", no_wrap=True)
+    table.add_column("loss", no_wrap=True)
+    for v in variants:
+        table.add_row(escape(v.shown_label), sparkline([r["loss"] for r in v.rows], spark))
+    return table
 
 
 def instability(summary: dict) -> int:
-    return summary["spikes"] + summary["nonfinite"]
+    """Loss spikes + non-finite steps: each step counted once (a non-finite step is no spike)."""
+    return summary["loss_spikes"] + summary["nonfinite"]
 
 
 def _final(summary: dict) -> float:
@@ -285,28 +262,54 @@ def clearly_lower(a: float, b: float) -> bool:
 
 
 def best_variant(variants: list[Variant]) -> Variant:
-    """Fewest spikes + non-finite steps; among those, the lowest final loss."""
+    """Fewest loss spikes + non-finite steps; among those, the lowest final loss."""
     return min(variants, key=lambda v: (instability(v.summary), _final(v.summary)))
 
 
-def compare_verdict(variants: list[Variant]) -> list[str]:
-    """Sentences under the comparison table: does the baseline jump, and is any variant clearly better.
+def _codes(found: list[Finding], v: Variant) -> set:
+    return {f.code for f in found if f.variant == v.label}
+
+
+def _calm(found: list[Finding], v: Variant) -> bool:
+    return not _codes(found, v) & {"loss_spikes", "nonfinite", "diverged", "spikes_from_data"}
+
+
+def compare_decision(variants: list[Variant], found: list[Finding], data=None) -> list[Finding]:
+    """The comparison's findings, from its variants' own (``found``).
 
     The rule (also in the README): a variant is clearly better than unclipped when it does not
-    end worse (its final loss is not higher by more than 1 %) and either jumps less (fewer spikes
-    + non-finite steps) or, as stable, ends lower by more than 1 %. Among those, the one with
-    the fewest jumps, then the lowest final loss, is named. Otherwise no variant is recommended.
+    end worse (its final loss, the median of the last 10 % of steps, is not higher by more than
+    1 %) and either jumps less (fewer loss spikes + non-finite steps) or, as stable, ends lower by
+    more than 1 %. Among those, one whose clipping is not a learning-rate cut (clip_always_binds)
+    is preferred; then the fewest jumps, then the lowest final loss (``recommended``). When every
+    variant jumps: ``no_variant_calm``, with ``spikes_from_data`` when the same steps spike in all.
     """
-    lines = []
+    from .diagnose.findings import recurring_finding
+
+    out = []
     baseline = next((v for v in variants if v.is_baseline), None)
-    if baseline is not None:
-        b = baseline.summary
-        lines.append(f"Unclipped: {jump_sentence(b)}; final loss {final_text(b)}.")
     clipped = [v for v in variants if not v.is_baseline] or variants
+    if not any(_calm(found, v) for v in variants):
+        common = sorted(set.intersection(*(set(v.summary["spike_steps_clean"]) for v in variants)))
+        why = ""
+        if common:
+            steps = {"kind": "every variant", "steps": common, "positions": [], "rows": []}
+            if data is not None:
+                from .diagnose.findings import rank_rows
+
+                rows = sorted({k for t in common for k in data.rows_of_step(t).tolist()})
+                steps["rows"] = rank_rows(data, rows)
+            out.append(recurring_finding("", steps, "come at the same steps in every variant, clipped or not"))
+            why = f"; {len(common)} loss spike{'s' * (len(common) != 1)} come at the same steps in all of them (spikes_from_data)"
+        counts = ", ".join(f"{who(v)} {instability(v.summary)}" for v in variants)
+        out.append(Finding("no_variant_calm", "", f"no variant is calm: each has loss spikes, non-finite steps or "
+                           f"diverged (loss spikes + non-finite steps: {counts}){why}", tuple(common),
+                           {"instability": {v.label: instability(v.summary) for v in variants}}))
     if baseline is None:
         best = best_variant(clipped)
-        lines.append(f"Most stable: {best.label} ({_reason(best.summary)}).")
-        return lines
+        out.append(Finding("no_clear_winner", "", f"most stable of these: {best.label} ({_reason(best.summary)})",
+                           (), {"variant": best.label}))
+        return out
     b = baseline.summary
 
     def clearly_better(v: Variant) -> bool:
@@ -317,33 +320,41 @@ def compare_verdict(variants: list[Variant]) -> list[str]:
 
     better = [v for v in clipped if clearly_better(v)]
     if better:
-        best = best_variant(better)
+        honest = [v for v in better if "clip_always_binds" not in _codes(found, v)]
+        best = best_variant(honest or better)
         s = best.summary
         if instability(s) == 0:
             how = "calms the loss" if instability(b) else "ends lower, as stable"
         else:
-            how = f"jumps less ({instability(s)} spikes/non-finite steps against {instability(b)})"
-        lines.append(f"Most stable: {best.label} {how} ({_reason(s)}; unclipped {final_text(b)}).")
-        lines += _keras_form(best)
-        return lines
+            how = f"jumps less ({instability(s)} loss spikes + non-finite steps against {instability(b)})"
+        cut = ""
+        if "clip_always_binds" in _codes(found, best):
+            cut = "; but it clips nearly every step, so its calm is a learning-rate cut (clip_always_binds)"
+        out.append(Finding("recommended", best.label,
+                           f"recommended: {best.label} {how} ({_reason(s)}; unclipped {final_text(b)}){cut}", (),
+                           {"variant": best.label, "final_loss": s["final_loss"], "baseline_final_loss": b["final_loss"],
+                            "instability": instability(s), "baseline_instability": instability(b),
+                            "pct_clipped": s["pct_clipped"]}))
+        out += _keras_form(best)
+        return out
     pick = best_variant(clipped)
     s = pick.summary
     if instability(b) == 0 and clearly_lower(_final(b), _final(s)):
-        lines.append(
-            f"The unclipped run does not jump, and clipping slows progress here: best clipped variant "
-            f"{pick.label} ends at {final_text(s)} against {final_text(b)} unclipped."
-        )
+        out.append(Finding("clipping_slows", "",
+                           f"unclipped does not jump, and clipping slows progress here: the best clipped variant, "
+                           f"{pick.label}, ends at {final_text(s)} against {final_text(b)} unclipped", (),
+                           {"variant": pick.label, "final_loss": s["final_loss"], "baseline_final_loss": b["final_loss"]}))
     elif instability(s) < instability(b):
-        lines.append(
-            f"No variant is clearly better: {pick.label} jumps less ({instability(s)} against {instability(b)}) "
-            f"but ends worse ({final_text(s)} against {final_text(b)} unclipped)."
-        )
+        out.append(Finding("no_clear_winner", "",
+                           f"no variant is clearly better: {pick.label} jumps less ({instability(s)} against "
+                           f"{instability(b)}) but ends worse ({final_text(s)} against {final_text(b)} unclipped)", (),
+                           {"variant": pick.label}))
     else:
-        lines.append(
-            f"No variant is clearly better than unclipped: none jumps less, and none ends more than "
-            f"{FINAL_LOSS_MARGIN:.0%} lower (best final loss {final_text(s)}, {pick.label}; unclipped {final_text(b)})."
-        )
-    return lines
+        out.append(Finding("no_clear_winner", "",
+                           f"no variant is clearly better than unclipped: none jumps less, and none ends more than "
+                           f"{FINAL_LOSS_MARGIN:.0%} lower (best final loss {final_text(s)}, {pick.label}; unclipped "
+                           f"{final_text(b)})", (), {"variant": pick.label}))
+    return out
 
 
 def calmest(results):
@@ -352,18 +363,23 @@ def calmest(results):
     return results[shown.index(best_variant(shown))]
 
 
-def _keras_form(v: Variant) -> list[str]:
+def _keras_form(v: Variant) -> list[Finding]:
     """The recommended threshold as the user types it into Keras, where that is another number."""
     from .diagnose.suggest import keras_sentence, keras_threshold
 
     if v.clip not in ("global", "norm") or v.param is None or not v.rows:
         return []
     keras = keras_threshold(v.rows, v.param, sparse_norm=v.meta.get("sparse_norm") or None)
-    return [] if keras is None else [keras_sentence(v.param, keras, v.clip)]
+    if keras is None:
+        return []
+    sentence = keras_sentence(v.param, keras, v.clip)
+    return [Finding("keras_threshold", v.label, sentence[0].lower() + sentence[1:].rstrip("."), (),
+                    {"threshold": v.param, "keras": keras})]
 
 
 def _reason(s: dict) -> str:
-    return (f"{s['spikes']} spike{'s' * (s['spikes'] != 1)}, {s['nonfinite']} non-finite, "
+    spikes = s["loss_spikes"]
+    return (f"{spikes} loss spike{'s' * (spikes != 1)}, {s['nonfinite']} non-finite, "
             f"final loss {final_text(s)}, clipped on {s['pct_clipped']:.0f}% of steps")
 
 
@@ -417,39 +433,65 @@ def _heat_map(fig, ax, variant: Variant) -> None:
         ax.scatter([s.step for s in watch.spikes], [1.02] * len(watch.spikes), marker="v", color="red", s=18,
                    clip_on=False, transform=ax.get_xaxis_transform(), zorder=3)
     total = len(watch.by_layer())
-    ax.set_title(f"gradient norm per layer, {variant.label} (log colour; ▼: spike; red: non-finite)", pad=14)
+    ax.set_title(f"gradient norm per layer, {variant.label} (log colour; ▼: spike or non-finite step; red: non-finite)", pad=14)
     if total > len(layers):
         ax.set_ylabel(f"{len(layers)} of {total} layers: each spike's top layer, then the largest shares", fontsize="small")
     fig.colorbar(mesh, cax=ax.inset_axes([1.01, 0.0, 0.015, 1.0]), label="grad norm")  # keeps the x axis aligned
 
 
-def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "png") -> None:
+def heat_variants(variants: list[Variant], found: list[Finding] | None = None) -> list[Variant]:
+    """The variants whose per-layer heat maps a picture shows: a run's own; in a comparison the
+    chosen variant (recommended, else the calmest) and the worst one that did not diverge (a
+    diverged variant's map is one block of non-finite cells), each once."""
+    watched = [v for v in variants if v.layers is not None]
+    if len(watched) <= 1:
+        return watched
+    found = found if found is not None else []
+    diverged = {f.variant for f in found if f.code == "diverged"}
+    chosen_label = next((f.variant for f in found if f.code == "recommended"), None)
+    chosen = next((v for v in watched if v.label == chosen_label), None) or best_variant(watched)
+    alive = [v for v in watched if v.label not in diverged] or watched
+    worst = max(alive, key=lambda v: (instability(v.summary), v.is_baseline))
+    return [chosen] if worst is chosen else [worst, chosen]
+
+
+def _same_losses(a: Variant, b: Variant) -> bool:
+    la, lb = [r["loss"] for r in a.rows], [r["loss"] for r in b.rows]
+    return len(la) == len(lb) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(la, lb))
+
+
+def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "png", found=None) -> None:
     """Loss per step (spikes marked, non-finite steps marked on the top edge), grad norm before
-    clipping on a log scale with each global-norm threshold as a line, and the fraction of steps
-    clipped (rolling over 20 steps). A diverging run (loss to 1e35) would flatten the others:
-    the loss axis then stops at LOSS_AXIS_SPAN x the highest median loss, and says so."""
+    clipping on a log scale with each global-norm threshold as a line, the fraction of steps
+    clipped (rolling over 20 steps), and the per-layer heat maps of :func:`heat_variants`.
+
+    Every variant stays visible: earlier variants are drawn wider, so one drawn over an identical
+    one still shows both, and the legend says which are identical. A diverging variant (loss to
+    1e35, finite or not) would flatten the others: the loss axis then stops just above the
+    highest loss of the variants that did not diverge, and says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    watched = next((v for v in variants if v.layers is not None and v.is_baseline), None) or next(
-        (v for v in variants if v.layers is not None), None)
-    if watched is None:
-        fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
-    else:
-        shown = len(heat_layers(watched.layers))
-        heat_height = 1.2 + 0.25 * shown
-        fig, axes = plt.subplots(4, 1, figsize=(10, 9 + heat_height), sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 2, 1, heat_height]})
+    from .diagnose.findings import _diverged
+
+    watched = heat_variants(variants, found)
+    heights = [1.2 + 0.25 * len(heat_layers(v.layers)) for v in watched]
+    fig, axes = plt.subplots(3 + len(watched), 1, figsize=(10, 9 + sum(heights)), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 2, 1] + heights})
     if title:
         fig.suptitle(title, fontsize="medium")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n = len(variants)
     for i, v in enumerate(variants):
         color = colors[i % len(colors)]
+        width = 1.0 + 2.0 * (n - 1 - i) / max(n - 1, 1)  # the first widest: a later identical line shows inside it
+        twin = next((u for u in variants[:i] if _same_losses(u, v)), None)
+        label = v.label + (f" (= {twin.label})" if twin is not None else "")
         steps = [r["step"] for r in v.rows]
         loss = [r["loss"] if math.isfinite(r["loss"]) else math.nan for r in v.rows]
-        axes[0].plot(steps, loss, color=color, lw=1, label=v.label)
+        axes[0].plot(steps, loss, color=color, lw=width, label=label, ls="--" if twin is not None else "-")
         spikes = [(r["step"], r["loss"]) for r in v.rows if r["loss_spike"] and math.isfinite(r["loss"])]
         if spikes:
             axes[0].scatter(*zip(*spikes), color=color, marker="x", s=30, zorder=3)
@@ -458,7 +500,7 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
             axes[0].scatter(broken, [0.97] * len(broken), color=color, marker="v", s=25, zorder=3,
                             transform=axes[0].get_xaxis_transform(), clip_on=False)
         norms = [r["grad_norm"] if math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 else math.nan for r in v.rows]
-        axes[1].plot(steps, norms, color=color, lw=1)
+        axes[1].plot(steps, norms, color=color, lw=width)
         if v.clip in GLOBAL_NORM_STRATEGIES:  # thresholds on the global-norm axis (fixed or moving)
             limits = [r.get("threshold", math.nan) for r in v.rows]
             axes[1].plot(steps, [t if math.isfinite(t) and t > 0 else math.nan for t in limits],
@@ -466,20 +508,29 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
         window = 20
         flags = [1.0 if r["clipped"] else 0.0 for r in v.rows]
         rolling = [sum(flags[max(0, k - window + 1) : k + 1]) / len(flags[max(0, k - window + 1) : k + 1]) for k in range(len(flags))]
-        axes[2].plot(steps, rolling, color=color, lw=1)
+        axes[2].plot(steps, rolling, color=color, lw=width)
     finite_losses = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
-    if finite_losses and min(finite_losses) > 0 and max(finite_losses) / min(finite_losses) > 10:
-        axes[0].set_yscale("log")  # a diverged baseline would flatten the clipped curves
-    medians = [statistics.median_high(finite) for v in variants
-               if (finite := [r["loss"] for r in v.rows if math.isfinite(r["loss"])])]
-    medians = [m for m in medians if m > 0]
-    if finite_losses and medians and max(finite_losses) > LOSS_AXIS_SPAN * max(medians):
-        top = LOSS_AXIS_SPAN * max(medians)
+    calm = [v for v in variants if not _diverged(v.summary)]
+    calm_losses = [r["loss"] for v in calm for r in v.rows if math.isfinite(r["loss"])]
+    shown = calm_losses if calm and calm_losses else finite_losses
+    if shown and min(shown) > 0 and max(shown) / min(shown) > 10:
+        axes[0].set_yscale("log")  # a jumping baseline would flatten the clipped curves
+    top = None
+    if calm_losses and len(calm) < len(variants) and finite_losses and max(finite_losses) > max(calm_losses):
+        high = max(calm_losses)
+        top = high * (3.0 if axes[0].get_yscale() == "log" else 1.1) if high > 0 else high + 1.0
+    elif finite_losses:
+        medians = [statistics.median_high(finite) for v in variants
+                   if (finite := [r["loss"] for r in v.rows if math.isfinite(r["loss"])])]
+        medians = [m for m in medians if m > 0]
+        if medians and max(finite_losses) > LOSS_AXIS_SPAN * max(medians):
+            top = LOSS_AXIS_SPAN * max(medians)
+    if top is not None:
         axes[0].set_ylim(top=top)
         axes[0].text(0.01, 0.02, f"axis cut at {top:.3g}; the loss reaches {max(finite_losses):.3g}",
                      transform=axes[0].transAxes, va="bottom", fontsize="small")
     axes[0].set_ylabel("loss")
-    axes[0].set_title("loss per step (x: spike, ▼: non-finite step)")
+    axes[0].set_title("loss per step (x: loss spike, ▼: non-finite step)")
     axes[0].legend(loc="upper right", fontsize="small")
     axes[1].set_yscale("log")
     axes[1].set_ylabel("grad norm (before clipping)")
@@ -488,9 +539,8 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
     axes[2].set_ylim(-0.05, 1.05)
     axes[2].set_title("fraction of steps clipped (last 20 steps)")
     axes[-1].set_xlabel("step")
-    if watched is not None:
-        _heat_map(fig, axes[3], watched)
+    for ax, v in zip(axes[3:], watched):
+        _heat_map(fig, ax, v)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 if title else 0.0) / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=100, format=fmt_name)
     plt.close(fig)
-

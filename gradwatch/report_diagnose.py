@@ -9,8 +9,9 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from .diagnose.attribution import RATIO_FLAG
 from .report import fmt, sparkline
+
+SPIKES_TITLE = "Loss spikes, gradient spikes and non-finite steps: what drove them"
 
 SPIKES_SHOWN = 10  # spikes listed per run; the rest are counted
 LAYERS_SHOWN = 12  # layers listed, by share of the norm²
@@ -22,21 +23,26 @@ def _driver(name: str, share: float, ratio: float) -> str:
     return f"{name} {share_text}{ratio_text}"
 
 
-def spikes_table(watch, title: str = "Spikes and what drove them", limit: int = SPIKES_SHOWN) -> Table | None:
-    """Step, kind, the jump, and the variables with the largest share of that step's norm²."""
+def spikes_table(watch, title: str = SPIKES_TITLE, limit: int = SPIKES_SHOWN) -> Table | None:
+    """Step, kind (loss spike, gradient spike, both, non-finite), the jump against the median it
+    rose above, and the variables with the largest share of that step's norm²."""
     if not watch.spikes:
         return None
     shown = watch.spikes[:limit]
     more = len(watch.spikes) - len(shown)
-    caption = (f"the first {len(shown)} of {len(watch.spikes)} spikes; --layers-csv records every step of every variable"
-               if more else None)
+    counts = {}
+    for spike in watch.spikes:
+        counts[spike.kind] = counts.get(spike.kind, 0) + 1
+    listed = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    caption = (f"the first {len(shown)} of {len(watch.spikes)} steps ({listed}); --layers-csv records every step of "
+               "every variable" if more else None)
     table = Table(title=escape(title), caption=caption, header_style="bold", title_justify="left")
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("kind", no_wrap=True)
-    table.add_column("jump", overflow="fold")
+    table.add_column("this step (× the median it rose above)", overflow="fold")
     table.add_column("drove it: share of the norm² (× its own median norm)", overflow="fold")
     for spike in shown:
-        table.add_row(str(spike.step), "+".join(spike.kinds), escape(spike.jump),
+        table.add_row(str(spike.step), spike.kind, escape(spike.jump),
                       escape(", ".join(_driver(*t) for t in spike.top)))
     return table
 
@@ -66,15 +72,6 @@ def layers_table(watch, title: str = "Gradient norm per layer", spark: int = 24)
     return table
 
 
-def ratio_lines(watch) -> list[str]:
-    """One sentence per variable whose updates are far larger, for its size, than the others'."""
-    return [
-        f"Update/weight: {name} changes by {ratio:.3g} of its norm per step, more than {RATIO_FLAG:g}× the median "
-        f"{median:.3g} of its kind; its learning rate may be too high."
-        for name, ratio, median in watch.flagged()
-    ]
-
-
 def print_section(console, variants) -> None:
     """Under the summary of a run or comparison (report.Variant with ``layers``): each run's
     spikes and what drove them, flagged update ratios, then the per-layer table of the
@@ -84,7 +81,8 @@ def print_section(console, variants) -> None:
         return
     single = len(variants) == 1
     for v in with_layers:
-        print_diagnosis(console, v.layers, "" if single else v.label, SPIKES_SHOWN if single else SPIKES_SHOWN // 2)
+        name = "" if single else ("unclipped (none)" if v.is_baseline else v.label)
+        print_diagnosis(console, v.layers, name, SPIKES_SHOWN if single else SPIKES_SHOWN // 2)
     base = next((v for v in with_layers if v.is_baseline), with_layers[0])
     title = "Gradient norm per layer" + ("" if single else f": {base.label}")
     for spark in (24, 12, 0):  # the sparkline shrinks before a name or number would wrap
@@ -95,12 +93,11 @@ def print_section(console, variants) -> None:
 
 
 def print_diagnosis(console, watch, name: str = "", limit: int = SPIKES_SHOWN) -> None:
-    """The spikes and the update ratios of one run (``name``: the variant, in a comparison)."""
-    suffix = f": {name}" if name else ""
-    table = spikes_table(watch, f"Spikes and what drove them{suffix}", limit)
+    """The spikes of one run and what drove them (``name``: the variant, in a comparison); the
+    update/weight flags are findings (update_too_large), in the verdict."""
+    suffix = f", {name}" if name else ""
+    table = spikes_table(watch, f"{SPIKES_TITLE}{suffix}", limit)
     if table is not None:
         console.print(table)
     else:
-        console.print(escape(f"Spikes and what drove them{suffix}: no loss or gradient spike."))
-    for line in ratio_lines(watch):
-        console.print(escape(line))
+        console.print(escape(f"No loss spike, gradient spike or non-finite step{' in ' + name if name else ''}."))

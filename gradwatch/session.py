@@ -21,6 +21,7 @@ DEFAULTS = {
     "checkpoint_every": 100,
     "spike_factor": 2.0,
     "spike_window": 20,
+    "spike_floor": 0.01,
     "from_logits": False,
     "allow_nonfinite_data": False,
     "strategy": "none",
@@ -65,6 +66,7 @@ class RunSpec:
     xla: bool | None = None
     spike_factor: float | None = None
     spike_window: int | None = None
+    spike_floor: float | None = None  # the spike rule's absolute floor, a fraction of the loss's largest magnitude
     allow_nonfinite_data: bool | None = None
     strategy: str | None = None  # tf.distribute: none, mirrored or multiworker (distribute.STRATEGIES)
     cpu_devices: int | None = None  # split the CPU into N logical devices (mirrored without GPUs)
@@ -137,7 +139,7 @@ def _prepare(spec: RunSpec, distribution):
     from .objective import make_loss, parse_opt_args
     from .train.loop import TrainOptions, Trainer
 
-    spike_rule = SpikeRule(factor=spec.spike_factor, window=spec.spike_window)
+    spike_rule = SpikeRule(factor=spec.spike_factor, window=spec.spike_window, floor=spec.spike_floor)
     import keras
 
     # Keras layers draw their random streams (Dropout's masks, ...) from seeds set when the model is

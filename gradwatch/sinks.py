@@ -250,7 +250,9 @@ def _json_value(value):
     return value
 
 
-def rows_to_json(rows: list[dict], columns: list[str]) -> str:
-    return json.dumps([{c: _json_value(r[c]) for c in columns} for r in rows], indent=1)
+def rows_to_json(rows: list[dict], columns: list[str], findings: list[dict] | None = None) -> str:
+    """The rows as a JSON list; with ``findings``, ``{"rows": [...], "findings": [...]}``."""
+    records = [{c: _json_value(r[c]) for c in columns} for r in rows]
+    return json.dumps(records if findings is None else {"rows": records, "findings": findings}, indent=1)
 
 

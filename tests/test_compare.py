@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from conftest import interrupt_gradwatch, read_csv
-from gradwatch.records import SpikeRule
-from gradwatch.report import Variant, compare_verdict
+from gradwatch.diagnose.spikes import SpikeRule
+from gradwatch.diagnose.findings import findings_of
+from gradwatch.report import Variant
 
 BASE = ["--loss", "mse", "--batch-size", "16", "--steps", "10", "--lr", "0.3", "-q"]
 
@@ -48,10 +49,12 @@ def test_summary_csv_matches_pandas_recomputation(cli, keras_export_model, regre
         row = summary[(summary["clip"] == clip) & ((summary["param"] == param) | (summary["param"].isna() & pd.isna(param)))].iloc[0]
         tail = max(1, math.ceil(len(part) * 0.1))
         assert row["steps"] == len(part)
-        assert row["final_loss"] == pytest.approx(part["loss"].tail(tail).mean())
+        assert row["final_loss"] == pytest.approx(part["loss"].tail(tail).median())
         assert row["best_loss"] == pytest.approx(part["loss"].min())
-        assert row["spikes"] == part["loss_spike"].sum()
-        assert row["largest_jump"] == pytest.approx(part["loss"].diff().max())
+        assert row["loss_spikes"] == part["loss_spike"].sum()
+        assert row["grad_spikes"] == sum(SpikeRule().mark(part["grad_norm"]))
+        rise = part["loss"].diff().max()
+        assert row["largest_jump"] == pytest.approx(rise) if rise > 0 else math.isnan(row["largest_jump"])
         assert row["nonfinite"] == part["nonfinite"].sum()
         assert row["pct_clipped"] == pytest.approx(100 * part["clipped"].mean())
         assert row["mean_clip_ratio"] == pytest.approx(part["clip_ratio"].mean())
@@ -88,8 +91,7 @@ def test_report_of_a_run_csv_says_what_was_run(cli, module_model, regression_npz
     code, live, _ = cli("run", module_model, "--data", regression_npz, *BASE, "--clip", "global", "--norm", "0.5", "--csv", csv)
     code, again, err = cli("report", csv)
     assert code == 0, err
-    verdict = lambda text: next(line for line in text.splitlines() if line.startswith("Verdict:"))  # noqa: E731
-    assert verdict(live) == verdict(again)
+    assert verdict_block(live) == verdict_block(again) and len(verdict_block(live)) >= 2
     title, setup = again.splitlines()[:2]
     assert title == f"gradwatch report: run.csv: {module_model.name} on {regression_npz.name}, clip global 0.5"
     assert setup == "optimizer SGD(learning_rate=0.3); loss: mean_squared_error (--loss)"
@@ -130,6 +132,24 @@ def test_report_rejects_bad_csvs(cli, tmp_path):
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
 
 
+def verdict_block(text: str) -> list[str]:
+    """The "Verdict:" line and the finding lines under it."""
+    lines = text.splitlines()
+    start = lines.index("Verdict:")
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        block.append(line)
+    return block
+
+
+def _one(found, code, variant=None):
+    hits = [f for f in found if f.code == code and (variant is None or f.variant == variant)]
+    assert len(hits) == 1, [(f.code, f.variant) for f in found]
+    return hits[0]
+
+
 def _variant(clip, param, losses):
     spikes = SpikeRule().mark(losses)
     rows = [{"step": i + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0, "clip_ratio": 1.0,
@@ -143,18 +163,25 @@ def test_verdict_names_the_jumping_baseline_and_the_calm_variant():
     jumping = list(smooth)
     jumping[20], jumping[40] = 50.0, float("nan")
     slower = [5 * 0.99**k for k in range(60)]
-    lines = compare_verdict([_variant("none", "none", jumping), _variant("global", "1", slower),
-                             _variant("global", "5", smooth)])
-    assert lines[0].startswith("Unclipped: loss is jumping: 2 spikes")
-    assert "Most stable: global 5 calms the loss" in lines[1]
+    found = findings_of([_variant("none", "none", jumping), _variant("global", "1", slower),
+                         _variant("global", "5", smooth)])
+    # each step counted once: step 21 a loss spike, step 41 non-finite (not also a spike)
+    assert _one(found, "loss_spikes", "none").steps == (21,)
+    assert _one(found, "nonfinite", "none").steps == (41,)
+    assert _one(found, "loss_spikes", "none").message.startswith("loss is jumping: 1 loss spike (first at step 21)")
+    best = _one(found, "recommended")
+    assert best.variant == "global 5" and "global 5 calms the loss" in best.message
+    assert {f.code for f in found if f.variant == "global 5"} >= {"stable", "clip_always_binds"}
 
 
 def test_verdict_says_when_clipping_only_slows_progress():
     fast = [5 * 0.95**k for k in range(60)]
     slow = [5 * 0.99**k for k in range(60)]
-    lines = compare_verdict([_variant("none", "none", fast), _variant("global", "1", slow)])
-    assert "loss is stable" in lines[0]
-    assert "clipping slows progress" in lines[1] and "global 1" in lines[1]
+    found = findings_of([_variant("none", "none", fast), _variant("global", "1", slow)])
+    assert _one(found, "stable", "none")
+    slows = _one(found, "clipping_slows")
+    assert "clipping slows progress" in slows.message and "global 1" in slows.message
+    assert not [f for f in found if f.code == "recommended"]
 
 
 def test_verdict_never_recommends_a_run_that_ends_worse():
@@ -162,9 +189,9 @@ def test_verdict_never_recommends_a_run_that_ends_worse():
     jumpy = list(base)
     jumpy[20], jumpy[35] = 2.0, 2.5  # spikes, but it ends low
     worse = [0.6 * 0.995**k for k in range(60)]  # calm, but ends higher than unclipped
-    lines = compare_verdict([_variant("none", "none", jumpy), _variant("norm", "0.5", worse)])
-    assert "No variant is clearly better" in lines[1] and "ends worse" in lines[1]
-    assert "Most stable" not in " ".join(lines)
+    found = findings_of([_variant("none", "none", jumpy), _variant("norm", "0.5", worse)])
+    assert "ends worse" in _one(found, "no_clear_winner").message
+    assert not [f for f in found if f.code == "recommended"]
 
 
 def test_verdict_does_not_call_a_variant_with_spikes_calm():
@@ -172,19 +199,21 @@ def test_verdict_does_not_call_a_variant_with_spikes_calm():
     spiky = [1.0 * 0.99**k for k in range(60)]
     for k in range(5, 60, 7):
         spiky[k] = 5.0
-    lines = compare_verdict([_variant("none", "none", diverging), _variant("global", "1", spiky)])
-    assert "final loss diverged (non-finite)" in lines[0]
-    assert "global 1 jumps less" in lines[1] and "calms" not in lines[1]
+    found = findings_of([_variant("none", "none", diverging), _variant("global", "1", spiky)])
+    assert "no finite loss in the last 10 % of steps, from step 11" in _one(found, "diverged", "none").message
+    best = _one(found, "recommended")
+    assert "global 1 jumps less" in best.message and "calms" not in best.message
+    assert _one(found, "no_variant_calm")  # neither is calm: the comparison says so
 
 
 def test_verdict_picks_nothing_on_a_tiny_difference():
     a = [0.5 + 0.1 * 0.9**k for k in range(60)]
     b = [x - 0.001 for x in a]  # 0.2 % lower: within the 1 % margin
-    lines = compare_verdict([_variant("none", "none", a), _variant("global", "5", b)])
-    assert "No variant is clearly better than unclipped" in lines[1]
+    found = findings_of([_variant("none", "none", a), _variant("global", "5", b)])
+    assert "no variant is clearly better than unclipped" in _one(found, "no_clear_winner").message
     c = [x * 0.9 for x in a]  # 10 % lower: clearly better
-    lines = compare_verdict([_variant("none", "none", a), _variant("global", "5", c)])
-    assert "Most stable: global 5 ends lower, as stable" in lines[1]
+    found = findings_of([_variant("none", "none", a), _variant("global", "5", c)])
+    assert "recommended: global 5 ends lower, as stable" in _one(found, "recommended").message
 
 
 def test_ctrl_c_during_compare_keeps_rows_of_every_variant(keras_export_model, regression_npz, tmp_path):
@@ -302,8 +331,8 @@ def test_piped_report_takes_the_width_its_content_needs(cli, keras_export_model,
     monkeypatch.delenv("COLUMNS", raising=False)
     code, piped, _ = cli("report", long_csv)
     assert "…" not in piped
-    verdict = [line for line in piped.splitlines() if line.startswith("Unclipped:")]
-    assert verdict and verdict[0].endswith(".")  # the sentence is whole on its line
+    verdict = [line.strip() for line in piped.splitlines() if line.strip().startswith("Unclipped:")]
+    assert verdict and verdict[0].endswith("]")  # the sentence is whole on its line, its code at the end
     monkeypatch.setenv("COLUMNS", "80")
     code, narrow, _ = cli("report", long_csv)
     assert "…" not in narrow and max(len(line) for line in narrow.splitlines()) <= 80

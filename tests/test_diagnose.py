@@ -85,7 +85,7 @@ def test_a_batch_of_scaled_inputs_is_attributed_to_the_first_kernel(cli, mlp, tm
     share = at["grad_norm"] ** 2 / float((at["grad_norm"] ** 2).sum())
     assert share.idxmax() == "dense_1/kernel" and share.max() > 0.9
     # the table names it, with its share, on the spike's line
-    assert "Spikes and what drove them" in out
+    assert "Loss spikes, gradient spikes and non-finite steps: what drove them" in out
     line = next(line for line in out.splitlines() if line.startswith("│") and line.split("│")[1].strip() == str(SPIKE_STEP))
     assert "grad" in line and f"dense_1/kernel {100 * share.max():.0f}%" in line
     assert "Gradient norm per layer" in out
@@ -95,7 +95,7 @@ def test_report_with_layers_rebuilds_the_live_diagnosis_without_tensorflow(cli, 
     _, _, live = _run(cli, mlp, tmp_path, "--clip", "global", "--norm", 2)
     code, again, err = cli("report", tmp_path / "steps.csv", "--layers", tmp_path / "layers.csv")
     assert code == 0, err
-    section = lambda text: text[text.index("Spikes and what drove them"):]  # noqa: E731
+    section = lambda text: text[text.index("Loss spikes, gradient spikes and non-finite steps: what drove them"):]  # noqa: E731
     assert section(again) == section(live)
     code, _, err = cli("report", tmp_path / "steps.csv", "--layers", tmp_path / "steps.csv")
     assert code == 2 and "not a --layers-csv file" in err

@@ -98,7 +98,7 @@ def test_the_start_line_says_what_was_restored(cli, saved, tmp_path):
     code, out, err = cli("run", path, "--data", tmp_path / "d.npz", "--steps", 2, "--fresh-optimizer")
     assert code == 0 and "fresh optimizer state (--fresh-optimizer; the model's is at iteration 23)" in err
     code, out, err = cli("suggest", path, "--data", tmp_path / "d.npz", "--batch-size", BATCH, "--no-shuffle",
-                         "--steps", 8, "--start-step", SAVED_AT)
+                         "--steps", 24, "--start-step", SAVED_AT)
     assert code == 0, err
     assert "optimizer state restored from the model (iteration 23)" in err  # the probe starts there too
     assert "--start-step 23" in out.strip().splitlines()[-1]

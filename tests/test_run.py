@@ -189,7 +189,7 @@ def test_nonfinite_step_is_marked_and_skipped(module_model, data_dir):
     flags = [r["nonfinite"] for r in result.rows]
     assert flags == [False, True, False]
     assert [r["nonfinite_input"] for r in result.rows] == flags  # the data, not the training
-    assert result.rows[1]["loss_spike"]  # a non-finite loss counts as a jump
+    assert not result.rows[1]["loss_spike"]  # counted once: as non-finite, not also as a spike
     after_1, after_2 = seen[0][1], seen[1][1]
     for a, b in zip(after_1, after_2):
         np.testing.assert_array_equal(a, b)  # step 2 changed nothing
@@ -231,7 +231,8 @@ def test_format_writes_rows_to_stdout(cli, module_model, regression_npz, fmt):
     if fmt == "csv":
         rows = pd.read_csv(io.StringIO(out))
     else:
-        records = json.loads(out)
+        records = json.loads(out)["rows"]
+        assert json.loads(out)["findings"][0]["code"] in ("stable", "loss_spikes", "nonfinite", "diverged")
         assert records[0]["param"] == 0.5 and records[0]["threshold"] == 0.5  # numbers, not text
         assert records[0]["reg_loss"] is None  # NaN (unknown for a SavedModel) is null in JSON
         rows = pd.DataFrame(records)

@@ -86,7 +86,7 @@ def test_the_demonstration_unclipped_jumps_clipped_is_smooth(cli, tmp_path):
     assert clipped["loss_spike"].sum() == 0 and clipped["nonfinite"].sum() == 0
     assert clipped["loss"].tail(10).mean() < 0.2 * baseline["loss"].tail(10).mean()
     assert clipped["clipped"].mean() > 0.3
-    assert "Unclipped: loss is jumping" in out and "Most stable: global 5 calms the loss" in out
+    assert "Unclipped: loss is jumping" in out and "Recommended: global 5 calms the loss" in out
 
 
 @pytest.mark.parametrize("name,threshold", [("rnn-adding", "1"), ("deep-mlp", "1")])

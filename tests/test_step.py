@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -385,7 +387,7 @@ def test_on_nonfinite_stop_prints_the_recorded_rows(cli, tmp_path, module_model)
         code, out, err = cli("run", module_model, "--data", path, "--loss", "mse", "--no-shuffle", "--batch-size", BATCH,
                              "--allow-nonfinite-data", "--on-nonfinite", "stop", "--format", fmt, "-q")
         assert code == 3, err
-        rows = pd.read_csv(StringIO(out)) if fmt == "csv" else pd.read_json(StringIO(out))
+        rows = pd.read_csv(StringIO(out)) if fmt == "csv" else pd.DataFrame(json.loads(out)["rows"])
         assert rows["step"].tolist() == [1, 2, 3, 4] and rows["nonfinite"].tolist() == [False, False, False, True]
 
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import read_csv
-from gradwatch.diagnose.suggest import round2, suggest_threshold
+from gradwatch.diagnose.suggest import TooFewCalmSteps, round2, suggest_threshold
 from gradwatch.diagnose.spikes import SpikeRule
 
 
 def rows_of(norms, loss_spikes=()):
-    return [{"step": k + 1, "grad_norm": float(n), "loss_spike": k + 1 in loss_spikes} for k, n in enumerate(norms)]
+    return [{"step": k + 1, "loss": 1.0, "grad_norm": float(n), "loss_spike": k + 1 in loss_spikes,
+             "nonfinite": not np.isfinite(n)} for k, n in enumerate(norms)]
 
 
 def test_the_rule_takes_the_median_of_the_calm_steps():
@@ -26,37 +27,50 @@ def test_the_rule_takes_the_median_of_the_calm_steps():
     assert [t for t, _, _ in found.candidates] == [round2(found.threshold / 2), found.threshold, round2(found.threshold * 2)]
     for t, calm, every in found.candidates:
         assert calm == pytest.approx(100 * np.mean(norms[:25] > t)) and every == pytest.approx(100 * np.mean(norms > t))
-    # a loss spike earlier than any gradient spike ends the calm stretch there
-    assert suggest_threshold(rows_of(norms, loss_spikes={10})).calm_steps == 9
-    # fewer than 3 calm steps: AutoClip's 10th percentile of every finite norm
-    early = suggest_threshold(rows_of([1.0, 2.0, 500.0, 600.0, float("nan"), 700.0, 650.0], loss_spikes={3}))
-    assert early.first_spike == 3 and early.calm_steps == 6 and early.threshold == round2(float(np.percentile([1, 2, 500, 600, 700, 650], 10)))
+    # a loss spike earlier than any gradient spike ends the calm stretch there: 9 calm steps are
+    # fewer than the 20 a proposal rests on, and it says so rather than proposing
+    with pytest.raises(TooFewCalmSteps, match="9 calm steps, fewer than the 20") as early:
+        suggest_threshold(rows_of(norms, loss_spikes={10}))
+    assert (early.value.calm, early.value.first) == (9, 10)
+    # the rows of an AutoClip probe: its gradient bursts do not end the calm stretch, a loss spike does
+    burst = norms.copy()
+    burst[30] *= 50
+    found = suggest_threshold(rows_of(burst, loss_spikes={36}), clipped_probe="an AutoClip (p=10) probe")
+    assert found.calm_steps == 35 and found.threshold == round2(float(np.median(burst[:35])))
+    assert "35 steps of an AutoClip (p=10) probe before its first loss spike" in found.rule
     assert [round2(x) for x in (7.196, 0.01234, 1234.0)] == [7.2, 0.012, 1200.0]
     assert SpikeRule().mark(norms)[25]
 
 
-def test_suggest_on_the_builtin_sample_and_its_command_runs(cli, tmp_path):
-    code, out, err = cli("suggest", "--steps", 8, "-q")
+def test_suggest_on_the_builtin_sample_probes_again_clipped_when_unclipped_breaks_down(cli, tmp_path):
+    code, out, err = cli("suggest", "--steps", 24, "-q")
     assert code == 0, err
-    csv = tmp_path / "probe.csv"
-    assert cli("run", "--steps", 8, "-q", "--csv", csv)[0] == 0  # the same probe, recorded
-    norms = read_csv(csv)["grad_norm"].to_numpy()
-    expected = round2(float(np.median(norms[:3])))  # PTB-small: the gradient spikes at step 4
-    assert "Rule: the threshold is the median global norm of the 3 calm steps before the first spike (step 4)" in out
+    unclipped, clipped = tmp_path / "probe.csv", tmp_path / "autoclip.csv"
+    assert cli("run", "--steps", 24, "-q", "--csv", unclipped)[0] == 0  # the same probes, recorded
+    assert cli("run", "--steps", 24, "-q", "--clip", "autoclip", "--percentile", 10, "--csv", clipped)[0] == 0
+    # PTB-small at lr 1: the unclipped gradient norm bursts at step 4 (NumPy on the CSV: ×100 its median)
+    norms = read_csv(unclipped)["grad_norm"].to_numpy()
+    assert norms[3] > 100 * np.median(norms[:3])
+    assert "and was calm for only 3 steps (its first spike or non-finite step: step 4)" in out
+    assert "[probe_diverged]" in out
+    steps = read_csv(clipped)
+    assert not steps["loss_spike"].any() and not steps["nonfinite"].any()
+    expected = round2(float(np.median(steps["grad_norm"])))  # the raw norms of the clipped training
+    assert "median raw global norm of the 24 steps of an AutoClip (p=10) probe" in out
     line = out.strip().splitlines()[-1]
     assert line == f"Try: gradwatch run --clip global --norm {expected:g}"
     assert "The norm is dominated by: embedding" in out
     code, _, err = cli(*shlex.split(line[len("Try: gradwatch "):]), "--steps", 3, "-q")
     assert code == 0, err
-    # the saved run gives the same proposal without TensorFlow
-    code, again, err = cli("suggest", csv)
-    assert code == 0, err
-    assert again.strip().splitlines()[-1] == "Try: gradwatch run --sample ptb-small --clip global --norm " + f"{expected:g}"
+    # from the saved unclipped run there is no second probe: no proposal, and why, in one line
+    code, _, err = cli("suggest", unclipped)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no threshold proposed: its first spike or non-finite step came at step 4, leaving 3 calm steps" in err
 
 
 def test_suggest_keeps_the_users_options_and_verify_picks_the_calmest(cli, module_model, regression_npz):
     code, out, err = cli("suggest", module_model, "--data", regression_npz, "--loss", "mse", "--batch-size", 8,
-                         "--lr", 0.3, "--no-shuffle", "--steps", 12, "--verify", "-q")
+                         "--lr", 0.3, "--no-shuffle", "--steps", 30, "--verify", "-q")
     assert code == 0, err
     assert "verification: the candidates over the probe's steps" in out and "Calmest candidate: global" in out
     calmest = out.split("Calmest candidate: global ")[1].split(".\n")[0]

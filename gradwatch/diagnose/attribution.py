@@ -3,9 +3,10 @@ the number of steps: spike attribution, update/weight ratios, a down-sampled hea
 
 The rules (also in the README):
 
-- **Loss spike**: the run's spike rule (``records.SpikeRule``), the ``loss_spike`` column.
-- **Gradient spike**: the same rule on the global gradient norm before clipping: the norm is
-  not finite, or exceeds ``factor`` × the median of the previous ``window`` finite norms.
+- **Loss spike**: the run's spike rule (``diagnose.spikes.SpikeRule``), the ``loss_spike`` column.
+- **Gradient spike**: the same rule on the global gradient norm before clipping.
+- **Non-finite step**: the loss or a gradient not finite; listed with what drove it (the
+  variables whose gradient was not finite), counted apart from the spikes.
 - **What drove it**: each variable's share of the global norm² at that step (the shares sum to
   1) and its norm against the median of its own previous ``window`` norms. The table names the
   variables with the largest shares.
@@ -56,9 +57,9 @@ class Spike:
     """One spike step and what drove it."""
 
     step: int
-    kinds: list[str]  # "loss", "grad" or both
+    kinds: list[str]  # "loss", "grad" (both possible), or "nonfinite" alone
     loss: float
-    loss_median: float  # median of the previous window's finite losses (NaN before enough history)
+    loss_median: float  # the median the spike rule compared the loss with (NaN before enough history)
     grad_norm: float
     grad_median: float
     top: list[tuple[str, float, float]] = field(default_factory=list)  # (variable, share of norm², norm / own median)
@@ -67,11 +68,19 @@ class Spike:
     def jump(self) -> str:
         """The jump that made it a spike, as the table shows it."""
         parts = []
+        if "nonfinite" in self.kinds:
+            return f"loss {_fmt(self.loss)}, grad norm {_fmt(self.grad_norm)}"
         if "loss" in self.kinds:
             parts.append(_jump("loss", self.loss, self.loss_median))
         if "grad" in self.kinds:
-            parts.append(_jump("norm", self.grad_norm, self.grad_median))
+            parts.append(_jump("grad norm", self.grad_norm, self.grad_median))
         return "; ".join(parts)
+
+    @property
+    def kind(self) -> str:
+        """The kind as the tables name it."""
+        return {"loss": "loss spike", "grad": "gradient spike", "nonfinite": "non-finite"}[self.kinds[0]] if len(
+            self.kinds) == 1 else "loss + gradient spike"
 
 
 def _fmt(value: float) -> str:
@@ -79,11 +88,12 @@ def _fmt(value: float) -> str:
 
 
 def _jump(what: str, value: float, median: float) -> str:
-    if not math.isfinite(value):
+    """'loss 32.53 (×4.1 its median 7.896)': this step's value against the median it rose above."""
+    if not math.isfinite(value) or not math.isfinite(median):
         return f"{what} {_fmt(value)}"
-    if math.isfinite(median) and median > 0:
-        return f"{what} {_fmt(median)} → {_fmt(value)} (×{value / median:.3g})"
-    return f"{what} {_fmt(value)}"
+    if median > 0:
+        return f"{what} {_fmt(value)} (×{value / median:.2g} its median {_fmt(median)})"
+    return f"{what} {_fmt(value)} (+{_fmt(value - median)} above its median {_fmt(median)})"
 
 
 class LayerWatch:
@@ -96,8 +106,8 @@ class LayerWatch:
         self.rule = rule or SpikeRule()
         n = len(self.variables)
         self._norms: deque[np.ndarray] = deque(maxlen=self.rule.window)  # previous steps' per-variable grad norms
-        self._losses: deque[float] = deque(maxlen=self.rule.window)
-        self._grads: deque[float] = deque(maxlen=self.rule.window)
+        self._losses = self.rule.detector()  # only for the median a loss spike rose above
+        self._grads = self.rule.detector()  # the gradient-spike rule
         self.spikes: list[Spike] = []
         self.steps = 0
         self._log_ratio = np.zeros(n)  # Σ log10(‖Δw‖/‖w‖) over steps that updated the variable
@@ -124,15 +134,18 @@ class LayerWatch:
     def _one(self, row: dict, grad: np.ndarray, weight: np.ndarray, update: np.ndarray) -> None:
         self.steps += 1
         loss, norm = float(row["loss"]), float(row["grad_norm"])
-        grad_spike = self._is_spike(norm, self._grads)
-        kinds = (["loss"] if row["loss_spike"] else []) + (["grad"] if grad_spike else [])
+        self._losses.update(loss)
+        grad_spike = self._grads.update(norm)
+        broken = bool(row.get("nonfinite", False)) or not (math.isfinite(loss) and math.isfinite(norm))
+        if row.get("overflow", False):  # float16's loss scale at work: normal, counted apart
+            kinds = []
+        elif broken:
+            kinds = ["nonfinite"]
+        else:
+            kinds = (["loss"] if row["loss_spike"] else []) + (["grad"] if grad_spike else [])
         if kinds:
             self.spikes.append(Spike(
-                int(row["step"]), kinds, loss, _median(self._losses), norm, _median(self._grads), self._top(grad)))
-        if math.isfinite(loss):
-            self._losses.append(loss)
-        if math.isfinite(norm):
-            self._grads.append(norm)
+                int(row["step"]), kinds, loss, self._losses.median, norm, self._grads.median, self._top(grad)))
         if np.all(np.isfinite(grad)):
             self._norms.append(grad)
             total = float(np.sum(grad**2))
@@ -145,14 +158,6 @@ class LayerWatch:
             self._log_ratio[moved] += np.log10(update[moved] / weight[moved])
             self._ratio_steps[moved] += 1
         self._heat_add(int(row["step"]), grad)
-
-    def _is_spike(self, value: float, history: deque) -> bool:
-        if not math.isfinite(value):
-            return True
-        if len(history) < min(self.rule.min_history, self.rule.window):
-            return False
-        median = float(np.median(history))
-        return value - median > (self.rule.factor - 1.0) * abs(median)
 
     def _top(self, grad: np.ndarray) -> list[tuple[str, float, float]]:
         """The variables with the largest share of this step's norm² (non-finite ones first)."""
@@ -232,10 +237,6 @@ class LayerWatch:
         for entry in out.values():
             entry["heat"] = np.sqrt(entry["heat"])
         return sorted(out.values(), key=lambda e: -e["share"])
-
-
-def _median(values) -> float:
-    return float(np.median(values)) if len(values) else float("nan")
 
 
 def read_layers(path, variants: dict, rule: SpikeRule | None = None) -> dict:

@@ -12,49 +12,78 @@ import numpy as np
 from ..errors import GradwatchError
 
 
+# float32 resolution: a rise within this many float32 ulps of the loss's scale is rounding, not a jump.
+FLOAT32_ULPS = 64 * 2.0**-23
+
+
 @dataclass(frozen=True)
 class SpikeRule:
-    """When is the loss of a step a jump?
+    """When is a step's loss (or global gradient norm) a jump?
 
-    A step's loss is a spike when it is not finite, or when, with at least ``min_history``
-    finite losses before it, it exceeds the median of the previous ``window`` finite losses
-    by more than ``(factor - 1)`` times that median's magnitude: with the defaults, the loss
-    more than doubles against its recent typical value. The median (not the mean) keeps one
-    spike from hiding the next.
+    A finite value is a spike when, with at least ``min_history`` finite values before it, its
+    rise above the median of the previous ``window`` finite values is larger than all three of
+
+    - ``(factor - 1) × |median|``: with the default factor 2 the value more than doubles;
+    - ``noise × MAD``, the median absolute deviation of that window: it stands out of the
+      recent step-to-step noise (5 MADs, about 3.4 standard deviations of Gaussian noise), so a
+      loss whose median sits near zero or below it (cosine similarity) is not a spike for
+      every small rise;
+    - ``floor × scale``, ``scale`` the largest magnitude the series has had so far: the
+      absolute floor (1 % by default), so float32 noise around a loss that converged to ~0 is
+      not a spike; never less than 64 float32 ulps of the scale.
+
+    A non-finite value is not a spike: it is counted once, as non-finite. The median (not the
+    mean) keeps one spike from hiding the next.
     """
 
     factor: float = 2.0
     window: int = 20
     min_history: int = 3
+    floor: float = 0.01
+    noise: float = 5.0
 
     def __post_init__(self):
         if not (math.isfinite(self.factor) and self.factor > 1):
             raise GradwatchError(f"`--spike-factor` must be > 1. Received: spike_factor={self.factor}")
         if self.window < 1:
             raise GradwatchError(f"`--spike-window` must be >= 1. Received: spike_window={self.window}")
+        if not (math.isfinite(self.floor) and 0 <= self.floor < 1):
+            raise GradwatchError(f"`--spike-floor` must be in [0, 1). Received: spike_floor={self.floor}")
 
     def detector(self) -> "SpikeDetector":
         return SpikeDetector(self)
 
-    def mark(self, losses) -> list[bool]:
-        """The rule applied to a whole loss series (used by tests and by `report`)."""
+    def mark(self, values) -> list[bool]:
+        """The rule applied to a whole series (a run's losses, or its global norms)."""
         detector = self.detector()
-        return [detector.update(float(x)) for x in losses]
+        return [detector.update(float(x)) for x in values]
 
 
 class SpikeDetector:
-    """The spike rule, fed one loss at a time during a run."""
+    """The spike rule, fed one value at a time during a run. After each :meth:`update`,
+    ``median`` is the median it compared against (NaN before enough history)."""
 
     def __init__(self, rule: SpikeRule):
         self.rule = rule
         self.history: deque[float] = deque(maxlen=rule.window)
+        self.scale = 0.0  # the largest magnitude so far
+        self.median = math.nan
 
-    def update(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return True
+    def update(self, value: float) -> bool:
+        self.median = math.nan
+        if not math.isfinite(value):
+            return False
         spike = False
         if len(self.history) >= min(self.rule.min_history, self.rule.window):
-            median = float(np.median(self.history))
-            spike = loss - median > (self.rule.factor - 1.0) * abs(median)
-        self.history.append(loss)
+            window = np.fromiter(self.history, dtype=np.float64, count=len(self.history))
+            median = float(np.median(window))
+            self.median = median
+            rise = value - median
+            if rise > 0:
+                mad = float(np.median(np.abs(window - median)))
+                needed = max((self.rule.factor - 1.0) * abs(median), self.rule.noise * mad,
+                             self.rule.floor * self.scale, FLOAT32_ULPS * self.scale)
+                spike = rise > needed
+        self.history.append(value)
+        self.scale = max(self.scale, abs(value))
         return spike

@@ -3,14 +3,19 @@
 The rule (also in the README and printed by ``gradwatch suggest``):
 
 - The **calm steps** are the probe's steps before its first spike of either kind (loss spike,
-  or gradient spike: the global norm above the spike factor × its rolling median): once a run
-  has diverged, its norms say nothing about healthy training. Without a spike, every finite step.
+  or gradient spike: the spike rule on the global norm) or its first non-finite step: once a
+  run has diverged, its norms say nothing about healthy training. Without either, every step.
 - The proposed threshold is the **median** of the calm steps' global norms, rounded to two
   significant digits: clipping then binds on about half of healthy steps and cuts every burst
   to a typical step's size. (The PTB tutorial's 5 sits near the median raw norm of its clipped
   run.) The candidates are half, one and two times it.
-- With fewer than ``MIN_CALM`` calm steps, the 10th percentile of all finite norms
-  (AutoClip's default percentile) stands in for the median.
+- With fewer than ``MIN_CALM`` (20, one spike window) calm steps the unclipped probe broke
+  down too early to say what a healthy step's norm is (:class:`TooFewCalmSteps`). ``suggest``
+  then probes again from the same start clipped by AutoClip (p = 10, which needs no threshold)
+  and proposes the median raw norm of that probe's steps before its first loss spike or
+  non-finite step (its gradient bursts are clipped, so they do not end its calm stretch): the
+  norms of a clipped training, where a threshold does its work. With fewer than ``MIN_CALM``
+  of those too, or from a saved CSV, there is no proposal.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_CALM = 3
+MIN_CALM = 20
+
+
+class TooFewCalmSteps(ValueError):
+    """The probe's calm stretch is too short to propose from; the message says why and what to do."""
+
+    def __init__(self, message: str, calm: int, first: int | None):
+        super().__init__(message)
+        self.calm, self.first = calm, first
 
 
 @dataclass
@@ -32,6 +45,31 @@ class Suggestion:
     stats: dict  # median, p90, max of the global norm: "calm" and "all" finite steps
     candidates: list[tuple[float, float, float]]  # (threshold, % of calm steps clipped, % of all finite steps clipped)
     keras: float | None = None  # the same threshold for Keras' global_clipnorm, where it differs (keras_threshold)
+    nonfinite: int = 0  # the probe's non-finite steps
+
+    def findings(self, rows, unclipped: "TooFewCalmSteps | None" = None) -> list:
+        """probe_diverged when the unclipped probe (``rows``) went non-finite or diverged, with
+        what the proposal rests on (a list of findings.Finding); empty for a healthy probe.
+        ``unclipped``: it broke down too early, and the proposal comes from the AutoClip probe."""
+        from ..records import summarize
+        from .findings import Finding, _diverged, fmt
+
+        summary = summarize(rows)
+        broken = sum(1 for r in rows if r["nonfinite"])
+        parts = [f"went non-finite on {broken} of {len(rows)} steps"] if broken else []
+        if _diverged(summary):
+            parts.append(f"diverged (final loss {fmt(summary['final_loss'])}, first {fmt(summary['loss_first'])})")
+        if unclipped is not None:
+            parts.append(f"was calm for only {unclipped.calm} steps (its first spike or non-finite step: step {unclipped.first})")
+        if not parts:
+            return []
+        rests = (f"the proposal comes from a second probe clipped by AutoClip, from {self.calm_steps} of its steps"
+                 if unclipped is not None else f"the proposal rests on the {self.calm_steps} calm steps before step {self.first_spike}")
+        said = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+        return [Finding("probe_diverged", "none", f"the unclipped probe {said}; {rests}",
+                        (unclipped.first if unclipped is not None else self.first_spike,),
+                        {"nonfinite": broken, "steps": len(rows), "calm_steps": self.calm_steps,
+                         "final_loss": summary["final_loss"]})]
 
 
 def round2(value: float) -> float:
@@ -42,9 +80,12 @@ def round2(value: float) -> float:
     return round(value, digits)
 
 
-def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: str | None = None) -> Suggestion:
+def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: str | None = None,
+                      clipped_probe: str | None = None) -> Suggestion:
     """The rule above on an unclipped run's rows (step, grad_norm, loss_spike); ``grad_spikes``:
-    the steps the gradient-spike rule flagged (diagnose.LayerWatch or records.SpikeRule on the norms)."""
+    the steps the gradient-spike rule flagged (diagnose.LayerWatch, or diagnose.spikes.SpikeRule on the norms).
+    ``clipped_probe``: the rows are those of the AutoClip probe, so named; gradient spikes do not
+    end its calm stretch."""
     from .spikes import SpikeRule
 
     steps = np.array([int(r["step"]) for r in rows])
@@ -52,23 +93,31 @@ def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: s
     sparse_norm = sparse_norm or _sparse_norm(rows)
     column = "grad_norm_rows" if sparse_norm == "rows" else "grad_norm"
     norms = np.array([float(r[column]) for r in rows], dtype=np.float64)
-    if grad_spikes is None:
+    if clipped_probe:
+        grad_spikes = []
+    elif grad_spikes is None:
         grad_spikes = [int(s) for s, hit in zip(steps, SpikeRule().mark(norms)) if hit]
-    spikes = sorted({int(r["step"]) for r in rows if r["loss_spike"]} | set(grad_spikes))
+    broken = {int(r["step"]) for r in rows if r["nonfinite"] or not math.isfinite(float(r["loss"]))}
+    spikes = sorted({int(r["step"]) for r in rows if r["loss_spike"]} | set(grad_spikes) | broken)
     first = spikes[0] if spikes else None
     finite = np.isfinite(norms)
     calm = finite & (steps < first) if first is not None else finite
-    if not finite.any():
-        raise ValueError("no step of the probe has a finite gradient norm")
-    if calm.sum() >= MIN_CALM:
-        center = float(np.median(norms[calm]))
-        rule = (f"median global norm of the {int(calm.sum())} calm steps"
-                + (f" before the first spike (step {first})" if first is not None else " (no spike)"))
+    if calm.sum() < MIN_CALM:
+        what = (f"its first spike or non-finite step came at step {first}" if first is not None
+                else f"the probe has {int(finite.sum())} finite steps")
+        probe = f"; the probe was non-finite on {len(broken)} of {len(rows)} steps" if broken else ""
+        raise TooFewCalmSteps(
+            f"no threshold proposed: {what}, leaving {int(calm.sum())} calm steps, fewer than the {MIN_CALM} a "
+            f"proposal rests on{probe}; lower --lr (or give a longer probe with --steps if its first steps were calm) "
+            "and run suggest again, or compare thresholds directly with gradwatch compare --thresholds none,1,5,10",
+            int(calm.sum()), first)
+    center = float(np.median(norms[calm]))
+    if clipped_probe:
+        rule = (f"median raw global norm of the {int(calm.sum())} steps of {clipped_probe}"
+                + (f" before its first loss spike or non-finite step (step {first})" if first is not None else ""))
     else:
-        center = float(np.percentile(norms[finite], 10))
-        calm = finite
-        rule = (f"10th percentile of all {int(finite.sum())} finite steps' global norms "
-                f"(fewer than {MIN_CALM} steps before the first spike, step {first})")
+        rule = (f"median global norm of the {int(calm.sum())} calm steps"
+                + (f" before the first spike or non-finite step (step {first})" if first is not None else " (no spike)"))
     threshold = round2(center)
     pick = [round2(threshold / 2), threshold, round2(threshold * 2)]
 
@@ -76,6 +125,7 @@ def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: s
         return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "max": float(values.max())}
 
     return Suggestion(
+        nonfinite=len(broken),
         threshold=threshold,
         rule=rule,
         calm_steps=int(calm.sum()),

@@ -663,6 +663,22 @@ class Trainer:
             })
         return rows
 
+    def rows_of_step(self, step_no: int) -> np.ndarray:
+        """The data rows step ``step_no`` trained on (1-based, as the rows count it): those of data.batches."""
+        epoch, k = (step_no - 1) // self.steps_per_epoch + 1, (step_no - 1) % self.steps_per_epoch
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order = data_mod.epoch_order(len(self.data), epoch, self.options.shuffle, self.options.seed)
+            self._order_epoch = epoch
+        size = self.options.batch_size
+        return self._order[k * size:(k + 1) * size]
+
+    def data_view(self):
+        """What the findings may read of the data (diagnose.findings.DataView); None for data
+        read as a stream, which is not in memory to compare rows with."""
+        from ..diagnose.findings import DataView
+
+        return None if self.data.streamed else DataView(self.rows_of_step, self.data.x, self.data.y)
+
     def _bad_input(self, epoch: int, k: int) -> bool:
         """Did batch ``k`` of ``epoch`` hold a row with non-finite values? (the rows of data.batches)"""
         if self.bad_rows is None:
