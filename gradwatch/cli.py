@@ -31,6 +31,29 @@ app = typer.Typer(
 )
 
 
+class _Panelled(typer.core.TyperCommand):
+    """A command whose --help groups its options under headings (each option's rich_help_panel),
+    in plain text: the many options of run and compare read by what they are for."""
+
+    def format_options(self, ctx, formatter) -> None:
+        args, groups = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append(record)
+            else:
+                groups.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        order = ["Model and data", "Training", "Clipping", "Diagnosis", "Outputs", "Scale"]
+        for name, records in sorted(groups.items(), key=lambda g: order.index(g[0]) if g[0] in order else len(order)):
+            with formatter.section(name):
+                formatter.write_dl(records)
+
+
 class Format(str, Enum):
     table = "table"
     csv = "csv"
@@ -50,55 +73,55 @@ class SparseNorm(str, Enum):
 
 # --- options shared by run and compare (one definition each) -------------------------------------
 ModelArg = Annotated[Optional[str], typer.Argument(help="SavedModel folder or .keras file. Omit it to train a built-in sample.", show_default=False)]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data: .npz, .csv, .txt corpus, or a tf.data.Dataset.save folder.", show_default=False)]
-SampleOpt = Annotated[Optional[str], typer.Option("--sample", help="Built-in sample to train (see `gradwatch samples`); the default is ptb-small.", show_default=False)]
-EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="SavedModel function or signature to call (default: __call__, serve, serving_default).", show_default=False)]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", help="Output name, for endpoints that return a dict of several.", show_default=False)]
-XKeyOpt = Annotated[Optional[str], typer.Option("--x-key", help="Array of inputs in an .npz file.  [default: x]", show_default=False)]
-YKeyOpt = Annotated[Optional[str], typer.Option("--y-key", help="Array of targets in an .npz file.  [default: y]", show_default=False)]
-TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column of a .csv file.  [default: the last column]", show_default=False)]
-VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary for a .txt corpus, one word a line.  [default: the model's assets/vocab.txt]", show_default=False)]
-NumStepsOpt = Annotated[Optional[int], typer.Option("--num-steps", help="Window length for a .txt corpus.  [default: the model's input length]", show_default=False)]
-LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Any Keras loss identifier: mse, huber, binary_crossentropy, sparse_categorical_crossentropy, kl_divergence, ...  [default: the model's compiled loss, or its loss(inputs, targets)]", show_default=False)]
-FromLogitsOpt = Annotated[Optional[bool], typer.Option("--from-logits", help="The model outputs logits (crossentropy losses).", show_default=False)]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.  [default: 32, or the sample's]", show_default=False)]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Number of training steps.  [default: one epoch, or the sample's]", show_default=False)]
-EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs (instead of --steps).", show_default=False)]
-ShuffleOpt = Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="Shuffle rows each epoch.  [default: shuffle arrays, keep a text corpus in order]", show_default=False)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the shuffle order and TF's random ops.  [default: 0]", show_default=False)]
-OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="Any Keras optimizer identifier: sgd, momentum (SGD, 0.9), adam, adamw, rmsprop, nadam, lion, ...  [default: the model's compiled optimizer, else sgd]", show_default=False)]
-OptOpt = Annotated[Optional[list[str]], typer.Option("--opt", help="An optimizer hyperparameter NAME=VALUE, e.g. --opt beta_1=0.8 --opt weight_decay=1e-4 (repeat it).", show_default=False)]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: the optimizer's own (compiled), else 0.01, or the sample's]", show_default=False)]
-LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False)]
-DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False)]
-OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights, optimizer, clipping and BatchNorm state as they were and go on; apply: apply the update anyway (as Keras fit does); stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False)]
-SparseNormOpt = Annotated[Optional[SparseNorm], typer.Option("--sparse-norm", help="What clipping measures an embedding gradient's repeated rows by: summed (the true norm of the applied gradient) or rows (row by row, as Keras' global_clipnorm/clipnorm/clipvalue and tf.clip_by_global_norm do, so the threshold is the one to type into Keras).  [default: summed]", show_default=False)]
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Continue from a tf.train.Checkpoint written as tf.train.Checkpoint(model=model, optimizer=optimizer) (by your training loop, or by --save-checkpoints): the model's variables and the optimizer's state; a folder means its latest.", show_default=False)]
-SaveCheckpointsOpt = Annotated[Optional[Path], typer.Option("--save-checkpoints", help="Write the run's model and optimizer state into this folder (step-N) every --checkpoint-every steps, for --checkpoint later.", show_default=False)]
-CheckpointEveryOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="With --save-checkpoints: at every step that is a multiple of N.  [default: 100]", show_default=False)]
-StartStepOpt = Annotated[Optional[int], typer.Option("--start-step", help="Continue as step N+1 of your training: the first N batches of the data order are skipped, rows are numbered from N+1, and a .keras file's saved optimizer state (slots, iteration count, schedule) goes on.  [default: 0]", show_default=False)]
-FreshOptimizerOpt = Annotated[Optional[bool], typer.Option("--fresh-optimizer", help="Start the optimizer over instead of continuing from the state a .keras file saved.", show_default=False)]
-FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False)]
-XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA (it stops with a one-line reason where XLA cannot compile the model).  [default: as Keras' jit_compile=\"auto\": on where a GPU is visible, falling back with a note where XLA cannot compile]", show_default=False)]
-SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False)]
-SpikeFloorOpt = Annotated[Optional[float], typer.Option("--spike-floor", help="The spike rule's absolute floor: a spike also rises by more than this fraction of the largest loss so far (so float32 noise near 0 is none).  [default: 0.01]", show_default=False)]
-FindingsOpt = Annotated[Optional[Path], typer.Option("--findings", help="Write the verdict's findings (code, variant, steps, numbers, message) to this JSON file.", show_default=False)]
-FailOnOpt = Annotated[Optional[str], typer.Option("--fail-on", help="Exit 4, after writing every output, when a finding with one of these codes appears, e.g. loss_spikes,nonfinite (codes: README, Findings).", show_default=False)]
-SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False)]
-AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-data", help="Train even when the data holds NaN or inf (the verdict then blames the data, not the training).", show_default=False)]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this .png, .svg or .pdf.", show_default=False)]
-CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False)]
-FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv: the rows; json: {rows, findings}; on stdout.")]
-LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False)]
-PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False)]
-TensorBoardOpt = Annotated[Optional[Path], typer.Option("--tensorboard", help="Write TensorBoard event files to this folder: scalars every step, per-variable norms, gradient histograms (one sub-folder per run).", show_default=False)]
-StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the data as a stream instead of into memory (.npz saved with numpy.savez, tf.data.Dataset.save folders; TFRecord always).  [default: when larger than 256 MiB]", show_default=False)]
-FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="The features of a TFRecord file of tf.train.Example: NAME:DTYPE[:SHAPE],... e.g. x:float32:20,y:int64; the target is --target, else the last.", show_default=False)]
-ShuffleBufferOpt = Annotated[Optional[int], typer.Option("--shuffle-buffer", help="Streamed tf.data folders and TFRecord files: shuffle within a buffer of N elements, seeded by --seed and reshuffled every epoch.  [default: 10000]", show_default=False)]
-StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", help="tf.distribute: none, mirrored (the local GPUs, or --cpu-devices N) or multiworker (the cluster in TF_CONFIG; the chief writes the outputs). Gradients are all-reduced before any norm or clipping.  [default: none]", show_default=False)]
-CpuDevicesOpt = Annotated[Optional[int], typer.Option("--cpu-devices", help="Split the CPU into N logical devices, e.g. to try --strategy mirrored without GPUs.", show_default=False)]
-HistogramEveryOpt = Annotated[int, typer.Option("--histogram-every", help="With --tensorboard: a histogram of every variable's gradient every N steps and at the last (0: none).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data: .npz, .csv, .txt corpus, or a tf.data.Dataset.save folder.", show_default=False, rich_help_panel='Model and data')]
+SampleOpt = Annotated[Optional[str], typer.Option("--sample", help="Built-in sample to train (see `gradwatch samples`); the default is ptb-small.", show_default=False, rich_help_panel='Model and data')]
+EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="SavedModel function or signature to call (default: __call__, serve, serving_default).", show_default=False, rich_help_panel='Model and data')]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="Output name, for endpoints that return a dict of several.", show_default=False, rich_help_panel='Model and data')]
+XKeyOpt = Annotated[Optional[str], typer.Option("--x-key", help="Array of inputs in an .npz file.  [default: x]", show_default=False, rich_help_panel='Model and data')]
+YKeyOpt = Annotated[Optional[str], typer.Option("--y-key", help="Array of targets in an .npz file.  [default: y]", show_default=False, rich_help_panel='Model and data')]
+TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column of a .csv file.  [default: the last column]", show_default=False, rich_help_panel='Model and data')]
+VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary for a .txt corpus, one word a line.  [default: the model's assets/vocab.txt]", show_default=False, rich_help_panel='Model and data')]
+NumStepsOpt = Annotated[Optional[int], typer.Option("--num-steps", help="Window length for a .txt corpus.  [default: the model's input length]", show_default=False, rich_help_panel='Model and data')]
+LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Any Keras loss identifier: mse, huber, binary_crossentropy, sparse_categorical_crossentropy, kl_divergence, ...  [default: the model's compiled loss, or its loss(inputs, targets)]", show_default=False, rich_help_panel='Training')]
+FromLogitsOpt = Annotated[Optional[bool], typer.Option("--from-logits", help="The model outputs logits (crossentropy losses).", show_default=False, rich_help_panel='Training')]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Rows per step.  [default: 32, or the sample's]", show_default=False, rich_help_panel='Training')]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Number of training steps.  [default: one epoch, or the sample's]", show_default=False, rich_help_panel='Training')]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs (instead of --steps).", show_default=False, rich_help_panel='Training')]
+ShuffleOpt = Annotated[Optional[bool], typer.Option("--shuffle/--no-shuffle", help="Shuffle rows each epoch.  [default: shuffle arrays, keep a text corpus in order]", show_default=False, rich_help_panel='Training')]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the shuffle order and TF's random ops.  [default: 0]", show_default=False, rich_help_panel='Training')]
+OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="Any Keras optimizer identifier: sgd, momentum (SGD, 0.9), adam, adamw, rmsprop, nadam, lion, ...  [default: the model's compiled optimizer, else sgd]", show_default=False, rich_help_panel='Training')]
+OptOpt = Annotated[Optional[list[str]], typer.Option("--opt", help="An optimizer hyperparameter NAME=VALUE, e.g. --opt beta_1=0.8 --opt weight_decay=1e-4 (repeat it).", show_default=False, rich_help_panel='Training')]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate.  [default: the optimizer's own (compiled), else 0.01, or the sample's]", show_default=False, rich_help_panel='Training')]
+LrDecayOpt = Annotated[Optional[float], typer.Option("--lr-decay", help="Multiply the learning rate by this every epoch after --decay-after-epoch.", show_default=False, rich_help_panel='Training')]
+DecayAfterOpt = Annotated[Optional[int], typer.Option("--decay-after-epoch", help="Epochs at the full learning rate before --lr-decay applies.  [default: 1]", show_default=False, rich_help_panel='Training')]
+OnNonFiniteOpt = Annotated[Optional[OnNonFinite], typer.Option("--on-nonfinite", help="skip: leave the weights, optimizer, clipping and BatchNorm state as they were and go on; apply: apply the update anyway (as Keras fit does); stop: end the run (compare: that variant) after writing its rows, exit 3 in run.  [default: skip]", show_default=False, rich_help_panel='Training')]
+SparseNormOpt = Annotated[Optional[SparseNorm], typer.Option("--sparse-norm", help="What clipping measures an embedding gradient's repeated rows by: summed (the true norm of the applied gradient) or rows (row by row, as Keras' global_clipnorm/clipnorm/clipvalue and tf.clip_by_global_norm do, so the threshold is the one to type into Keras).  [default: summed]", show_default=False, rich_help_panel='Clipping')]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Continue from a tf.train.Checkpoint written as tf.train.Checkpoint(model=model, optimizer=optimizer) (by your training loop, or by --save-checkpoints): the model's variables and the optimizer's state; a folder means its latest.", show_default=False, rich_help_panel='Training')]
+SaveCheckpointsOpt = Annotated[Optional[Path], typer.Option("--save-checkpoints", help="Write the run's model and optimizer state into this folder (step-N) every --checkpoint-every steps, for --checkpoint later.", show_default=False, rich_help_panel='Training')]
+CheckpointEveryOpt = Annotated[Optional[int], typer.Option("--checkpoint-every", help="With --save-checkpoints: at every step that is a multiple of N.  [default: 100]", show_default=False, rich_help_panel='Training')]
+StartStepOpt = Annotated[Optional[int], typer.Option("--start-step", help="Continue as step N+1 of your training: the first N batches of the data order are skipped, rows are numbered from N+1, and a .keras file's saved optimizer state (slots, iteration count, schedule) goes on.  [default: 0]", show_default=False, rich_help_panel='Training')]
+FreshOptimizerOpt = Annotated[Optional[bool], typer.Option("--fresh-optimizer", help="Start the optimizer over instead of continuing from the state a .keras file saved.", show_default=False, rich_help_panel='Training')]
+FetchEveryOpt = Annotated[Optional[int], typer.Option("--fetch-every", help="Fetch recorded values from the device every N steps (one row per step either way).  [default: auto, about every 0.25 s]", show_default=False, rich_help_panel='Scale')]
+XlaOpt = Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="Compile the training step with XLA (it stops with a one-line reason where XLA cannot compile the model).  [default: as Keras' jit_compile=\"auto\": on where a GPU is visible, falling back with a note where XLA cannot compile]", show_default=False, rich_help_panel='Scale')]
+SpikeFactorOpt = Annotated[Optional[float], typer.Option("--spike-factor", help="A spike is a loss above FACTOR x the median of the previous --spike-window losses.  [default: 2]", show_default=False, rich_help_panel='Diagnosis')]
+SpikeFloorOpt = Annotated[Optional[float], typer.Option("--spike-floor", help="The spike rule's absolute floor: a spike also rises by more than this fraction of the largest loss so far (so float32 noise near 0 is none).  [default: 0.01]", show_default=False, rich_help_panel='Diagnosis')]
+FindingsOpt = Annotated[Optional[Path], typer.Option("--findings", help="Write the verdict's findings (code, variant, steps, numbers, message) to this JSON file.", show_default=False, rich_help_panel='Diagnosis')]
+FailOnOpt = Annotated[Optional[str], typer.Option("--fail-on", help="Exit 4, after writing every output, when a finding with one of these codes appears, e.g. loss_spikes,nonfinite (codes: README, Findings).", show_default=False, rich_help_panel='Diagnosis')]
+SpikeWindowOpt = Annotated[Optional[int], typer.Option("--spike-window", help="Steps in the spike rule's rolling median.  [default: 20]", show_default=False, rich_help_panel='Diagnosis')]
+AllowNonFiniteOpt = Annotated[Optional[bool], typer.Option("--allow-nonfinite-data", help="Train even when the data holds NaN or inf (the verdict then blames the data, not the training).", show_default=False, rich_help_panel='Model and data')]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw loss, grad norm and fraction clipped per step into this .png, .svg or .pdf.", show_default=False, rich_help_panel='Outputs')]
+CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Write every step's row to this CSV, as the run goes.", show_default=False, rich_help_panel='Outputs')]
+FormatOpt = Annotated[Format, typer.Option("--format", help="table: summary and verdict; csv: the rows; json: {rows, findings}; on stdout.", rich_help_panel='Outputs')]
+LayersCsvOpt = Annotated[Optional[Path], typer.Option("--layers-csv", help="Write each variable's norms at every step (grad, clipped, weight, update) to this CSV, long form.", show_default=False, rich_help_panel='Outputs')]
+PerVariableOpt = Annotated[Optional[bool], typer.Option("--per-variable/--no-per-variable", help="Record each variable's norms (spike attribution, per-layer table).  [default: on for the table, --layers-csv and --tensorboard]", show_default=False, rich_help_panel='Outputs')]
+TensorBoardOpt = Annotated[Optional[Path], typer.Option("--tensorboard", help="Write TensorBoard event files to this folder: scalars every step, per-variable norms, gradient histograms (one sub-folder per run).", show_default=False, rich_help_panel='Outputs')]
+StreamOpt = Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the data as a stream instead of into memory (.npz saved with numpy.savez, tf.data.Dataset.save folders; TFRecord always).  [default: when larger than 256 MiB]", show_default=False, rich_help_panel='Model and data')]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="The features of a TFRecord file of tf.train.Example: NAME:DTYPE[:SHAPE],... e.g. x:float32:20,y:int64; the target is --target, else the last.", show_default=False, rich_help_panel='Model and data')]
+ShuffleBufferOpt = Annotated[Optional[int], typer.Option("--shuffle-buffer", help="Streamed tf.data folders and TFRecord files: shuffle within a buffer of N elements, seeded by --seed and reshuffled every epoch.  [default: 10000]", show_default=False, rich_help_panel='Model and data')]
+StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", help="tf.distribute: none, mirrored (the local GPUs, or --cpu-devices N) or multiworker (the cluster in TF_CONFIG; the chief writes the outputs). Gradients are all-reduced before any norm or clipping.  [default: none]", show_default=False, rich_help_panel='Scale')]
+CpuDevicesOpt = Annotated[Optional[int], typer.Option("--cpu-devices", help="Split the CPU into N logical devices, e.g. to try --strategy mirrored without GPUs.", show_default=False, rich_help_panel='Scale')]
+HistogramEveryOpt = Annotated[int, typer.Option("--histogram-every", help="With --tensorboard: a histogram of every variable's gradient every N steps and at the last (0: none).", rich_help_panel='Outputs')]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or start line on stderr.", rich_help_panel='Outputs')]
 
 
 def _stderr() -> Console:
@@ -194,17 +217,17 @@ def _emit_rows(rows, columns, fmt: Format, found=()):
     write_stdout(text if text.endswith("\n") else text + "\n")
 
 
-@app.command()
+@app.command(cls=_Panelled)
 def run(
     model: ModelArg = None,
     data: DataOpt = None,
     sample: SampleOpt = None,
-    clip: Annotated[str, typer.Option("--clip", help="Clipping strategy: none, value, norm, avg-norm, global, agc, autoclip or zclip.")] = "none",
-    norm: Annotated[Optional[float], typer.Option("--norm", help="Threshold of norm, avg-norm and global clipping.", show_default=False)] = None,
-    value: Annotated[Optional[float], typer.Option("--value", help="Threshold of value clipping: gradients are clipped to [-V, V].", show_default=False)] = None,
-    factor: Annotated[Optional[float], typer.Option("--factor", help="AGC's λ: each unit's gradient norm is kept below λ x its weight norm.  [default: 0.01]", show_default=False)] = None,
-    percentile: Annotated[Optional[float], typer.Option("--percentile", help="AutoClip's p: clip to the p-th percentile of all global norms so far, in (0, 100].  [default: 10]", show_default=False)] = None,
-    z: Annotated[Optional[float], typer.Option("--z", help="ZClip's Z: clip a global norm whose z-score against its running mean exceeds Z.  [default: 2.5]", show_default=False)] = None,
+    clip: Annotated[str, typer.Option("--clip", help="Clipping strategy: none, value, norm, avg-norm, global, agc, autoclip or zclip.", rich_help_panel="Clipping")] = "none",
+    norm: Annotated[Optional[float], typer.Option("--norm", help="Threshold of norm, avg-norm and global clipping.", show_default=False, rich_help_panel="Clipping")] = None,
+    value: Annotated[Optional[float], typer.Option("--value", help="Threshold of value clipping: gradients are clipped to [-V, V].", show_default=False, rich_help_panel="Clipping")] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", help="AGC's λ: each unit's gradient norm is kept below λ x its weight norm.  [default: 0.01]", show_default=False, rich_help_panel="Clipping")] = None,
+    percentile: Annotated[Optional[float], typer.Option("--percentile", help="AutoClip's p: clip to the p-th percentile of all global norms so far, in (0, 100].  [default: 10]", show_default=False, rich_help_panel="Clipping")] = None,
+    z: Annotated[Optional[float], typer.Option("--z", help="ZClip's Z: clip a global norm whose z-score against its running mean exceeds Z.  [default: 2.5]", show_default=False, rich_help_panel="Clipping")] = None,
     csv: CsvOpt = None,
     plot: PlotOpt = None,
     format: FormatOpt = Format.table,
@@ -543,17 +566,17 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
     return results
 
 
-@app.command()
+@app.command(cls=_Panelled)
 def compare(
     model: ModelArg = None,
     data: DataOpt = None,
     sample: SampleOpt = None,
-    clip: Annotated[Optional[str], typer.Option("--clip", help="Strategies, comma separated: value, norm, avg-norm, global, agc, autoclip, zclip.  [default: global]", show_default=False)] = None,
-    thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="Each strategy's parameter, comma separated; 'none' is the unclipped baseline.  [default: none,1,5,10]", show_default=False)] = None,
-    variants_: Annotated[Optional[str], typer.Option("--variants", help="Exactly these variants instead of --clip x --thresholds, e.g. none,global:5,agc:0.01,autoclip:10,zclip:2.5 (a strategy alone takes its default).", show_default=False)] = None,
-    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the unclipped baseline when --thresholds lacks 'none'.")] = True,
-    csv: Annotated[Optional[Path], typer.Option("--csv", help="Long CSV: one row per variant and step, with clip and param columns.", show_default=False)] = None,
-    summary_csv: Annotated[Optional[Path], typer.Option("--summary-csv", help="The summary table, one row per variant.", show_default=False)] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="Strategies, comma separated: value, norm, avg-norm, global, agc, autoclip, zclip.  [default: global]", show_default=False, rich_help_panel="Clipping")] = None,
+    thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="Each strategy's parameter, comma separated; 'none' is the unclipped baseline.  [default: none,1,5,10]", show_default=False, rich_help_panel="Clipping")] = None,
+    variants_: Annotated[Optional[str], typer.Option("--variants", help="Exactly these variants instead of --clip x --thresholds, e.g. none,global:5,agc:0.01,autoclip:10,zclip:2.5 (a strategy alone takes its default).", show_default=False, rich_help_panel="Clipping")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Add the unclipped baseline when --thresholds lacks 'none'.", rich_help_panel="Clipping")] = True,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Long CSV: one row per variant and step, with clip and param columns.", show_default=False, rich_help_panel="Outputs")] = None,
+    summary_csv: Annotated[Optional[Path], typer.Option("--summary-csv", help="The summary table, one row per variant.", show_default=False, rich_help_panel="Outputs")] = None,
     plot: PlotOpt = None,
     format: FormatOpt = Format.table,
     findings: FindingsOpt = None,
@@ -684,7 +707,7 @@ def _say_notes(trainer) -> None:
         _stderr().print(escape(f"gradwatch: note: {note}"))
 
 
-@app.command()
+@app.command(cls=_Panelled)
 def report(
     file: Annotated[Path, typer.Argument(help="CSV written by `gradwatch run --csv`, `compare --csv` or `compare --summary-csv`.", show_default=False)],
     plot: PlotOpt = None,
@@ -808,7 +831,7 @@ def _write_plot(draw, plot: Path) -> None:
 PROBE_STEPS = 100  # suggest's unclipped probe, unless --steps or --epochs says otherwise
 
 
-@app.command()
+@app.command(cls=_Panelled)
 def suggest(
     model: Annotated[Optional[str], typer.Argument(help="SavedModel folder or .keras file to probe, or the CSV of a saved unclipped run (`run --csv`, or a compare CSV with the 'none' baseline).", show_default=False)] = None,
     data: DataOpt = None,
@@ -856,7 +879,7 @@ def suggest(
         _say(quiet, f"gradwatch: probing {_describe(spec)} unclipped for {_steps(trainer.total_steps)}; {info['setup']}")
         progress.label = "unclipped probe"
         base = trainer.run(Clipping("none", None), on_progress=progress.update)
-        from .diagnose.suggest import TooFewCalmSteps
+        from .diagnose.suggest import MIN_CALM, TooFewCalmSteps
 
         try:
             found = _suggestion(base.rows, base.layers, spec.sparse_norm, raw=True)
@@ -869,7 +892,17 @@ def suggest(
                         "clipped by AutoClip (p=10)")
             progress.label = "AutoClip probe"
             clipped = trainer.run(Clipping("autoclip", 10.0), on_progress=progress.update)
-            found = _suggestion(clipped.rows, None, spec.sparse_norm, clipped_probe="an AutoClip (p=10) probe")
+            try:
+                found = _suggestion(clipped.rows, None, spec.sparse_norm, clipped_probe="an AutoClip (p=10) probe",
+                                    raw=True)
+            except TooFewCalmSteps as again:
+                broken = sum(1 for r in base.rows if r["nonfinite"])
+                raise GradwatchError(
+                    f"no threshold proposed: the unclipped probe broke down at step {early.first} (non-finite on "
+                    f"{broken} of {len(base.rows)} steps) and the probe clipped by AutoClip (p=10) at step "
+                    f"{again.first}, leaving {again.calm} calm steps, fewer than the {MIN_CALM} a proposal rests on; "
+                    "lower --lr and run suggest again, or compare thresholds directly with gradwatch compare "
+                    "--thresholds none,1,5,10") from None
             info["probe_rows"] = clipped.rows
         if not verify:
             return [base], found, None

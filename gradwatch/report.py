@@ -60,8 +60,9 @@ class Variant:
 
 def sparkline(values, width: int = 24) -> str:
     """Loss per step in `width` characters: each the highest loss of its stretch of steps
-    (so spikes show), scaled from the series' lowest loss (▁) to its highest (█) at every width;
-    `!` where a stretch holds a non-finite loss."""
+    (so spikes show), scaled from the series' lowest loss (▁) to its highest (█) at every width,
+    on a log scale when they are positive and more than 10x apart; `!` where a stretch holds a
+    non-finite loss."""
     values = list(values)
     if not values:
         return ""
@@ -72,6 +73,9 @@ def sparkline(values, width: int = 24) -> str:
     if not finite:
         return "!" * width
     low, high = min(finite), max(finite)
+    if low > 0 and high / low > 10:  # a loss over orders of magnitude: log scale, as the plot's axis
+        peaks = [math.log10(p) if math.isfinite(p) else p for p in peaks]
+        low, high = math.log10(low), math.log10(high)
     span = high - low or 1.0
     return "".join(
         "!" if not math.isfinite(p) else BLOCKS[min(len(BLOCKS) - 1, int((p - low) / span * len(BLOCKS)))] for p in peaks
@@ -125,9 +129,11 @@ def verdict_lines(findings: list[Finding], single: bool = True) -> list[str]:
         return ["Verdict:"] + ["  " + line(f) for f in findings]
     overall = [f for f in findings if f.code in COMPARISON_CODES or not f.variant]
     base = [f for f in findings if f.variant == "none" and f not in overall]
+    trouble = [f for f in base if f.kind == "problem"]
     others = [f for f in findings if f.variant and f.variant != "none" and f not in overall
               and (f.kind in SHOWN_KINDS or f.code == "clip_never_binds")]
-    return ["Verdict:"] + ["  " + line(f) for f in base + overall + others]
+    shown = trouble + overall + [f for f in base if f not in trouble] + others  # the answer right after the trouble
+    return ["Verdict:"] + ["  " + line(f) for f in shown]
 
 
 # --- comparisons ------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def print_compare(console, variants: list[Variant], title: str) -> None:
         if natural_width(table) <= console.width:
             console.print(table)
             if sparks and not spark:
-                console.print(loss_lines(variants, console.width))
+                print_loss_lines(console, variants)
             return
     groups, group = [], []
     for v in variants:
@@ -215,21 +221,21 @@ def print_compare(console, variants: list[Variant], title: str) -> None:
         console.print(escape(title + part), style="italic")  # a line of its own: the narrow table would wrap it
         console.print(stacked_compare_table(group, ""))
     if sparks:
-        console.print(loss_lines(variants, console.width))
+        print_loss_lines(console, variants)
 
 
-def loss_lines(variants: list[Variant], width: int) -> Table:
+def print_loss_lines(console, variants: list[Variant]) -> None:
     """The loss sparklines alone, one line per variant, as wide as the terminal allows (at most
     48): the picture of a table too wide to carry it."""
     label = max(len(v.shown_label) for v in variants)
-    spark = max(8, min(48, width - label - 7))
-    table = Table(title="loss per step (each character the highest loss of its steps; ▁ lowest, █ highest)",
-                  title_justify="left", show_header=False, box=None)
+    spark = max(8, min(48, console.width - label - 4))
+    console.print("loss per step: each character the highest loss of its steps, ▁ lowest, █ highest", style="italic")
+    table = Table(show_header=False, box=None, padding=(0, 1, 0, 0))
     table.add_column("variant", no_wrap=True)
     table.add_column("loss", no_wrap=True)
     for v in variants:
         table.add_row(escape(v.shown_label), sparkline([r["loss"] for r in v.rows], spark))
-    return table
+    console.print(table)
 
 
 def instability(summary: dict) -> int:

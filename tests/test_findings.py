@@ -1,0 +1,259 @@
+"""Issue 21: findings on scenarios whose truth is known, each code and number checked against an
+independent computation (NumPy on the CSV the same command wrote), through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import read_csv
+from gradwatch.diagnose.findings import CODES, FAIL_ON_EXIT
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """Small real models (.keras) and data files with known behaviour."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("findings")
+    keras.utils.set_random_seed(3)
+    linear = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    linear.save(str(folder / "linear.keras"))
+    cosine = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    cosine.save(str(folder / "cosine.keras"))
+    reg = keras.Sequential([keras.Input((4,)), keras.layers.Dense(
+        1, use_bias=False, kernel_initializer="ones", kernel_regularizer=keras.regularizers.L2(0.1))])
+    reg.compile(optimizer="sgd", loss="mse")
+    reg.save(str(folder / "reg.keras"))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype("float32")
+    w = np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")
+    np.savez(folder / "exact.npz", x=x, y=x @ w)  # a linear model can fit it to float32 noise
+    y = x @ w + 0.1 * rng.normal(size=(80, 1)).astype("float32")
+    outlier = y.copy()
+    outlier[43] = 400.0  # one row, in batch 6 of every unshuffled epoch
+    np.savez(folder / "outlier.npz", x=x, y=outlier)
+    np.savez(folder / "noisy.npz", x=x, y=y)
+    direction = rng.normal(size=(4, 3)).astype("float32")
+    np.savez(folder / "cosine.npz", x=x, y=x @ direction + 1.5 * rng.normal(size=(80, 3)).astype("float32"))
+    np.savez(folder / "zeros.npz", x=np.zeros((80, 4), "float32"), y=np.zeros((80, 1), "float32"))
+    return folder
+
+
+def _run(cli, tmp_path, *args, command="run", code=0):
+    csv, found = tmp_path / "rows.csv", tmp_path / "findings.json"
+    got, out, err = cli(command, *args, "--csv", csv, "--findings", found, "-q")
+    assert got == code, err
+    return read_csv(csv), json.loads(found.read_text()), out
+
+
+def _codes(findings, variant=None):
+    return {f["code"] for f in findings if variant is None or f["variant"] == variant}
+
+
+def _one(findings, code, variant=None):
+    hits = [f for f in findings if f["code"] == code and (variant is None or f["variant"] == variant)]
+    assert len(hits) == 1, [(f["code"], f["variant"]) for f in findings]
+    return hits[0]
+
+
+def _rises(loss, window=20):
+    """Each step's rise above the median of the previous finite losses (NumPy, not the rule's code)."""
+    out = []
+    for k in range(len(loss)):
+        before = loss[max(0, k - window):k]
+        before = before[np.isfinite(before)]
+        out.append(loss[k] - np.median(before) if len(before) >= 3 else 0.0)
+    return np.array(out)
+
+
+def test_a_converged_near_zero_regression_has_no_spikes(cli, lab, tmp_path):
+    rows, found, out = _run(cli, tmp_path, lab / "linear.keras", "--data", lab / "exact.npz", "--loss", "mse",
+                            "--optimizer", "adam", "--lr", 0.05, "--batch-size", BATCH, "--epochs", 40)
+    loss = rows["loss"].to_numpy()
+    assert loss[-50:].max() < 1e-6 * loss[0]  # converged to float32 noise
+    medians = loss - _rises(loss)
+    assert (loss[-200:] > 2 * medians[-200:]).any()  # the noise more than doubles its running median at times
+    assert "loss_spikes" not in _codes(found) and "stable" in _codes(found)
+    assert not rows["loss_spike"].any()
+    assert "Loss is stable: no loss spikes, no non-finite steps" in out
+
+
+def test_a_negative_noisy_loss_has_no_spikes(cli, lab, tmp_path):
+    rows, found, _ = _run(cli, tmp_path, lab / "cosine.keras", "--data", lab / "cosine.npz", "--loss",
+                          "cosine_similarity", "--lr", 0.05, "--batch-size", BATCH, "--epochs", 20)
+    loss = rows["loss"].to_numpy()
+    assert loss[0] > 0 and loss.min() < -0.5  # through zero to negative, noisy from batch to batch
+    rises = _rises(loss)
+    medians = loss - rises
+    assert (rises > np.abs(medians)).sum() >= 3  # a rule relative to |median| alone would call these spikes
+    assert not rows["loss_spike"].any() and "loss_spikes" not in _codes(found)
+    assert _one(found, "stable")
+
+
+@pytest.mark.parametrize("shuffle", ["--no-shuffle", "--shuffle"])
+def test_outlier_rows_that_spike_every_epoch_are_named(cli, lab, tmp_path, shuffle):
+    rows, found, out = _run(cli, tmp_path, lab / "linear.keras", "--data", lab / "outlier.npz", "--loss", "mse",
+                            "--lr", 0.002, "--batch-size", BATCH, "--epochs", 6, shuffle)
+    spikes = rows.loc[rows["loss_spike"], "step"].tolist()
+    data = np.load(lab / "outlier.npz")
+    if shuffle == "--no-shuffle":
+        assert spikes and all((s - 1) % 10 == 5 for s in spikes) and len(spikes) >= 4  # batch 6, rows 40-47
+    finding = _one(found, "spikes_from_data")
+    assert finding["steps"] == spikes and finding["numbers"]["cause"] == "rows"
+    named = finding["numbers"]["rows"][0]
+    assert named["row"] == 43
+    y = data["y"][:, 0].astype(np.float64)
+    mad = np.median(np.abs(y - np.median(y)))
+    assert named["target_mads"] == pytest.approx(abs(y[43] - np.median(y)) / mad, rel=1e-6)
+    assert "row 43 (inputs" in finding["message"] and "[spikes_from_data]" in out
+
+
+def test_global_clipping_calms_an_exploding_rnn_and_is_recommended_with_its_numbers(cli, tmp_path):
+    rows, found, out = _run(cli, tmp_path, "--sample", "rnn-adding", "--thresholds", "none,1", command="compare")
+    best = _one(found, "recommended")
+    assert best["variant"] == "global 1"
+    for clip, key in (("global", "final_loss"), ("none", "baseline_final_loss")):
+        part = rows[rows["clip"] == clip]["loss"].to_numpy()
+        tail = part[-max(1, math.ceil(len(part) * 0.1)):]
+        assert best["numbers"][key] == pytest.approx(float(np.median(tail[np.isfinite(tail)])), rel=1e-9)
+    base = rows[rows["clip"] == "none"]
+    assert best["numbers"]["baseline_instability"] == int(base["loss_spike"].sum() + base["nonfinite"].sum()) > 0
+    clipped = rows[rows["clip"] == "global"]
+    assert best["numbers"]["instability"] == int(clipped["loss_spike"].sum() + clipped["nonfinite"].sum())
+    assert best["numbers"]["pct_clipped"] == pytest.approx(100 * clipped["clipped"].mean())
+    assert "Recommended: global 1" in out
+
+
+def test_a_threshold_at_a_tenth_of_the_median_norm_always_binds_and_says_the_factor(cli, lab, tmp_path):
+    args = (lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse", "--lr", 0.05, "--batch-size", BATCH,
+            "--epochs", 3)
+    free, _, _ = _run(cli, tmp_path, *args)
+    threshold = float(np.median(free["grad_norm"])) / 10
+    rows, found, out = _run(cli, tmp_path, *args, "--clip", "global", "--norm", threshold)
+    finding = _one(found, "clip_always_binds")
+    assert rows["clipped"].mean() >= 0.9
+    assert finding["numbers"]["pct_clipped"] == pytest.approx(100 * rows["clipped"].mean())
+    factor = rows.loc[rows["clipped"], "clip_ratio"].mean()
+    assert finding["numbers"]["lr_factor"] == pytest.approx(factor)
+    assert f"the learning rate x {factor:.3g}" in finding["message"]
+    # one clipped run cannot say whether clipping helps: it says so, with the command that can
+    hint = _one(found, "no_baseline")
+    assert "gradwatch compare" in hint["numbers"]["command"] and "--thresholds none," in hint["numbers"]["command"]
+
+
+def test_zclip_on_a_run_that_diverges_inside_its_warmup(cli, lab, tmp_path):
+    rows, found, out = _run(cli, tmp_path, lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse",
+                            "--lr", 5.0, "--batch-size", BATCH, "--steps", 40, "--variants", "none,zclip",
+                            command="compare")
+    zclip = rows[rows["clip"] == "zclip"]
+    first_bad = int(zclip.loc[zclip["nonfinite"], "step"].min())
+    assert first_bad <= 25
+    finding = _one(found, "warmup_not_reached")
+    assert finding["variant"] == "zclip 2.5" and finding["numbers"]["step"] == first_bad
+    assert _one(found, "nonfinite", "none") and _one(found, "no_variant_calm")
+
+
+def test_a_loss_that_is_all_regularization(cli, lab, tmp_path):
+    rows, found, _ = _run(cli, tmp_path, lab / "reg.keras", "--data", lab / "zeros.npz", "--batch-size", BATCH,
+                          "--steps", 10)
+    assert np.allclose(rows["reg_loss"], rows["loss"]) and (rows["loss"] > 0).all()  # the data loss is 0
+    finding = _one(found, "regularization_dominates")
+    assert finding["numbers"]["reg_share"] == pytest.approx(float(np.median(rows["reg_loss"] / rows["loss"])))
+
+
+def test_suggest_on_a_probe_that_diverges_says_so(cli, lab, tmp_path):
+    code, out, err = cli("suggest", lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse", "--lr", 5.0,
+                         "--batch-size", BATCH, "--steps", 40, "-q")
+    probe = tmp_path / "probe.csv"
+    assert cli("run", lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse", "--lr", 5.0,
+               "--batch-size", BATCH, "--steps", 40, "--csv", probe, "-q")[0] == 0
+    rows = read_csv(probe)
+    bad, first = int(rows["nonfinite"].sum()), int(rows.loc[rows["nonfinite"] | rows["loss_spike"], "step"].min())
+    assert bad > 0 and first < 20
+    # lr 5 breaks a probe clipped by AutoClip too: no proposal, and why, in one line
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"no threshold proposed: the unclipped probe broke down at step {first} (non-finite on {bad} of 40 steps)" in err
+    assert "the probe clipped by AutoClip (p=10) at step" in err and out == ""
+
+
+def test_fail_on_exits_4_after_writing_every_output(cli, lab, tmp_path):
+    args = (lab / "linear.keras", "--data", lab / "outlier.npz", "--loss", "mse", "--lr", 0.002, "--batch-size",
+            BATCH, "--epochs", 3, "--no-shuffle")
+    rows, found, _ = _run(cli, tmp_path, *args, "--fail-on", "nonfinite,loss_spikes", code=FAIL_ON_EXIT)
+    assert len(rows) == 30 and "loss_spikes" in _codes(found)
+    rows, found, _ = _run(cli, tmp_path, *args, "--fail-on", "nonfinite,diverged", code=0)
+    code, _, err = cli("run", *args, "--fail-on", "loss_spike", "-q")
+    assert code == 2 and "unknown finding code loss_spike" in err and len(err.strip().splitlines()) == 1
+    assert FAIL_ON_EXIT not in (0, 1, 2, 3, 74, 129, 130, 141, 143)
+
+
+def test_every_code_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for code in CODES:
+        assert f"| `{code}` |" in readme, code
+
+
+def test_run_help_groups_its_options_in_panels(cli):
+    code, out, _ = cli("run", "--help")
+    assert code == 0
+    headings = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings == ["Arguments:", "Model and data:", "Training:", "Clipping:", "Diagnosis:", "Outputs:", "Scale:",
+                        "Options:"]
+    section = out[out.index("Clipping:"):out.index("Diagnosis:")]
+    assert "--clip" in section and "--norm" in section and "--sparse-norm" in section
+
+
+def test_every_table_fits_80_columns_with_numbers_whole(cli, lab, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    data = ("--data", lab / "outlier.npz", "--loss", "mse", "--lr", 0.002, "--batch-size", BATCH, "--epochs", 3)
+    long = tmp_path / "long.csv"
+    for args in (("run", lab / "linear.keras", *data, "--clip", "global", "--norm", 1),
+                 ("compare", lab / "linear.keras", *data, "--variants", "none,global:1,agc,zclip", "--csv", long)):
+        code, out, err = cli(*args, "-q")
+        assert code == 0, err
+        assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+        assert "Verdict:" in out
+    code, out, _ = cli("compare", lab / "linear.keras", *data, "--variants", "none,global:1", "-q")
+    lines = out.splitlines()
+    start = lines.index("loss per step: each character the highest loss of its steps, ▁ lowest, █ highest")
+    spark = lines[start + 1].split()[-1]  # the picture survives at 80 columns, one line per variant
+    assert len(spark) >= 24 and set(spark) <= set("▁▂▃▄▅▆▇█!")
+
+
+def test_the_sparkline_is_scaled_from_the_lowest_to_the_highest_loss_at_every_width():
+    from gradwatch.report import BLOCKS, sparkline
+
+    # a burst to 100 in every stretch but the last, whose loss sits 8.7x above the best (1.0)
+    losses = ([1.0] * 9 + [100.0]) * 11 + [8.7] * 10
+    for width in (12, 24, 48):
+        line = sparkline(losses, width)
+        assert len(line) == width and line[-1] == BLOCKS[int(np.log10(8.7) / 2 * 8)] and BLOCKS[-1] in line
+    assert sparkline([2.0, 1.0, 3.0], 3) == "▄▁█"  # linear within 10x
+    assert sparkline([1.0, float("nan"), 2.0], 3) == "▁!█"
+
+
+def test_the_heat_maps_show_the_chosen_and_the_worst_variant_that_did_not_diverge():
+    from gradwatch.diagnose.attribution import LayerWatch
+    from gradwatch.diagnose.findings import Finding
+    from gradwatch.report import Variant, heat_variants
+
+    def variant(clip, param, losses):
+        rows = [{"step": k + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0, "clip_ratio": 1.0,
+                 "clipped": False, "lr": 1.0, "nonfinite": False, "loss_spike": False, "time_ms": 1.0}
+                for k, v in enumerate(losses)]
+        return Variant(clip, param, rows, layers=LayerWatch(["w"], ["dense"]))
+
+    calm = variant("global", 1.0, [1.0] * 30)
+    jumpy = variant("global", 5.0, [1.0, 1.0, 1.0, 9.0] * 8)
+    jumpy.rows[3]["loss_spike"] = True
+    gone = variant("none", None, [1.0] * 10 + [1e35] * 20)
+    found = [Finding("diverged", "none", "x"), Finding("recommended", "global 1", "y")]
+    assert heat_variants([gone, jumpy, calm], found) == [jumpy, calm]
