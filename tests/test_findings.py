@@ -236,7 +236,7 @@ def test_the_sparkline_is_scaled_from_the_lowest_to_the_highest_loss_at_every_wi
     for width in (12, 24, 48):
         line = sparkline(losses, width)
         assert len(line) == width and line[-1] == BLOCKS[int(np.log10(8.7) / 2 * 8)] and BLOCKS[-1] in line
-    assert sparkline([2.0, 1.0, 3.0], 3) == "▄▁█"  # linear within 10x
+    assert sparkline([2.0, 1.0, 3.0], 3) == "▅▁█"  # linear within 10x: halfway is the fifth block
     assert sparkline([1.0, float("nan"), 2.0], 3) == "▁!█"
 
 
