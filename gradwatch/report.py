@@ -461,6 +461,30 @@ def heat_variants(variants: list[Variant], found: list[Finding] | None = None) -
     return [chosen] if worst is chosen else [worst, chosen]
 
 
+def loss_axis(variants: list[Variant]) -> tuple[bool, float | None]:
+    """The loss panel's axis: log scale or not, and where to cut it (None: nowhere).
+
+    Log when the finite losses of the variants that did not diverge are positive and span more
+    than 10x. When a variant diverged above them, the axis stops just above the highest loss of
+    the others (3x on a log axis, 1.1x on a linear one); with every variant diverged, at
+    LOSS_AXIS_SPAN x the highest median loss."""
+    from .diagnose.findings import _diverged
+
+    finite = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
+    calm = [v for v in variants if not _diverged(v.summary)]
+    calm_losses = [r["loss"] for v in calm for r in v.rows if math.isfinite(r["loss"])]
+    shown = calm_losses or finite
+    log = bool(shown) and min(shown) > 0 and max(shown) / min(shown) > 10
+    if calm_losses and len(calm) < len(variants) and max(finite) > max(calm_losses):
+        high = max(calm_losses)
+        return log, (high * (3.0 if log else 1.1) if high > 0 else high + 1.0)
+    medians = [m for v in variants if (f := [r["loss"] for r in v.rows if math.isfinite(r["loss"])])
+               and (m := statistics.median_high(f)) > 0]
+    if finite and medians and max(finite) > LOSS_AXIS_SPAN * max(medians):
+        return log, LOSS_AXIS_SPAN * max(medians)
+    return log, None
+
+
 def _same_losses(a: Variant, b: Variant) -> bool:
     la, lb = [r["loss"] for r in a.rows], [r["loss"] for r in b.rows]
     return len(la) == len(lb) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(la, lb))
@@ -479,8 +503,6 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .diagnose.findings import _diverged
 
     watched = heat_variants(variants, found)
     heights = [1.2 + 0.25 * len(heat_layers(v.layers)) for v in watched]
@@ -516,21 +538,9 @@ def plot(variants: list[Variant], path: str, title: str = "", fmt_name: str = "p
         rolling = [sum(flags[max(0, k - window + 1) : k + 1]) / len(flags[max(0, k - window + 1) : k + 1]) for k in range(len(flags))]
         axes[2].plot(steps, rolling, color=color, lw=width)
     finite_losses = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
-    calm = [v for v in variants if not _diverged(v.summary)]
-    calm_losses = [r["loss"] for v in calm for r in v.rows if math.isfinite(r["loss"])]
-    shown = calm_losses if calm and calm_losses else finite_losses
-    if shown and min(shown) > 0 and max(shown) / min(shown) > 10:
+    log, top = loss_axis(variants)
+    if log:
         axes[0].set_yscale("log")  # a jumping baseline would flatten the clipped curves
-    top = None
-    if calm_losses and len(calm) < len(variants) and finite_losses and max(finite_losses) > max(calm_losses):
-        high = max(calm_losses)
-        top = high * (3.0 if axes[0].get_yscale() == "log" else 1.1) if high > 0 else high + 1.0
-    elif finite_losses:
-        medians = [statistics.median_high(finite) for v in variants
-                   if (finite := [r["loss"] for r in v.rows if math.isfinite(r["loss"])])]
-        medians = [m for m in medians if m > 0]
-        if medians and max(finite_losses) > LOSS_AXIS_SPAN * max(medians):
-            top = LOSS_AXIS_SPAN * max(medians)
     if top is not None:
         axes[0].set_ylim(top=top)
         axes[0].text(0.01, 0.02, f"axis cut at {top:.3g}; the loss reaches {max(finite_losses):.3g}",

@@ -257,3 +257,24 @@ def test_the_heat_maps_show_the_chosen_and_the_worst_variant_that_did_not_diverg
     gone = variant("none", None, [1.0] * 10 + [1e35] * 20)
     found = [Finding("diverged", "none", "x"), Finding("recommended", "global 1", "y")]
     assert heat_variants([gone, jumpy, calm], found) == [jumpy, calm]
+
+
+def test_a_variant_that_diverges_to_1e35_does_not_flatten_the_others_and_the_picture_is_drawn(tmp_path):
+    from gradwatch.report import Variant, loss_axis, plot
+
+    def variant(clip, param, losses):
+        return Variant(clip, param, [{"step": k + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0,
+                                      "clip_ratio": 1.0, "clipped": clip != "none", "lr": 1.0, "nonfinite": False,
+                                      "loss_spike": False, "time_ms": 1.0, "threshold": 1.0}
+                                     for k, v in enumerate(losses)])
+
+    calm = [variant("global", t, [5 * 0.99**k + 0.01 * t for k in range(50)]) for t in (1.0, 2.0, 5.0)]
+    gone = variant("none", None, [5.0 * 10 ** (k * 0.7) for k in range(50)])  # finite: 5e34 at the end
+    log, top = loss_axis([gone] + calm)
+    highest = max(r["loss"] for v in calm for r in v.rows)
+    assert top == pytest.approx(1.1 * highest) and not log  # the calm variants fill the axis
+    assert loss_axis(calm) == (False, None)
+    twin = variant("global", 10.0, [r["loss"] for r in calm[0].rows])  # identical to global 1
+    path = tmp_path / "p.png"
+    plot([gone] + calm + [twin], str(path))
+    assert path.stat().st_size > 10_000

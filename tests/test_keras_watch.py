@@ -80,18 +80,30 @@ def test_per_tensor_strategies_equal_keras_own_options(clip, option, keras_name)
     assert watch.rows["clipped"].any()
 
 
-def test_jit_compile_and_an_adaptive_strategy_and_a_spike_in_the_summary():
+def test_jit_compile_and_an_adaptive_strategy_and_a_spike_in_the_summary(tmp_path):
     import keras
 
     from gradwatch.keras import GradientWatch
 
-    watch = GradientWatch(clip="autoclip", percentile=50)
+    csv = tmp_path / "watched.csv"
+    watch = GradientWatch(clip="autoclip", percentile=50, csv=csv)
     fit(watch.wrap(keras.optimizers.SGD(0.05)), [watch], jit_compile=True, x_y=data(spike_batch=6))
     rows = watch.rows
     assert len(rows) == 20 and np.isfinite(rows["threshold"]).all()
     assert (rows["clipped_norm"] <= rows["grad_norm"] * (1 + 1e-6)).all()
     summary = watch.summary()
     assert "Loss is jumping" in summary.verdict[0] and "first at step 7" in summary.verdict[0]
+    spikes = rows.loc[rows["loss_spike"], "step"].tolist()
+    found = {f["code"]: f for f in summary.findings}
+    assert found["loss_spikes"]["steps"] == spikes and found["loss_spikes"]["variant"] == "autoclip 50"
+    # the CLI reads the same rows to the same findings: one rule, written once
+    import json
+
+    from gradwatch.cli import main
+
+    out = tmp_path / "findings.json"
+    assert main(["report", str(csv), "--findings", str(out)]) == 0
+    assert json.loads(out.read_text()) == summary.findings
 
 
 def test_misuse_gets_a_clear_error():
