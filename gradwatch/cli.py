@@ -254,6 +254,7 @@ def run(
 
     clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
     codes = _fail_codes(fail_on)
+    given = dict(locals())
     spec = _resolved(locals())
     silent = not _writes(spec)
     if silent:  # a multi-worker run's other workers train along and write nothing
@@ -264,6 +265,9 @@ def run(
     _check_paths(spec, {"--csv": csv, "--plot": plot, "--layers-csv": layers_csv, "--tensorboard": tensorboard,
                         "--save-checkpoints": save_checkpoints, "--findings": findings})
     info: dict = {"per_variable": _per_variable(per_variable, format, layers_csv, tensorboard)}
+    from .session import run_line_from_options
+
+    info["command"] = run_line_from_options(given)  # for the compare command a clipped run's verdict gives
     sink = CsvSink(csv, CSV_COLUMNS) if csv else None
     layers_sink = _layers_sink(layers_csv, [sink])
     info["layers_sink"] = layers_sink
@@ -321,7 +325,8 @@ class _Diagnosis:
 
         key = [(id(r), len(r.rows)) for r in results]
         if key != self._key:
-            self._key, self._found = key, findings_of(self.variants(results), self.info.get("data_view"))
+            self._key, self._found = key, findings_of(self.variants(results), self.info.get("data_view"),
+                                                      self.info.get("command"))
         return self._found
 
     def write(self, results, path) -> None:

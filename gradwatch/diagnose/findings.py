@@ -391,26 +391,28 @@ def compare_findings(variants, decide, data=None) -> list[Finding]:
     return out
 
 
-def findings_of(variants, data=None) -> list[Finding]:
-    """A run (one variant) or a comparison: the findings the verdict prints."""
+def findings_of(variants, data=None, command: list | None = None) -> list[Finding]:
+    """A run (one variant) or a comparison: the findings the verdict prints. ``command``: the
+    user's ``gradwatch run ...`` as parts, without clipping (session.run_line_from_options), for
+    the compare command no_baseline gives; without it, the one the rows' META_COLUMNS describe."""
     from ..report import compare_decision
 
     variants = list(variants)
     if len(variants) == 1:
         found = run_findings(variants[0], data)
         if not variants[0].is_baseline and variants[0].clip != "run":
-            found.append(no_baseline(variants[0]))
+            found.append(no_baseline(variants[0], command))
         return found
     found = compare_findings(variants, compare_decision, data)
     if not any(v.is_baseline for v in variants):
-        found.append(no_baseline(variants[0]))
+        found.append(no_baseline(variants[0], command))
     return found
 
 
-def no_baseline(variant) -> Finding:
+def no_baseline(variant, command: list | None = None) -> Finding:
     from ..session import run_line_from_meta
 
-    parts = run_line_from_meta(variant.meta or {})
+    parts = list(command) if command else run_line_from_meta(variant.meta or {})
     parts[1] = "compare"
     import shlex
 
