@@ -256,9 +256,13 @@ class Trainer:
         state = self._initial_state(strategy)
         tf.random.set_seed(self.options.seed)
         with _loss_errors(), distribute.scope(self.distribution):
-            traced.get_concrete_function(
-                iter(self._batches()), tf.constant(1), tf.constant(0.0), state, tf.constant(False), tf.constant(-1)
-            )
+            iterator = iter(self._batches())
+            try:
+                traced.get_concrete_function(
+                    iterator, tf.constant(1), tf.constant(0.0), state, tf.constant(False), tf.constant(-1)
+                )
+            finally:
+                self._drop(iterator)
         self._blocks[key] = traced
         return traced
 
@@ -556,11 +560,28 @@ class Trainer:
             from ..diagnose import LayerWatch
 
             result.layers = LayerWatch(*self.variable_names, rule=options.spike_rule, shapes=self.variable_shapes)
-        iterator = iter(self._batches())
+        iterators = [iter(self._batches())]  # in a list, so that _drop can end it wherever the run ends
         # Workers of a multi-worker run meet in every step's all-reduce: their blocks must have
         # the same lengths, which timing-based sizes would not give.
         auto = options.fetch_every is None and not distribute.is_multi_worker(self.distribution)
         size = options.fetch_every or (1 if auto else LOCKSTEP_BLOCK)
+        try:
+            return self._train(clipping, result, iterators, block, param, state, stop_on_nonfinite, detector, auto, size,
+                               on_rows, on_progress, on_variables, on_capture)
+        finally:  # finished, interrupted, stopped or failed: end the pipeline's threads, then drop the iterator
+            self._drop(iterators.pop())
+
+    def _drop(self, iterator) -> None:
+        """Let go of a tf.data iterator without the hang of pipeline._Guard (quiesce first)."""
+        self.pipeline.quiesce()
+        del iterator
+
+    def _train(self, clipping, result, iterators, block, param, state, stop_on_nonfinite, detector, auto, size,
+               on_rows, on_progress, on_variables, on_capture) -> RunResult:
+        """The loop of :meth:`run` over blocks of steps."""
+        import tensorflow as tf
+
+        options = self.options
         try:
             with deferred_interrupt() as interrupted:
                 while len(result.rows) < self.total_steps and not interrupted():
@@ -575,8 +596,8 @@ class Trainer:
                     due = self.capture_every and (ends == self.total_steps or ends % self.capture_every == 0)
                     capture_at = tf.constant(size - 1 if due else -1)  # keep the gradients of this block's last step
                     try:
-                        done, arrays, state = block(iterator, tf.constant(size), param, state, stop_on_nonfinite,
-                                                    capture_at)
+                        done, arrays, state = block(iterators[0], tf.constant(size), param, state, stop_on_nonfinite,
+                                                    capture_at)  # no local name: _drop holds the only reference
                     except Exception as exc:
                         if not (self.xla and not result.rows and _xla_failed(exc)):
                             raise

@@ -8,10 +8,64 @@ gets its consecutive share of every global batch (:func:`distribute.split_batche
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import data as data_mod
 from . import distribute
+
+# How long an ending run lets tf.data's threads leave the pipeline's Python generators: a thread
+# waiting for the GIL gets it within the interpreter's switch interval (5 ms) once it is released.
+QUIESCE_S = 0.05
+
+
+class _Guard:
+    """The Python generators inside the pipeline, and how a run ends them.
+
+    tf.data calls a ``from_generator`` generator from its own threads, taking the GIL each time.
+    Destroying an iterator waits for those threads; it happens in Python (a reference dropped),
+    with the GIL held, so a thread that was just then waiting for the GIL to call the generator
+    never returns: the process hangs in ``IteratorResource::~IteratorResource``. :meth:`quiesce`
+    ends that race before the iterator is dropped: it tells every generator to stop (its next
+    call returns), then waits with the GIL released until each has seen it, so that no thread is
+    in, or waiting to enter, Python when the iterator goes; a thread that never comes back for
+    more is blocked on a full buffer, which cancellation ends without Python.
+    """
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self._live: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def wrap(self, make):
+        """``make()`` -> a generator; the stoppable generator function for from_generator."""
+        def generator():
+            ended = threading.Event()
+            with self._lock:
+                self._live.append(ended)
+            try:
+                items = make()
+                while not self.stop.is_set():
+                    try:
+                        item = next(items)
+                    except StopIteration:
+                        return
+                    yield item
+            finally:
+                ended.set()
+
+        return generator
+
+    def quiesce(self) -> None:
+        self.stop.set()
+        with self._lock:
+            live = list(self._live)
+        for ended in live:
+            ended.wait(QUIESCE_S)  # releases the GIL: a waiting thread gets in, sees stop, returns
+        self.stop.clear()
+        with self._lock:
+            self._live = [e for e in self._live if not e.is_set()]
 
 
 class Pipeline:
@@ -24,6 +78,7 @@ class Pipeline:
         self.base_lr, self.distribution = base_lr, distribution
         self._pipeline = None  # the tf.data pipeline, built on first use
         self._distributed = None  # its distributed form under a strategy
+        self.guard = _Guard()  # ends its Python generators before an iterator is dropped (quiesce)
 
     def specs(self):
         import tensorflow as tf
@@ -34,6 +89,10 @@ class Pipeline:
             return tf.TensorSpec((size,) + array.shape[1:], tf.as_dtype(array.dtype))
 
         return tf.nest.map_structure(spec, self.data.x), spec(self.data.y)
+
+    def quiesce(self) -> None:
+        """Before a run drops its iterator (finished, interrupted or failed): see :class:`_Guard`."""
+        self.guard.quiesce()
 
     def batches(self):
         """What the block iterates: :meth:`dataset`, or under a strategy its distributed form
@@ -105,11 +164,12 @@ class Pipeline:
                 return tf.TensorSpec((None,) + tuple(member.shape[1:]), tf.as_dtype(member.dtype))
 
             batches = tf.data.Dataset.from_generator(
-                read_batches, output_signature=(tf.nest.map_structure(spec, self.data.x), spec(self.data.y)))
+                self.guard.wrap(read_batches), output_signature=(tf.nest.map_structure(spec, self.data.x), spec(self.data.y)))
         else:  # in memory: the rows of each batch gathered from constants in tf.data's threads
             with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
                 x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
-            rows = tf.data.Dataset.from_generator(orders, output_signature=tf.TensorSpec((per, size), tf.int64))
+            rows = tf.data.Dataset.from_generator(self.guard.wrap(orders),
+                                                  output_signature=tf.TensorSpec((per, size), tf.int64))
             pairs = tf.data.Dataset.zip((rows.unbatch().skip(start), rates)).take(self.total_steps)
             batches = pairs.map(
                 lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
