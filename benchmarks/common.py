@@ -23,6 +23,14 @@ MODELS = {
         "lr": 1.0,
         "clip_norm": 5.0,
     },
+    "conv": {
+        "what": "conv net with BatchNorm: 16x16x3 -> 2 x (Conv 3x3, BatchNorm, ReLU) -> 10 classes, batches of 32",
+        "loss": "sparse_categorical_crossentropy",
+        "from_logits": True,
+        "batch_size": 32,
+        "lr": 0.05,
+        "clip_norm": 1.0,
+    },
     "dense": {
         "what": "dense regression net: 32 -> 64 -> 64 -> 1 (tanh), batches of 32",
         "loss": "mse",
@@ -84,6 +92,18 @@ def build(workdir: Path, ptb_text: Path) -> dict:
     h = keras.layers.Dense(64, activation="tanh")(inputs)
     h = keras.layers.Dense(64, activation="tanh")(h)
     keras.Model(inputs, keras.layers.Dense(1)(h)).save(workdir / "dense.keras")
+
+    xc = rng.normal(size=(4096, 16, 16, 3)).astype(np.float32)
+    yc = (xc[:, :8, :8, 0].mean(axis=(1, 2)) * 10).astype(np.int64) % 10
+    np.savez(workdir / "conv.npz", x=xc, y=yc)
+    inputs = keras.Input((16, 16, 3))
+    h = inputs
+    for filters, stride in ((16, 1), (32, 2)):
+        h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(h)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    keras.Model(inputs, keras.layers.Dense(10)(h)).save(workdir / "conv.keras")
 
     info = {"ptb_tokens": int(len(ids)), "ptb_batches_per_epoch": int(len(x) // MODELS["ptb-small"]["batch_size"])}
     (workdir / "built.json").write_text(json.dumps(info))
