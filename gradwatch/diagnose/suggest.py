@@ -45,7 +45,6 @@ class Suggestion:
     stats: dict  # median, p90, max of the global norm: "calm" and "all" finite steps
     candidates: list[tuple[float, float, float]]  # (threshold, % of calm steps clipped, % of all finite steps clipped)
     keras: float | None = None  # the same threshold for Keras' global_clipnorm, where it differs (keras_threshold)
-    nonfinite: int = 0  # the probe's non-finite steps
 
     def findings(self, rows, unclipped: "TooFewCalmSteps | None" = None) -> list:
         """probe_diverged when the unclipped probe (``rows``) went non-finite or diverged, with
@@ -125,7 +124,6 @@ def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: s
         return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)), "max": float(values.max())}
 
     return Suggestion(
-        nonfinite=len(broken),
         threshold=threshold,
         rule=rule,
         calm_steps=int(calm.sum()),
