@@ -7,11 +7,43 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradwatch.errors import GradwatchError
 from gradwatch.diagnose.spikes import SpikeRule
 from gradwatch.records import COLUMNS, read_rows, summarize
 from gradwatch.sinks import rows_to_csv
+
+
+def _numpy_rule(values, rule):
+    """The README's spike rule written out with NumPy over the whole series (the reference)."""
+    finite = [v for v in values if math.isfinite(v)]
+    out, seen = [], 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(False)
+            continue
+        before = np.array(finite[max(0, seen - rule.window):seen])
+        scale = max([abs(x) for x in finite[:seen]], default=0.0)
+        spike = False
+        if len(before) >= min(rule.min_history, rule.window):
+            median = np.median(before)
+            mad = np.median(np.abs(before - median))
+            rise = v - median
+            spike = bool(rise > max((rule.factor - 1) * abs(median), rule.noise * mad, rule.floor * scale,
+                                    64 * 2.0**-23 * scale))
+        out.append(spike)
+        seen += 1
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(-1e6, 1e6), st.sampled_from([math.nan, math.inf, 0.0, 1.0, 2.0])), max_size=80),
+       st.integers(1, 25), st.integers(1, 6), st.sampled_from([1.5, 2.0, 4.0]), st.sampled_from([0.0, 0.01]))
+def test_the_spike_rule_is_the_numpy_reference_of_the_readme(values, window, min_history, factor, floor):
+    rule = SpikeRule(factor=factor, window=window, min_history=min_history, floor=floor)
+    assert rule.mark(values) == _numpy_rule(values, rule)
 
 
 def test_smooth_decreasing_loss_has_no_spike():

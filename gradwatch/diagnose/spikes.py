@@ -3,11 +3,10 @@ trainer, GradientWatch, the per-variable attribution, suggest and the reports. N
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..errors import GradwatchError
 
@@ -61,11 +60,18 @@ class SpikeRule:
 
 class SpikeDetector:
     """The spike rule, fed one value at a time during a run. After each :meth:`update`,
-    ``median`` is the median it compared against (NaN before enough history)."""
+    ``median`` is the median it compared against (NaN before enough history).
+
+    It runs once a step for every series it watches, so it is plain Python over a window kept
+    sorted (``bisect``): the medians are those ``np.median`` gives (the mean of the two middle
+    values of an even window), and the MAD is only worked out when the other three bounds
+    have not already decided the step."""
 
     def __init__(self, rule: SpikeRule):
         self.rule = rule
         self.history: deque[float] = deque(maxlen=rule.window)
+        self._sorted: list[float] = []  # the history, in order of size
+        self._needed = min(rule.min_history, rule.window)
         self.scale = 0.0  # the largest magnitude so far
         self.median = math.nan
 
@@ -74,16 +80,28 @@ class SpikeDetector:
         if not math.isfinite(value):
             return False
         spike = False
-        if len(self.history) >= min(self.rule.min_history, self.rule.window):
-            window = np.fromiter(self.history, dtype=np.float64, count=len(self.history))
-            median = float(np.median(window))
+        window = self._sorted
+        n = len(window)
+        if n >= self._needed:
+            half = n // 2
+            median = window[half] if n % 2 else (window[half - 1] + window[half]) / 2
             self.median = median
             rise = value - median
             if rise > 0:
-                mad = float(np.median(np.abs(window - median)))
-                needed = max((self.rule.factor - 1.0) * abs(median), self.rule.noise * mad,
-                             self.rule.floor * self.scale, FLOAT32_ULPS * self.scale)
-                spike = rise > needed
+                rule = self.rule
+                needed = max((rule.factor - 1.0) * abs(median), rule.floor * self.scale, FLOAT32_ULPS * self.scale)
+                spike = rise > needed and rise > rule.noise * _mad(window, median)
+        if n == self.rule.window:
+            del window[bisect.bisect_left(window, self.history[0])]
+        bisect.insort(window, value)
         self.history.append(value)
         self.scale = max(self.scale, abs(value))
         return spike
+
+
+def _mad(ordered: list[float], median: float) -> float:
+    """The median absolute deviation of a sorted window from its median, as ``np.median`` gives it."""
+    deviations = sorted(abs(x - median) for x in ordered)
+    n = len(deviations)
+    half = n // 2
+    return deviations[half] if n % 2 else (deviations[half - 1] + deviations[half]) / 2
