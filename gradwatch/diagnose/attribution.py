@@ -126,12 +126,35 @@ class LayerWatch:
 
     def update(self, rows: list[dict], norms: np.ndarray) -> None:
         """``rows``: the block's rows (step, loss, grad_norm, loss_spike, nonfinite);
-        ``norms``: (n, 4, V) as training.PER_VARIABLE (grad, clipped, weight, update)."""
-        norms = np.asarray(norms, dtype=np.float64)
-        for row, per in zip(rows, norms):
-            self._one(row, per[0], per[2], per[3])
+        ``norms``: (n, 4, V) as training.PER_VARIABLE (grad, clipped, weight, update).
 
-    def _one(self, row: dict, grad: np.ndarray, weight: np.ndarray, update: np.ndarray) -> None:
+        The spike rules run step by step (each step's medians are those of the steps before
+        it); the sums behind the shares, the update ratios and the heat map take the block
+        at once."""
+        if not rows:
+            return
+        norms = np.asarray(norms, dtype=np.float64)
+        grads, weights, updates = norms[:, 0], norms[:, 2], norms[:, 3]
+        finite = np.all(np.isfinite(grads), axis=1)
+        for row, grad, ok in zip(rows, grads, finite.tolist()):
+            self._spikes_at(row, grad)
+            if ok:
+                self._norms.append(grad)
+        squared = grads[finite] ** 2
+        self._grad_sq += squared.sum(axis=0)
+        total = squared.sum(axis=1)
+        counted = total > 0
+        self._share += (squared[counted] / total[counted, None]).sum(axis=0)
+        self._share_steps += int(counted.sum())
+        applied = np.array([not row.get("nonfinite", False) for row in rows])[:, None]
+        with np.errstate(invalid="ignore"):
+            moved = applied & (updates > 0) & (weights > 0) & np.isfinite(updates) & np.isfinite(weights)
+        self._log_ratio += np.log10(np.where(moved, updates, 1.0) / np.where(moved, weights, 1.0)).sum(axis=0)
+        self._ratio_steps += moved.sum(axis=0)
+        self._heat_add([int(row["step"]) for row in rows], np.where(np.isfinite(grads), grads, np.inf))
+
+    def _spikes_at(self, row: dict, grad: np.ndarray) -> None:
+        """One step through the spike rules; a spike step is listed with what drove it."""
         self.steps += 1
         loss, norm = float(row["loss"]), float(row["grad_norm"])
         self._losses.update(loss)
@@ -146,18 +169,6 @@ class LayerWatch:
         if kinds:
             self.spikes.append(Spike(
                 int(row["step"]), kinds, loss, self._losses.median, norm, self._grads.median, self._top(grad)))
-        if np.all(np.isfinite(grad)):
-            self._norms.append(grad)
-            total = float(np.sum(grad**2))
-            if total > 0:
-                self._share += grad**2 / total
-                self._share_steps += 1
-            self._grad_sq += grad**2
-        if not row.get("nonfinite", False):
-            moved = (update > 0) & (weight > 0) & np.isfinite(update) & np.isfinite(weight)
-            self._log_ratio[moved] += np.log10(update[moved] / weight[moved])
-            self._ratio_steps[moved] += 1
-        self._heat_add(int(row["step"]), grad)
 
     def _top(self, grad: np.ndarray) -> list[tuple[str, float, float]]:
         """The variables with the largest share of this step's norm² (non-finite ones first)."""
@@ -170,19 +181,25 @@ class LayerWatch:
         order = np.argsort(-share, kind="stable")[:TOP]
         return [(self.variables[k], float(share[k]), float(ratio[k])) for k in order]
 
-    def _heat_add(self, step: int, grad: np.ndarray) -> None:
-        if self._open is None:
-            self._open = np.full(len(self.variables), np.nan)
-            self._heat_steps.append(step)
-        self._open = np.fmax(self._open, np.where(np.isfinite(grad), grad, np.inf))
-        self._open_count += 1
-        if self._open_count == self.heat_width:
-            self._heat.append(self._open)
-            self._open, self._open_count = None, 0
-            if len(self._heat) == 2 * HEAT_COLUMNS:  # halve the resolution: merge neighbouring columns
-                self._heat = [np.fmax(a, b) for a, b in zip(self._heat[::2], self._heat[1::2])]
-                self._heat_steps = self._heat_steps[::2]
-                self.heat_width *= 2
+    def _heat_add(self, steps: list[int], grads: np.ndarray) -> None:
+        """Each column holds the largest norm of ``heat_width`` consecutive steps (``grads``
+        with non-finite norms as inf); at 2 × HEAT_COLUMNS columns neighbours merge."""
+        at = 0
+        while at < len(steps):
+            if self._open is None:
+                self._open = np.full(len(self.variables), np.nan)
+                self._heat_steps.append(steps[at])
+            take = min(self.heat_width - self._open_count, len(steps) - at)
+            self._open = np.fmax(self._open, grads[at:at + take].max(axis=0))
+            self._open_count += take
+            at += take
+            if self._open_count == self.heat_width:
+                self._heat.append(self._open)
+                self._open, self._open_count = None, 0
+                if len(self._heat) == 2 * HEAT_COLUMNS:  # halve the resolution: merge neighbouring columns
+                    self._heat = [np.fmax(a, b) for a, b in zip(self._heat[::2], self._heat[1::2])]
+                    self._heat_steps = self._heat_steps[::2]
+                    self.heat_width *= 2
 
     # -- results --------------------------------------------------------------------------------
 
