@@ -158,7 +158,8 @@ def make_optimizer(config: dict):
         )
     _check_numbers(getattr(keras.optimizers, resolved), config["config"], class_name)
     try:
-        optimizer = keras.optimizers.get({"class_name": resolved, "config": dict(config["config"])})
+        # the class itself: keras.optimizers.get() does not know every optimizer Keras ships (Lamb, Muon)
+        optimizer = getattr(keras.optimizers, resolved).from_config(dict(config["config"]))
     except (ValueError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
