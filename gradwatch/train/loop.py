@@ -26,6 +26,7 @@ from ..diagnose.spikes import SpikeRule
 from ..records import RowStore, clip_ratio, summarize
 from ..signals import deferred_interrupt
 from .pipeline import Pipeline
+from . import updates
 from .step import INITIAL_LOSS_SCALE, ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, next_loss_scale, nonfinite_kinds, unscale
 
 # What the traced step records for every step, fetched once per block: (name, dtype).
@@ -171,6 +172,8 @@ class Trainer:
         self.state_text = self._continue_from(model, options, extras)
         # XLA as Keras' fit decides it (jit_compile="auto"): asked for, or on where a GPU is visible.
         self.xla = options.xla if options.xla is not None else bool(tf.config.list_logical_devices("GPU"))
+        # Update norms from what the optimizer writes (train.updates), else from a copy of each weight.
+        self.follow_writes = updates.follows(self.optimizer, self.distribution)
         self.notes: list[str] = []  # said once on stderr after training (the automatic XLA falling back)
         self.used: list | None = None  # variables with a gradient, known after the first trace
         self.skipped: list[str] = []
@@ -197,13 +200,20 @@ class Trainer:
 
     def _block_for(self, strategy):
         """The traced block of ``strategy``: a ``tf.while_loop`` of up to ``n`` steps."""
-        import tensorflow as tf
-
         capture = self.capture_every is not None
-        distribution = self.distribution
         key = (strategy.name, self.per_variable, capture, self.xla)
         if key in self._blocks:
             return self._blocks[key]
+        try:
+            return self._trace_block(key, strategy, capture)
+        except updates.Unfollowed:
+            self.follow_writes = False  # trace again, with a copy of each weight before the update
+            return self._trace_block(key, strategy, capture)
+
+    def _trace_block(self, key, strategy, capture):
+        import tensorflow as tf
+
+        distribution = self.distribution
         step = self._step_fn(strategy, self.per_variable, capture)
         per_variable = self.per_variable
         if capture and self._captured is None:
@@ -368,6 +378,11 @@ class Trainer:
         distribution = self.distribution
         replicas = distribute.replicas(distribution)
         sparse_norm = self.options.sparse_norm
+        # Update norms from the optimizer's writes (train.updates), or from a copy of each weight.
+        follow = per_variable and self.follow_writes and distribution is None
+
+        def norm32(t):
+            return tf.sqrt(tf.nn.l2_loss(tf.cast(t, tf.float32)) * 2.0)
 
         def measure(x, y, param, state):
             """Everything before the update: on every replica (its share of the batch) under a strategy."""
@@ -399,7 +414,10 @@ class Trainer:
             if per_variable:
                 measured["grad_norms"] = tf.cast(m.grad_norms, tf.float32)
                 measured["clipped_norms"] = tf.cast(m.clipped_norms, tf.float32)
-                measured["before"] = [tf.identity(tf.convert_to_tensor(v)) for v in used]
+                if follow:
+                    measured["weight_norms"] = tf.stack([norm32(v) for v in used])  # before the update
+                else:
+                    measured["before"] = [tf.identity(tf.convert_to_tensor(v)) for v in used]
             if capture:
                 measured["grads"] = list(m.summed)
             return measured, list(m.apply)
@@ -417,8 +435,13 @@ class Trainer:
                 got, clipped = measure(x, y, param, state)
 
                 def update():
-                    apply_share(clipped)
-                    return tf.constant(True)
+                    if not follow:
+                        apply_share(clipped)
+                        return tf.constant(True)
+                    # the weight norms are read before the update writes in place (no copy-on-write)
+                    with tf.control_dependencies([got["weight_norms"]]), updates.recording(self.used) as writes:
+                        apply_share(clipped)
+                    return writes.norms(self.used)
             else:
                 per_replica, clipped = distribution.run(measure, args=(x, y, param, state))
                 got = distribute.first(distribution, per_replica)  # all-reduced: the same on every replica
@@ -433,7 +456,8 @@ class Trainer:
                     variable.assign(value)
                 return tf.constant(False)
 
-            tf.cond(applies(finite, on_nonfinite), update, skip)
+            moved = tf.cond(applies(finite, on_nonfinite), update,
+                            (lambda: (skip(), tf.zeros([len(self.used)]))[1]) if follow else skip)
             scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
             if scaling:
                 new_scale, new_good = next_loss_scale(loss_scale, good_steps, grads_finite)
@@ -455,12 +479,12 @@ class Trainer:
                 "grad_norm_rows": got["grad_norm_rows"],
             }
             if per_variable:
-                def norm32(t):
-                    return tf.sqrt(tf.nn.l2_loss(tf.cast(t, tf.float32)) * 2.0)
-
-                before = got["before"]
-                weight = tf.stack([norm32(b) for b in before])
-                update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(self.used, before)])
+                if follow:
+                    weight, update = got["weight_norms"], moved
+                else:
+                    before = got["before"]
+                    weight = tf.stack([norm32(b) for b in before])
+                    update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(self.used, before)])
                 values["per_variable"] = tf.stack([got["grad_norms"], got["clipped_norms"], weight, update])
             if capture:
                 values["grads"] = got["grads"]
@@ -772,7 +796,7 @@ def _loss_errors():
     """Tracing the loss on the data: TF's shape and dtype complaints become one DataError line."""
     try:
         yield
-    except GradwatchError:
+    except (GradwatchError, updates.Unfollowed):
         raise
     except Exception as exc:  # TF raises ValueError/TypeError/InvalidArgumentError for mismatches
         raise DataError(
