@@ -381,8 +381,8 @@ class Trainer:
         # Update norms from the optimizer's writes (train.updates), or from a copy of each weight.
         follow = per_variable and self.follow_writes and distribution is None
 
-        def norm32(t):
-            return tf.sqrt(tf.nn.l2_loss(tf.cast(t, tf.float32)) * 2.0)
+        def norms32(tensors):  # each one's L2 norm in float32, as one stacked √(2·l2_loss)
+            return tf.sqrt(tf.stack([tf.nn.l2_loss(tf.cast(t, tf.float32)) for t in tensors]) * 2.0)
 
         def measure(x, y, param, state):
             """Everything before the update: on every replica (its share of the batch) under a strategy."""
@@ -415,7 +415,7 @@ class Trainer:
                 measured["grad_norms"] = tf.cast(m.grad_norms, tf.float32)
                 measured["clipped_norms"] = tf.cast(m.clipped_norms, tf.float32)
                 if follow:
-                    measured["weight_norms"] = tf.stack([norm32(v) for v in used])  # before the update
+                    measured["weight_norms"] = norms32(used)  # before the update
                 else:
                     measured["before"] = [tf.identity(tf.convert_to_tensor(v)) for v in used]
             if capture:
@@ -483,8 +483,8 @@ class Trainer:
                     weight, update = got["weight_norms"], moved
                 else:
                     before = got["before"]
-                    weight = tf.stack([norm32(b) for b in before])
-                    update = tf.stack([norm32(tf.convert_to_tensor(v) - b) for v, b in zip(self.used, before)])
+                    weight = norms32(before)
+                    update = norms32([tf.convert_to_tensor(v) - b for v, b in zip(self.used, before)])
                 values["per_variable"] = tf.stack([got["grad_norms"], got["clipped_norms"], weight, update])
             if capture:
                 values["grads"] = got["grads"]

@@ -53,16 +53,18 @@ class Writes:
         self.graph = graph
 
     def add(self, k: int, part) -> None:
-        tensors = part[1:] if part[0] == "sparse" else part[1:2]
+        tensors = part[1:3] if part[0] == "sparse" else part[1:2]
         if not all(_visible(getattr(t, "graph", self.graph), self.graph) for t in tensors):
             raise Unfollowed("a write inside the optimizer's own control flow")
         self.parts[k].append(part)
 
     def norms(self, variables):
-        """(V,) float32: the norm of each variable's net change."""
+        """(V,) float32: the norm of each variable's net change (one stacked √(2·l2_loss))."""
         import tensorflow as tf
 
-        return tf.stack([_norm(parts, v) for parts, v in zip(self.parts, variables)]) if variables else tf.zeros([0])
+        if not variables:
+            return tf.zeros([0])
+        return tf.sqrt(tf.stack([_half_square(parts) for parts in self.parts]) * 2.0)
 
 
 def _visible(graph, here) -> bool:
@@ -74,29 +76,27 @@ def _visible(graph, here) -> bool:
     return False
 
 
-def _norm(parts, variable):
+def _half_square(parts):
+    """½‖Σ parts‖² of one variable (``tf.nn.l2_loss`` of its change); a part is ``("dense", d, sign)``
+    or ``("sparse", indices, values, sign)``. One part alone is taken as it is (no sign needed)."""
     import tensorflow as tf
 
-    dense = [p[1] for p in parts if p[0] == "dense"]
-    sparse = [p[1:] for p in parts if p[0] == "sparse"]
-    if not dense and not sparse:
+    if not parts:
         return tf.constant(0.0)
+    if len(parts) == 1 and parts[0][0] == "dense":
+        return tf.nn.l2_loss(tf.cast(parts[0][1], tf.float32))
+    dense = [tf.cast(p[1], tf.float32) * p[2] for p in parts if p[0] == "dense"]
+    sparse = [p for p in parts if p[0] == "sparse"]
     if sparse:
-        indices = tf.concat([tf.cast(i, tf.int64) for i, _ in sparse], axis=0)
-        values = tf.concat([tf.cast(v, tf.float32) for _, v in sparse], axis=0)
+        indices = tf.concat([tf.cast(p[1], tf.int64) for p in sparse], axis=0)
+        values = tf.concat([tf.cast(p[2], tf.float32) * p[3] for p in sparse], axis=0)
     if dense:
-        total = tf.cast(tf.add_n(dense) if len(dense) > 1 else dense[0], tf.float32)
+        total = tf.add_n(dense) if len(dense) > 1 else dense[0]
         if sparse:
             total = tf.tensor_scatter_nd_add(total, indices[:, None], values)
-        return _l2(total)
-    unique, at = tf.unique(indices)
-    return _l2(tf.math.unsorted_segment_sum(values, at, tf.shape(unique)[0]))
-
-
-def _l2(t):
-    import tensorflow as tf
-
-    return tf.sqrt(tf.nn.l2_loss(t) * 2.0)
+        return tf.nn.l2_loss(total)
+    unique, at = tf.unique(indices)  # repeated rows add up, as the scatter adds them
+    return tf.nn.l2_loss(tf.math.unsorted_segment_sum(values, at, tf.shape(unique)[0]))
 
 
 @contextmanager
@@ -138,36 +138,36 @@ def _wrappers(writes: Writes, k: int, target) -> dict:
         return tf.cast(tf.convert_to_tensor(value), target.dtype)
 
     def assign_add(value, *args, **kwargs):
-        writes.add(k, ("dense", dense(value)))
+        writes.add(k, ("dense", dense(value), 1.0))
         return method("assign_add")(value, *args, **kwargs)
 
     def assign_sub(value, *args, **kwargs):
-        writes.add(k, ("dense", -dense(value)))
+        writes.add(k, ("dense", dense(value), -1.0))
         return method("assign_sub")(value, *args, **kwargs)
 
     def assign(value, *args, **kwargs):
         value = dense(value)
-        writes.add(k, ("dense", value - read()))
+        writes.add(k, ("dense", value - read(), 1.0))
         return method("assign")(value, *args, **kwargs)
 
     def scatter_add(slices, *args, **kwargs):
-        writes.add(k, ("sparse", slices.indices, slices.values))
+        writes.add(k, ("sparse", slices.indices, slices.values, 1.0))
         return method("scatter_add")(slices, *args, **kwargs)
 
     def scatter_sub(slices, *args, **kwargs):
-        writes.add(k, ("sparse", slices.indices, -slices.values))
+        writes.add(k, ("sparse", slices.indices, slices.values, -1.0))
         return method("scatter_sub")(slices, *args, **kwargs)
 
     def scatter_update(slices, *args, **kwargs):
         current = tf.gather(read(), slices.indices)
-        writes.add(k, ("sparse", slices.indices, tf.cast(slices.values, target.dtype) - current))
+        writes.add(k, ("sparse", slices.indices, tf.cast(slices.values, target.dtype) - current, 1.0))
         return method("scatter_update")(slices, *args, **kwargs)
 
     def other(name):
         def write(*args, **kwargs):
             before = tf.identity(read())
             result = method(name)(*args, **kwargs)
-            writes.add(k, ("dense", read() - before))  # read after the write: the control dependencies order it
+            writes.add(k, ("dense", read() - before, 1.0))  # read after the write: the control dependencies order it
             return result
 
         return write
