@@ -517,6 +517,7 @@ SIGNAL_NAMES = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}
 # Where a command is, for the line a signal outside training prints (main).
 _phase = {"now": "starting"}
 PHASE_TEXT = {
+    "starting": " while starting, before the model was loaded; no step was recorded and no output was written",
     "loading": " while loading and preparing the run; no step was recorded and no output was written",
     "reporting": " after training; the outputs were already written",
 }

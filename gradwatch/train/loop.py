@@ -201,16 +201,18 @@ class Trainer:
     def _block_for(self, strategy):
         """The traced block of ``strategy``: a ``tf.while_loop`` of up to ``n`` steps."""
         capture = self.capture_every is not None
-        key = (strategy.name, self.per_variable, capture, self.xla)
+        key = (strategy.name, self.per_variable, capture, self.xla, self.follow_writes)
         if key in self._blocks:
             return self._blocks[key]
         try:
-            return self._trace_block(key, strategy, capture)
+            traced = self._trace_block(strategy, capture)
         except updates.Unfollowed:
             self.follow_writes = False  # trace again, with a copy of each weight before the update
-            return self._trace_block(key, strategy, capture)
+            return self._block_for(strategy)
+        self._blocks[key] = traced
+        return traced
 
-    def _trace_block(self, key, strategy, capture):
+    def _trace_block(self, strategy, capture):
         import tensorflow as tf
 
         distribution = self.distribution
@@ -273,7 +275,6 @@ class Trainer:
                 )
             finally:
                 self._drop(iterator)
-        self._blocks[key] = traced
         return traced
 
     def _continue_from(self, model, options, extras: dict) -> str:
