@@ -30,12 +30,12 @@ def _data():
     return x, rng.normal(size=(64, 1)).astype("float32")
 
 
-def _measured_and_reference(model, optimizer, follow: bool | None = None, **opts):
+def _measured_and_reference(model, optimizer, follow: bool | None = None, data=None, **opts):
     """Per step: (update norms the trainer recorded, ‖after − before‖ of its variables in NumPy)."""
     from gradwatch.api import clipping_of, make_spec
     from gradwatch.session import prepare
 
-    spec = make_spec(model, _data(), loss="mse", optimizer=optimizer, steps=STEPS, batch_size=16, fetch_every=1,
+    spec = make_spec(model, data or _data(), loss="mse", optimizer=optimizer, steps=STEPS, batch_size=16, fetch_every=1,
                      lr=0.05, shuffle=False, **opts)
     variant = clipping_of("global", norm=1.0)
     trainer = prepare(spec)
@@ -122,4 +122,13 @@ def test_a_write_inside_the_optimizers_own_cond_falls_back_to_the_copy(monkeypat
     monkeypatch.setattr(keras.optimizers.SGD, "update_step", update_step)
     trainer, recorded, reference = _measured_and_reference(_model(), "sgd")
     assert not trainer.follow_writes
+    np.testing.assert_allclose(recorded, reference, rtol=2e-4, atol=1e-7)
+
+
+def test_a_skipped_nonfinite_step_moved_nothing():
+    x, y = _data()
+    y[16:32] = np.nan  # the second batch: its loss is NaN, the step is skipped
+    trainer, recorded, reference = _measured_and_reference(_model(), "adam", data=(x, y), allow_nonfinite_data=True)
+    assert trainer.follow_writes
+    assert np.all(recorded[1] == 0) and np.all(reference[1] == 0)
     np.testing.assert_allclose(recorded, reference, rtol=2e-4, atol=1e-7)

@@ -442,7 +442,7 @@ class Trainer:
                     # the weight norms are read before the update writes in place (no copy-on-write)
                     with tf.control_dependencies([got["weight_norms"]]), updates.recording(self.used) as writes:
                         apply_share(clipped)
-                    return writes.norms(self.used)
+                    return writes.norms()
             else:
                 per_replica, clipped = distribution.run(measure, args=(x, y, param, state))
                 got = distribute.first(distribution, per_replica)  # all-reduced: the same on every replica
@@ -452,13 +452,12 @@ class Trainer:
                     return tf.constant(True)
 
             finite, grads_finite, loss = got["finite"], got["grads_finite"], got["loss"]
-            def skip():  # the forward pass's own state goes back too
+            def skip():  # the forward pass's own state goes back too; nothing moved
                 for variable, value in zip(restored, before_forward):
                     variable.assign(value)
-                return tf.constant(False)
+                return tf.zeros([len(self.used)]) if follow else tf.constant(False)
 
-            moved = tf.cond(applies(finite, on_nonfinite), update,
-                            (lambda: (skip(), tf.zeros([len(self.used)]))[1]) if follow else skip)
+            moved = tf.cond(applies(finite, on_nonfinite), update, skip)
             scale_used = tf.identity(loss_scale) if scaling else tf.constant(1.0)
             if scaling:
                 new_scale, new_good = next_loss_scale(loss_scale, good_steps, grads_finite)

@@ -58,11 +58,11 @@ class Writes:
             raise Unfollowed("a write inside the optimizer's own control flow")
         self.parts[k].append(part)
 
-    def norms(self, variables):
+    def norms(self):
         """(V,) float32: the norm of each variable's net change (one stacked √(2·l2_loss))."""
         import tensorflow as tf
 
-        if not variables:
+        if not self.parts:
             return tf.zeros([0])
         return tf.sqrt(tf.stack([_half_square(parts) for parts in self.parts]) * 2.0)
 
