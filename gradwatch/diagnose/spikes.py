@@ -83,8 +83,7 @@ class SpikeDetector:
         window = self._sorted
         n = len(window)
         if n >= self._needed:
-            half = n // 2
-            median = window[half] if n % 2 else (window[half - 1] + window[half]) / 2
+            median = _median(window)
             self.median = median
             rise = value - median
             if rise > 0:
@@ -99,9 +98,12 @@ class SpikeDetector:
         return spike
 
 
+def _median(ordered: list[float]) -> float:
+    """The median of a sorted list, as ``np.median`` gives it (the mean of the two middle values)."""
+    half = len(ordered) // 2
+    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+
+
 def _mad(ordered: list[float], median: float) -> float:
-    """The median absolute deviation of a sorted window from its median, as ``np.median`` gives it."""
-    deviations = sorted(abs(x - median) for x in ordered)
-    n = len(deviations)
-    half = n // 2
-    return deviations[half] if n % 2 else (deviations[half - 1] + deviations[half]) / 2
+    """The median absolute deviation of a window from its median."""
+    return _median(sorted(abs(x - median) for x in ordered))

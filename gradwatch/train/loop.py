@@ -20,6 +20,7 @@ import numpy as np
 from .. import data as data_mod
 from . import distribute
 from ..clip import Clipping
+from ..clip.base import norms
 from ..objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from ..errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from ..diagnose.spikes import SpikeRule
@@ -382,8 +383,8 @@ class Trainer:
         # Update norms from the optimizer's writes (train.updates), or from a copy of each weight.
         follow = per_variable and self.follow_writes and distribution is None
 
-        def norms32(tensors):  # each one's L2 norm in float32, as one stacked √(2·l2_loss)
-            return tf.sqrt(tf.stack([tf.nn.l2_loss(tf.cast(t, tf.float32)) for t in tensors]) * 2.0)
+        def norms32(tensors):  # each one's L2 norm in float32, from the reduction of the gradient norms
+            return norms([tf.cast(t, tf.float32) for t in tensors])[1]
 
         def measure(x, y, param, state):
             """Everything before the update: on every replica (its share of the batch) under a strategy."""
