@@ -170,9 +170,10 @@ class RecordStream:
         self.rows = rows
         self.buffer = buffer
 
-    def batches(self, x, y, epochs: int, batch_size: int, shuffle: bool, seed: int, keep):
+    def batches(self, x, y, epochs: int, batch_size: int, shuffle: bool, seed: int, keep, parallel_calls: int):
         """Global batches of ``epochs`` epochs (``len // batch_size`` each, the rest dropped),
-        cast to the dtypes of the ``x``/``y`` columns, each cut by ``keep`` (a worker's rows)."""
+        cast to the dtypes of the ``x``/``y`` columns, each cut by ``keep`` (a worker's rows),
+        ``parallel_calls`` batches at once."""
         import tensorflow as tf
 
         dtypes = tf.nest.map_structure(lambda c: tf.as_dtype(c.dtype), (x, y))
@@ -186,7 +187,7 @@ class RecordStream:
                                         reshuffle_each_iteration=True)
         stream = examples.batch(batch_size, drop_remainder=True).take(per_epoch).repeat(epochs)
         return stream.map(lambda bx, by: tf.nest.map_structure(lambda t, d: tf.cast(keep(t), d), (bx, by), dtypes),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+                          num_parallel_calls=parallel_calls)
 
 
 def load_saved(path, options, by_input):

@@ -104,14 +104,14 @@ def test_record_stream_shuffle_is_seeded_and_per_epoch(four_ways):
         row_of = {float(v): k for k, v in enumerate(archive["y"][:, 0])}  # the targets are distinct
 
     def epochs(seed):
-        batches = dataset.stream.batches(dataset.x, dataset.y, 2, 10, True, seed, lambda t: t)
+        batches = dataset.stream.batches(dataset.x, dataset.y, 2, 10, True, seed, lambda t: t, 2)
         return [row_of[float(v)] for b in batches for v in b[1].numpy()[:, 0]]
 
     first, again, other = epochs(0), epochs(0), epochs(1)
     assert first == again and first != other
     assert sorted(first[:100]) == list(range(100)) == sorted(first[100:])
     assert first[:100] != first[100:] and first[:100] != list(range(100))
-    assert tf.is_tensor(next(iter(dataset.stream.batches(dataset.x, dataset.y, 1, 10, False, 0, lambda t: t)))[0])
+    assert tf.is_tensor(next(iter(dataset.stream.batches(dataset.x, dataset.y, 1, 10, False, 0, lambda t: t, 2)))[0])
 
 
 def test_stream_errors_are_one_line(cli, tmp_path, four_ways, keras_export_model):
@@ -146,3 +146,19 @@ def test_streamed_nonfinite_rows_are_marked_when_allowed(cli, tmp_path, keras_ex
                    "--allow-nonfinite-data", flag) for k, flag in enumerate(["--no-stream", "--stream"])]
     same_rows(*runs)
     assert runs[0]["nonfinite_input"].sum() == 5  # one row: one batch an epoch, 5 epochs of 4 steps
+
+
+@pytest.mark.parametrize("source,stream", [("rows.npz", False), ("rows.npz", True), ("rows_tfdata", True)])
+def test_every_pipeline_is_sized_by_hand_with_autotuning_off(four_ways, keras_export_model, source, stream):
+    """tf.data's autotuning thread made an ending run wait out its sleep (seconds, growing with
+    the run) when the iterator was dropped; in memory, read where it lies or a record stream, the
+    pipeline the step iterates has it off and a fixed prefetch."""
+    from gradwatch import RunSpec, prepare, resolve
+    from gradwatch.train import pipeline
+
+    spec = RunSpec(model=str(keras_export_model), data=str(four_ways / source), stream=stream, loss="mse", steps=5,
+                   batch_size=16)
+    trainer = prepare(resolve(spec))
+    dataset = trainer.pipeline.dataset()
+    assert dataset.options().autotune.enabled is False
+    assert len(list(dataset)) == 5 and pipeline.PREFETCH >= 1

@@ -131,7 +131,7 @@ def check_batch(distribution, batch_size: int) -> None:
         )
 
 
-def split_batches(distribution, make_global, batch_size: int):
+def split_batches(distribution, make_global, batch_size: int, settled):
     """A distributed dataset whose replicas together see each global batch of ``make_global``.
 
     ``make_global(rows_of)`` builds the pipeline of ``(x, y, lr)`` global batches; it is given
@@ -139,6 +139,7 @@ def split_batches(distribution, make_global, batch_size: int):
     worker's replicas train on. Every worker builds the same order (same seed), takes its slice of every
     batch, and hands its replicas consecutive pieces: replica r of R gets rows
     ``[r*B/R, (r+1)*B/R)`` of the global batch, as one device would see them, in order.
+    ``settled(dataset)`` gives each worker's pipeline its prefetching (the pipeline's rule).
     """
     import tensorflow as tf
 
@@ -158,7 +159,7 @@ def split_batches(distribution, make_global, batch_size: int):
                 lambda t: tf.reshape(t, tf.concat([[local, per_replica], tf.shape(t)[1:]], 0)), (x, y))
             return tf.data.Dataset.from_tensor_slices(pieces + (tf.fill([local], lr),))
 
-        return make_global(rows_of).flat_map(split).prefetch(tf.data.AUTOTUNE)
+        return settled(make_global(rows_of).flat_map(split))
 
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return distribution.distribute_datasets_from_function(dataset_fn, options)

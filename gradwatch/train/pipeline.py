@@ -19,6 +19,24 @@ from . import distribute
 # waiting for the GIL gets it within the interpreter's switch interval (5 ms) once it is released.
 QUIESCE_S = 0.05
 
+# The pipeline is sized by hand, with tf.data's autotuning off. Autotuning runs a background
+# thread that sleeps between its rounds for longer and longer as a run goes on, and dropping the
+# iterator at the end of a run waited out that sleep: 0.3 s after 10 s of training, 4.8 s after
+# 20 s of the PTB sample (measured; with autotuning off, 1 ms every time) -- time between the
+# last step, or a Ctrl-C, and the exit. Gathering a batch's rows takes microseconds; reading
+# one where it lies, a batch at a time, is what PARALLEL_CALLS and PREFETCH keep ahead of the step.
+PARALLEL_CALLS = 2  # batches made at once
+PREFETCH = 2  # batches ready before the step asks
+
+
+def settled(dataset):
+    """``dataset`` with PREFETCH batches made ahead and autotuning off (see PARALLEL_CALLS)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.prefetch(PREFETCH).with_options(options)
+
 
 class _Guard:
     """The Python generators inside the pipeline, and how a run ends them.
@@ -100,7 +118,7 @@ class Pipeline:
         if self.distribution is None:
             return self.dataset()
         if self._distributed is None:
-            self._distributed = distribute.split_batches(self.distribution, self.dataset, self.options.batch_size)
+            self._distributed = distribute.split_batches(self.distribution, self.dataset, self.options.batch_size, settled)
         return self._distributed
 
     def dataset(self, rows_of=None):
@@ -148,7 +166,7 @@ class Pipeline:
 
         if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
             batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed,
-                                               keep).skip(start)
+                                               keep, PARALLEL_CALLS).skip(start)
         elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
             def read_batches():
                 k = 0
@@ -173,8 +191,8 @@ class Pipeline:
             pairs = tf.data.Dataset.zip((rows.unbatch().skip(start), rates)).take(self.total_steps)
             batches = pairs.map(
                 lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
-                num_parallel_calls=tf.data.AUTOTUNE,
+                num_parallel_calls=PARALLEL_CALLS,
             )
-            return batches.prefetch(tf.data.AUTOTUNE)
+            return settled(batches)
         pairs = tf.data.Dataset.zip((batches, rates)).take(self.total_steps)
-        return pairs.map(lambda b, rate: (*b, rate)).prefetch(tf.data.AUTOTUNE)
+        return settled(pairs.map(lambda b, rate: (*b, rate)))
