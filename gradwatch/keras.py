@@ -41,6 +41,7 @@ from .objective import refuse_hidden_options
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
 from .records import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
+from .signals import PendingInterrupt
 
 # What the watched apply writes per step into the device buffer, in this order.
 _BUFFERED = ("loss", "grad_norm", "grad_norm_rows", "clipped_norm", "threshold", "lr", "clipped", "nonfinite",
@@ -67,6 +68,7 @@ class GradientWatch(keras.callbacks.Callback):
         self._count = _variable(tf.constant(0, tf.int64), "gradwatch_count")  # rows ever written
         self._fetched = 0  # rows ever read back
         self._lock = threading.Lock()  # Keras may call the batch hooks from several worker threads
+        self._interrupt = PendingInterrupt(lambda frame: _inside_fit(frame, self.model))
         self.async_safe = True
         self._loss = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_loss")
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
@@ -227,14 +229,31 @@ class GradientWatch(keras.callbacks.Callback):
             check_logdir(Path(self.tensorboard))
             self._board = TensorBoardSink(Path(self.tensorboard), self.clipping.strategy, self.clipping.param, [])
         self._started = time.perf_counter()
+        self._interrupt.install()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch + 1
+
+    # A Ctrl-C during fit is raised from the hooks Keras calls in the main thread, before the next
+    # step or at an epoch's end (the batch-end hooks may run in Keras' worker threads).
+    def on_train_batch_begin(self, batch, logs=None):
+        self._interrupt.raise_if_pending(self._finish)
+
+    def on_test_batch_begin(self, batch, logs=None):  # fit's validation: a Ctrl-C there stops fit too
+        self._interrupt.raise_if_pending(self._finish)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._interrupt.raise_if_pending(self._finish)
 
     def on_train_batch_end(self, batch, logs=None):
         self._fetch()
 
     def on_train_end(self, logs=None):
+        self._interrupt.uninstall()
+        self._finish()
+
+    def _finish(self) -> None:
+        """The end of a fit, finished or stopped by Ctrl-C: every row fetched, the CSV put in place."""
         self._fetch()
         if self._sink is not None:
             self._sink.commit()
@@ -327,3 +346,12 @@ def _all_reduced(value):
 
 
 __all__ = ["GradientWatch", "COLUMNS"]
+
+
+def _inside_fit(frame, model) -> bool:
+    """Whether ``model.fit`` is on the stack that ``frame`` (where a signal came) belongs to."""
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            return True
+        frame = frame.f_back
+    return False

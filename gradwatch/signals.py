@@ -78,3 +78,51 @@ class stop_signals_unwind:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         return False
+
+
+class PendingInterrupt:
+    """Ctrl-C inside someone else's loop (a Keras ``fit`` that GradientWatch watches): noted by the
+    handler, raised by the loop's own code at its next safe point (:meth:`raise_if_pending`).
+
+    Python's own handler raises KeyboardInterrupt wherever the main thread happens to be; inside
+    ``fit`` that was once in 40 tries somewhere that swallowed it, and training went on. Noted
+    instead, it cannot be lost. A second Ctrl-C, or one that comes when ``running(frame)`` says
+    the loop is no longer on the stack (it ended by an error before it could uninstall this),
+    raises at once as usual. Installed only in the main thread and only over Python's default
+    handler (a handler someone else set is left alone).
+    """
+
+    def __init__(self, running):
+        self.running = running  # running(frame) -> bool: is the loop on the interrupted stack?
+        self.seen = False
+        self._installed = False
+
+    def install(self) -> None:
+        self.seen = False
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return
+        signal.signal(signal.SIGINT, self._handler)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            self._installed = False
+            if signal.getsignal(signal.SIGINT) == self._handler:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _handler(self, signum, frame):
+        if self.seen or not self.running(frame):
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.seen = True
+
+    def raise_if_pending(self, before=None) -> None:
+        """If a Ctrl-C was noted: uninstall, call ``before()`` (keep what was recorded), raise KeyboardInterrupt."""
+        if self.seen:
+            self.seen = False
+            self.uninstall()
+            if before is not None:
+                before()
+            raise KeyboardInterrupt

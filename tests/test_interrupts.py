@@ -108,6 +108,7 @@ print("again", len(rows), flush=True)
 """
 
 WATCH_SCRIPT = """
+import sys
 import time
 import numpy as np
 import keras
@@ -120,8 +121,9 @@ model.compile(optimizer=watch.wrap(keras.optimizers.SGD(0.01)), loss="mse")
 started = time.monotonic()
 model.fit(x[:8], y[:8], batch_size=8, epochs=1, callbacks=[watch], verbose=0)
 print("ready", time.monotonic() - started, len(watch.rows), flush=True)  # tracing time here, rows so far
+watch.csv = sys.argv[2]
 try:
-    model.fit(x, y, batch_size=8, epochs=100000, callbacks=[watch], verbose=0)
+    model.fit(x, y, batch_size=8, epochs=100000, callbacks=[watch], validation_data=(x[:64], y[:64]), verbose=0)
 except KeyboardInterrupt:
     print("stopped", len(watch.rows), flush=True)
 """
@@ -131,7 +133,8 @@ except KeyboardInterrupt:
 def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_model, tmp_path):
     path = tmp_path / "script.py"
     path.write_text(API_SCRIPT if script == "api" else WATCH_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(path), str(module_model)], stdout=subprocess.PIPE,
+    kept = tmp_path / "fit_steps.csv"
+    proc = subprocess.Popen([sys.executable, str(path), str(module_model), str(kept)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         ready = proc.stdout.readline().split()
@@ -150,4 +153,47 @@ def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_mode
     assert int(stopped.split()[-1]) > before  # the rows recorded before the Ctrl-C came back
     if script == "api":
         assert stopped.split()[1] == "Interrupted" and "again 3" in out  # and the session goes on
+    else:  # the fit's rows are in its CSV, put in place
+        with open(kept, newline="") as handle:
+            assert len(list(csv.DictReader(handle))) == int(stopped.split()[-1]) - before
     assert time.monotonic() - sent < 25
+
+
+def test_a_ctrl_c_inside_a_watched_loop_is_noted_and_raised_at_its_safe_point():
+    """GradientWatch's Ctrl-C inside fit (gradwatch.signals.PendingInterrupt): noted, then raised
+    by the loop's own hook after what was recorded is kept; a second Ctrl-C, or one once the loop
+    is no longer running, raises at once; a handler someone else set is left alone."""
+    from gradwatch.signals import PendingInterrupt
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    running = [True]
+    pending = PendingInterrupt(lambda frame: running[0])
+    pending.install()
+    signal.raise_signal(signal.SIGINT)  # noted, not raised here
+    kept = []
+    with pytest.raises(KeyboardInterrupt):
+        pending.raise_if_pending(lambda: kept.append("rows"))
+    assert kept == ["rows"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    pending.raise_if_pending()  # nothing pending: nothing raised
+
+    pending.install()
+    signal.raise_signal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C before the safe point: at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    pending.install()
+    running[0] = False  # the loop ended by an error and never uninstalled it
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def theirs(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, theirs)
+    try:
+        PendingInterrupt(lambda frame: True).install()
+        assert signal.getsignal(signal.SIGINT) is theirs
+    finally:
+        signal.signal(signal.SIGINT, previous)
