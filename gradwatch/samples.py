@@ -44,7 +44,7 @@ def _builder_defaults(module: str, config: str) -> dict:
 def registry() -> dict[str, Sample]:
     samples = [
         _ptb(
-            "small", 300,
+            "small", 150,
             "PTB-small word LSTM (Zaremba et al.) on Tiny Shakespeare, SGD lr 1: explodes unclipped, calm at global norm 5",
             "gradwatch compare --clip global --thresholds none,5",
         ),
