@@ -345,9 +345,6 @@ def _all_reduced(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-__all__ = ["GradientWatch", "COLUMNS"]
-
-
 def _inside_fit(frame, model) -> bool:
     """Whether ``model.fit`` is on the stack that ``frame`` (where a signal came) belongs to."""
     while frame is not None:
@@ -355,3 +352,7 @@ def _inside_fit(frame, model) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+__all__ = ["GradientWatch", "COLUMNS"]
+
