@@ -127,12 +127,14 @@ class Pipeline:
         Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the same rows
         :func:`gradwatch.data.batches` yields; the row order of an epoch is made on the host
         once per epoch, the gathering runs in tf.data's threads ahead of the training step.
-        ``rows_of(rows)`` (a worker under a strategy) keeps the part of each batch it trains on.
+        ``rows_of(rows)`` (a worker under a strategy) keeps the part of each batch it trains on;
+        that pipeline comes back without its prefetching, which :func:`distribute.split_batches`
+        adds once, after splitting each batch into the replicas' pieces.
         """
-        if rows_of is not None:  # a worker's pipeline under a strategy, built by tf.distribute
-            return self._make(rows_of)
+        if rows_of is not None:  # a worker's pipeline under a strategy, built by tf.distribute, which
+            return self._make(rows_of)  # settles it once it is split into the replicas' pieces
         if self._pipeline is None:  # every run iterates it afresh from its first batch
-            self._pipeline = self._make(None)
+            self._pipeline = settled(self._make(None))
         return self._pipeline
 
     def _make(self, rows_of):
@@ -193,6 +195,6 @@ class Pipeline:
                 lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
                 num_parallel_calls=PARALLEL_CALLS,
             )
-            return settled(batches)
+            return batches
         pairs = tf.data.Dataset.zip((batches, rates)).take(self.total_steps)
-        return settled(pairs.map(lambda b, rate: (*b, rate)))
+        return pairs.map(lambda b, rate: (*b, rate))
