@@ -416,3 +416,75 @@ def test_suggest_gives_the_keras_form_of_its_threshold_when_the_norms_differ(cli
     code, out, _ = cli("suggest", keras_file_model, "--data", ids_npz, "--loss", "mse", "--steps", 30, "-q",
                        "--sparse-norm", "rows")
     assert code == 0 and "global_clipnorm" not in out and "--sparse-norm rows" in out.strip().splitlines()[-1]
+
+
+# --- the clipped norms: of what is applied, at any threshold the options accept --------------
+
+# Each strategy with parameters from the bottom of the accepted range (PARAM_RANGE) to values
+# that clip nothing; the adaptive ones get a history that makes the last step clip.
+CLIPPED_NORM_CASES = [
+    ("global", 1e-30), ("global", 1e-25), ("global", 3.0), ("global", 1e30),
+    ("norm", 1e-25), ("norm", 3.0), ("norm", 1e30),
+    ("avg-norm", 1e-25), ("avg-norm", 0.05), ("avg-norm", 1e30),
+    ("value", 1e-25), ("value", 0.5), ("value", 1e30),
+    ("agc", 1e-25), ("agc", 0.01), ("agc", 1e30),
+    ("autoclip", 10.0), ("autoclip", 100.0), ("zclip", 2.5), ("none", None),
+]
+
+
+@pytest.mark.parametrize("sparse_norm", ["summed", "rows"])
+@pytest.mark.parametrize("name, param", CLIPPED_NORM_CASES)
+def test_clipped_norms_are_those_of_the_applied_gradient_in_float64_numpy(name, param, sparse_norm):
+    """The recorded clipped norms against NumPy's float64 norm of what the step hands the
+    optimizer (an embedding's raw rows summed as the optimizer sums them): the scaling
+    strategies take them from their factor, value and AGC measure them; at a threshold of 1e-25
+    both give 1e-25-sized norms (squaring such values in float32 gives 0, and a row saying
+    clip ratio 0 would claim that nothing was applied)."""
+    import tensorflow as tf
+
+    from gradwatch.clip import STRATEGIES
+    from gradwatch.train.step import measured_step
+
+    rng = np.random.default_rng(7)
+    kernel = tf.Variable(rng.normal(size=(5, 3)).astype("float32"))
+    table = tf.Variable(rng.normal(size=(6, 3)).astype("float32"))
+    bias = tf.Variable(np.zeros(3, "float32"))
+    variables = [kernel, table, bias]
+    strategy = STRATEGIES[name]
+    state = strategy.init(variables, steps=40) if getattr(strategy, "takes_steps", False) else strategy.init(variables)
+    steps = 30 if name == "zclip" else 3  # ZClip clips only after its 25 warm-up steps
+    for k in range(steps):
+        size = 1.0 if k < steps - 1 else 40.0  # the last step's gradient is a burst
+        grads = [tf.constant(size * rng.normal(size=(5, 3)), tf.float32),
+                 tf.IndexedSlices(tf.constant(size * rng.normal(size=(4, 3)), tf.float32), tf.constant([2, 0, 2, 5]),
+                                  tf.constant([6, 3])),
+                 tf.constant(size * rng.normal(size=3), tf.float32)]
+        m = measured_step(grads, variables, strategy, tf.constant(param or 0.0, tf.float32), state, tf.constant(1.0),
+                          sparse_norm)
+        state = m.state
+    applied = [tf.convert_to_tensor(g).numpy().astype(np.float64) for g in m.apply]  # the rows summed, densely
+    each = np.array([np.linalg.norm(a) for a in applied])
+    np.testing.assert_allclose(np.asarray(m.clipped_norms), each, rtol=2e-6, err_msg=name)
+    assert float(m.clipped_norm) == pytest.approx(float(np.sqrt(np.sum(each ** 2))), rel=2e-6)
+    assert float(m.clipped_norm) > 0
+    if (param is not None and param <= 1e-25) or (name, param) in (("autoclip", 10.0), ("zclip", 2.5)):
+        assert bool(m.clipped)  # the case clips; a tiny threshold gives a tiny norm, not 0
+        assert float(m.clipped_norm) < (1e-20 if param <= 1e-25 else float(m.grad_norm))
+    if not bool(m.clipped):  # nothing changed: the same norms, exactly
+        assert float(m.clipped_norm) == float(m.grad_norm)
+
+
+def test_a_tiny_threshold_is_recorded_as_the_norm_it_clipped_to(cli, tmp_path):
+    """`--norm 1e-25` is accepted (PARAM_RANGE); the rows and the verdict say what it did."""
+    import pandas as pd
+
+    csv = tmp_path / "tiny.csv"
+    code, out, err = cli("run", "--sample", "rnn-adding", "--clip", "global", "--norm", "1e-25", "--steps", "3",
+                         "--csv", csv)
+    assert code == 0, err
+    rows = pd.read_csv(csv)
+    assert rows["clipped"].all()
+    np.testing.assert_allclose(rows["clipped_norm"], 1e-25, rtol=1e-6)
+    np.testing.assert_allclose(rows["clip_ratio"], rows["clipped_norm"] / rows["grad_norm"], rtol=1e-9)
+    assert (rows["clip_ratio"] > 0).all()
+    assert "the learning rate x 0 " not in out and "clip ratio of 0 " not in out

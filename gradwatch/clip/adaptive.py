@@ -146,17 +146,18 @@ class AutoClip:
         limit = _percentile_sorted(ordered, n, tf.cast(threshold, tf.float64))
         # tf.clip_by_global_norm's scale, N / max(g, N), but 1 when nothing exceeds (0 / 0 for zero gradients)
         clip = g > limit
-        clipped = _scaled(grads, tf.where(clip, limit / g, tf.constant(1.0, tf.float64)))
+        clipped, factor = _scaled(grads, tf.where(clip, limit / g, tf.constant(1.0, tf.float64)))
         new_state = (ordered, count) if ring is None else (ordered, ring, count)
-        return ClipResult(clipped, clip, new_state, limit)
+        return ClipResult(clipped, clip, new_state, limit, scale=factor)
 
 
 def _scaled(grads, scale):
-    """Every gradient times one float64 scale (cast to the gradients' dtype), IndexedSlices kept sparse."""
+    """(every gradient times one float64 scale cast to the gradients' dtype, that factor);
+    IndexedSlices kept sparse."""
     import tensorflow as tf
 
     factor = tf.cast(scale, values_of(grads[0]).dtype)
-    return [map_values(grad, lambda v: v * factor) for grad in grads]
+    return [map_values(grad, lambda v: v * factor) for grad in grads], factor
 
 
 def _percentile_sorted(ordered, n, percentile):
@@ -225,8 +226,8 @@ class ZClip:
         new_var = ZCLIP_ALPHA * var + (1.0 - ZCLIP_ALPHA) * tf.square(effective - new_mean)
         mean = tf.where(warming, tf.where(starts, first_mean, mean), new_mean)
         var = tf.where(warming, tf.where(starts, first_var, var), new_var)
-        clipped = _scaled(grads, scale)
+        clipped, factor = _scaled(grads, scale)
         boundary = state[0] + z_max * (tf.sqrt(state[1]) + ZCLIP_EPS)
         nan = tf.constant(float("nan"), tf.float64)
         recorded = tf.where(warming, nan, tf.where(spike, limit, boundary))
-        return ClipResult(clipped, clip, (mean, var, warmup, count + 1), recorded)
+        return ClipResult(clipped, clip, (mean, var, warmup, count + 1), recorded, scale=factor)

@@ -6,8 +6,9 @@ transformations:
 * ``init(variables) -> state`` builds the strategy's explicit state (a tuple, empty for the
   stateless TensorFlow clippers);
 * ``apply(grads, param, variables, state) -> ClipResult`` returns the clipped gradients,
-  a boolean "did this change anything", the new state and the threshold it used this step
-  (``param`` is the strategy's one parameter, a float32 tensor: N, V, λ, p or Z).
+  a boolean "did this change anything", the new state, the threshold it used this step
+  (``param`` is the strategy's one parameter, a float32 tensor: N, V, λ, p or Z) and, for a
+  strategy that multiplies whole gradients by a factor, that factor (``scale``).
 
 A strategy whose state should be sized to the run sets ``takes_steps = True``; its ``init``
 then also gets ``steps=`` (the run's length). Class attributes describe the parameter to the
@@ -33,6 +34,10 @@ class ClipResult:
     clipped: Any  # scalar bool tensor: did the strategy change any gradient?
     state: tuple = ()
     threshold: Any = None  # scalar: the threshold the strategy used this step (None: none, recorded as NaN)
+    # What each gradient was multiplied by: a scalar for all of them (global, AutoClip, ZClip, none)
+    # or one per gradient (norm, avg-norm); None where the strategy does not scale whole gradients
+    # (value, AGC). The step takes the clipped norms from it (scaled_norms), not from the clipped gradients.
+    scale: Any = None
 
 
 def dedupe(grad):
@@ -82,6 +87,30 @@ def norms(grads):
 
     half = tf.stack([tf.nn.l2_loss(values_of(g)) for g in grads])
     return tf.sqrt(tf.reduce_sum(half) * 2.0), tf.sqrt(half * 2.0)
+
+
+def scaled_norms(grad_norm, grad_norms, scale):
+    """(global, per-gradient) norms, in float64, of gradients whose norms were ``grad_norm`` and
+    ``grad_norms`` once each was multiplied by ``scale`` (a scalar for all, or one per gradient):
+    ‖s·g‖ = s·‖g‖. No second pass over the gradients, and no float32 squares to underflow: clipped
+    to 1e-25, gradients have the norm 1e-25, where squaring their elements in float32 gives 0.
+    Where every factor is 1 the norms are the ones given, unchanged."""
+    import tensorflow as tf
+
+    total, each = tf.cast(grad_norm, tf.float64), tf.cast(grad_norms, tf.float64)
+    factor = tf.cast(scale, tf.float64)
+    if factor.shape.rank == 0:
+        return total * factor, each * factor
+    scaled = each * factor
+    unchanged = tf.reduce_all(tf.equal(factor, 1.0))
+    return tf.where(unchanged, total, tf.sqrt(tf.reduce_sum(tf.square(scaled)))), scaled
+
+
+def norms64(grads):
+    """:func:`norms` computed in float64, so that small clipped values do not underflow when squared."""
+    import tensorflow as tf
+
+    return norms([tf.cast(values_of(g), tf.float64) for g in grads])
 
 
 def global_norm(grads):

@@ -18,7 +18,7 @@ class NoClip:
         return ()
 
     def apply(self, grads, threshold, variables, state):
-        return ClipResult(list(grads), _any([]), state, None)
+        return ClipResult(list(grads), _any([]), state, None, scale=1.0)
 
 
 class ClipByValue:
@@ -59,15 +59,17 @@ class ClipByNorm:
     def apply(self, grads, threshold, variables, state):
         import tensorflow as tf
 
-        clipped, changed = [], []
+        clipped, changed, scales = [], [], []
         for g in grads:
-            over = tf.norm(values_of(g)) > threshold
+            norm = tf.norm(values_of(g))
+            over = norm > threshold
             # Below the threshold the gradient is left as it is: clip_by_norm's t * g / t can round,
             # and flushes elements near float32's smallest normal number to zero.
             by_norm = values_of(tf.clip_by_norm(g, threshold))
             clipped.append(map_values(g, lambda v, c=by_norm, o=over: tf.where(o, c, v)))
             changed.append(over)
-        return ClipResult(clipped, _any(changed), state, threshold)
+            scales.append(tf.where(over, tf.cast(threshold / norm, tf.float64), tf.constant(1.0, tf.float64)))
+        return ClipResult(clipped, _any(changed), state, threshold, scale=tf.stack(scales))
 
 
 class ClipByAverageNorm:
@@ -89,7 +91,7 @@ class ClipByAverageNorm:
     def apply(self, grads, threshold, variables, state):
         import tensorflow as tf
 
-        clipped, changed = [], []
+        clipped, changed, scales = [], [], []
         for g in grads:
             values = values_of(g)
             shape = g.dense_shape if isinstance(g, tf.IndexedSlices) else tf.shape(g)
@@ -98,7 +100,8 @@ class ClipByAverageNorm:
             scale = threshold * tf.minimum(inv_norm * size, 1.0 / threshold)
             clipped.append(map_values(g, lambda v, s=scale: v * s))
             changed.append(tf.norm(values) / size > threshold)
-        return ClipResult(clipped, _any(changed), state, threshold)
+            scales.append(tf.cast(scale, tf.float64))
+        return ClipResult(clipped, _any(changed), state, threshold, scale=tf.stack(scales))
 
 
 class ClipByGlobalNorm:
@@ -121,4 +124,7 @@ class ClipByGlobalNorm:
         import tensorflow as tf
 
         clipped, norm = tf.clip_by_global_norm(grads, threshold)
-        return ClipResult(list(clipped), norm > threshold, state, threshold)
+        # The factor tf.clip_by_global_norm multiplied every gradient by, as it computes it (NaN
+        # where the norm is not finite).
+        scale = threshold * tf.minimum(1.0 / norm, 1.0 / threshold) + (norm - norm)
+        return ClipResult(list(clipped), norm > threshold, state, threshold, scale=scale)

@@ -9,6 +9,10 @@ inside the user's ``fit`` all call :func:`measured_step`; none has its own copy 
   ``grad_norm_rows`` is the norm measured row by row, as Keras' ``global_clipnorm`` /
   ``clipnorm`` and ``tf.clip_by_global_norm`` measure IndexedSlices: equal to ``grad_norm``
   unless sparse gradients repeat an index.
+* **Clipped norms** are those of what the optimizer gets, in float64: a strategy that scales
+  whole gradients gives its factor and they are the gradient norms times it (no second pass
+  over the gradients); ``value`` and AGC have them measured (:func:`_clipped_norms`). A
+  threshold of 1e-25 records 1e-25, not the 0 of squaring such values in float32.
 * **What the strategy clips** (``sparse_norm``): ``"summed"`` (default) gives it the summed
   gradient; ``"rows"`` the raw rows, so a threshold is the number to type into Keras'
   ``compile(global_clipnorm=...)`` and ``value`` clips each raw row as ``clipvalue`` does.
@@ -30,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..clip.base import map_values, norms, summed
+from ..clip.base import map_values, norms, norms64, scaled_norms, summed
 
 SPARSE_NORMS = ("summed", "rows")
 ON_NONFINITE = ("skip", "apply", "stop")
@@ -45,7 +49,7 @@ class Measured:
     grads_finite: Any  # scalar bool: the gradient norm alone (dynamic loss scaling reads it)
     grad_norm: Any  # float64: the true (summed) global norm before clipping
     grad_norm_rows: Any  # float64: the global norm measured by raw rows (Keras' and tf.clip_by_global_norm's)
-    clipped_norm: Any  # float64: the true global norm of what is applied
+    clipped_norm: Any  # float64: the true global norm of what is applied (see _clipped_norms)
     threshold: Any  # float64: the strategy's threshold this step (NaN: none)
     clipped: Any  # scalar bool: did the strategy change anything
     state: tuple  # the strategy's next state (the old one on a non-finite step)
@@ -81,10 +85,13 @@ def measured_step(grads, variables, strategy, param, state, loss, sparse_norm: s
     result = strategy.apply(list(grads) if rows else true, param, variables, state)
     if rows:
         applied = list(result.grads)
-        clipped_norm, clipped_norms = norms([summed(g)[0] for g in applied])
     else:
         applied = [_hand_on(raw, s, c, p) for raw, (s, p), c in zip(grads, pairs, result.grads)]
-        clipped_norm, clipped_norms = norms(result.grads)
+
+    def after():  # the clipped summed gradients
+        return [summed(g)[0] for g in applied] if rows else result.grads
+
+    clipped_norm, clipped_norms = _clipped_norms(result, grad_norm, grad_norms, after)
     grads_finite = tf.math.is_finite(grad_norm)
     finite = tf.math.is_finite(tf.cast(loss, tf.float32)) & grads_finite
     # A skipped step leaves the strategy's state as it was: one inf norm must not poison
@@ -97,9 +104,28 @@ def measured_step(grads, variables, strategy, param, state, loss, sparse_norm: s
         grad_norm=tf.cast(grad_norm, tf.float64), grad_norm_rows=tf.cast(grad_norm_rows, tf.float64),
         # A non-finite step clipped nothing that counts (it is skipped, or applied as it came): never
         # "clipped" beside "nonfinite" in one row.
-        clipped_norm=tf.cast(clipped_norm, tf.float64), threshold=threshold, clipped=result.clipped & finite,
+        clipped_norm=clipped_norm, threshold=threshold, clipped=result.clipped & finite,
         state=next_state, grad_norms=grad_norms, clipped_norms=clipped_norms, summed=true,
     )
+
+
+def _clipped_norms(result, grad_norm, grad_norms, after):
+    """(global, per-gradient) float64 norms of the clipped summed gradients ``after()``.
+
+    A strategy that multiplies whole gradients by a factor says which (``ClipResult.scale``):
+    the norms are the gradient norms times it (:func:`~gradwatch.clip.base.scaled_norms`), with
+    no pass over the clipped gradients; summing a sparse gradient's rows commutes with scaling
+    them, so this holds for either ``sparse_norm``. Any other strategy (value, AGC) has them
+    measured, in float64, on a step where it changed something; else they are the gradient norms.
+    Either way a small threshold gives the small norm it clipped to, not the 0 that squaring
+    its values in float32 would.
+    """
+    import tensorflow as tf
+
+    if result.scale is not None:
+        return scaled_norms(grad_norm, grad_norms, result.scale)
+    unchanged = (tf.cast(grad_norm, tf.float64), tf.cast(grad_norms, tf.float64))
+    return tf.cond(result.clipped, lambda: norms64(after()), lambda: unchanged)
 
 
 def _hand_on(raw, summed_grad, clipped, positions):
