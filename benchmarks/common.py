@@ -132,6 +132,23 @@ def load(workdir: Path, name: str):
     return model, x, y, loss
 
 
+def bare_step(model, loss_fn, optimizer, clip_norm):
+    """The floor: a ``tf.function`` step with ``tf.clip_by_global_norm``, nothing recorded."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads, _ = tf.clip_by_global_norm(tape.gradient(loss, variables), clip_norm)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    return step
+
+
 def batches(x, y, batch_size: int, steps: int):
     """The batches every way trains on: file order, last partial batch dropped, repeated."""
     import tensorflow as tf

@@ -6,7 +6,7 @@ WORKDIR holds the benchmark models (``python benchmarks/common.py WORKDIR PTB_TE
 one of common.MODELS; OLD_CHECKOUT a checkout of an older commit (``git worktree add /tmp/old
 COMMIT``), whose ``gradwatch`` package is imported beside this one under another name. Each way
 is a ``tf.function`` step: tape, ``measured_step`` with ``--clip global``, the update under the
-non-finite guard; the floor is the bare step (``tf.clip_by_global_norm``). The ways run in
+non-finite guard; the floor is floor.py's bare step (``common.bare_step``). The ways run in
 turn, in alternating order, STEPS steps a round; printed: the median CPU time per step
 (``time.process_time``) and the medians of the round-by-round ratios.
 """
@@ -60,14 +60,7 @@ def main(workdir: str, name: str, steps: str, rounds: str, old: str) -> None:
             return loss, m.grad_norm, m.clipped_norm, m.grad_norms, m.clipped_norms, moved
         return step
 
-    @tf.function
-    def floor(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
-        grads, _ = tf.clip_by_global_norm(tape.gradient(loss, variables), threshold)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss
-
+    floor = common.bare_step(model, loss_fn, optimizer, threshold)  # the step of floor.py
     with tempfile.TemporaryDirectory() as tmp:
         ways = {"floor": floor, "old": way(*package_as(Path(old), "gradwatch_old", Path(tmp))),
                 "new": way(measured_step, ClipByGlobalNorm)}
