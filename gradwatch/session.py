@@ -112,6 +112,9 @@ def _check_counts(values: dict) -> None:
     seed = values.get("seed")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise OptionError(f"`--seed` must be between 0 and {MAX_SEED}. Received: seed={seed}")
+    num_steps = values.get("num_steps")
+    if num_steps is not None and num_steps < 1:
+        raise OptionError(f"`--num-steps` must be >= 1. Received: num_steps={num_steps}")
     for name in ("steps", "epochs", "start_step"):
         value = values.get(name)
         if value is not None and value > MAX_STEPS:
@@ -145,6 +148,32 @@ def _prepare(spec: RunSpec, distribution):
     # Keras layers draw their random streams (Dropout's masks, ...) from seeds set when the model is
     # built: seed them from --seed before loading, so a run is the same run every time.
     keras.utils.set_random_seed(spec.seed)
+    # Every option is checked (TrainOptions) before the model and the data are loaded.
+    train_options = TrainOptions(
+        batch_size=spec.batch_size,
+        steps=spec.steps,
+        epochs=spec.epochs,
+        shuffle=bool(spec.shuffle),  # set below, once the data's kind is known
+        seed=spec.seed,
+        optimizer=spec.optimizer,
+        optimizer_args=parse_opt_args(list(spec.opt or ())),
+        lr=spec.lr,
+        lr_decay=spec.lr_decay,
+        decay_after_epoch=spec.decay_after_epoch,
+        on_nonfinite=spec.on_nonfinite,
+        sparse_norm=spec.sparse_norm,
+        start_step=spec.start_step,
+        fresh_optimizer=spec.fresh_optimizer,
+        checkpoint=None if spec.checkpoint is None else str(spec.checkpoint),
+        save_checkpoints=None if spec.save_checkpoints is None else str(spec.save_checkpoints),
+        checkpoint_every=spec.checkpoint_every,
+        fetch_every=spec.fetch_every,
+        xla=spec.xla,
+        spike_rule=spike_rule,
+    )
+    if spec.from_logits and not spec.loss:
+        raise OptionError("--from-logits needs --loss NAME (a crossentropy loss)")
+    loss = make_loss(spec.loss, spec.from_logits) if spec.loss else None
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
     options = data_mod.DataOptions(
@@ -165,32 +194,8 @@ def _prepare(spec: RunSpec, distribution):
     loss_name = spec.loss or model.compiled_loss_name
     if loss_name:
         data_mod.check_targets(dataset, loss_name, model.output_dim)
-    shuffle = spec.shuffle if spec.shuffle is not None else dataset.kind != "text"
-    train_options = TrainOptions(
-        batch_size=spec.batch_size,
-        steps=spec.steps,
-        epochs=spec.epochs,
-        shuffle=shuffle,
-        seed=spec.seed,
-        optimizer=spec.optimizer,
-        optimizer_args=parse_opt_args(list(spec.opt or ())),
-        lr=spec.lr,
-        lr_decay=spec.lr_decay,
-        decay_after_epoch=spec.decay_after_epoch,
-        on_nonfinite=spec.on_nonfinite,
-        sparse_norm=spec.sparse_norm,
-        start_step=spec.start_step,
-        fresh_optimizer=spec.fresh_optimizer,
-        checkpoint=None if spec.checkpoint is None else str(spec.checkpoint),
-        save_checkpoints=None if spec.save_checkpoints is None else str(spec.save_checkpoints),
-        checkpoint_every=spec.checkpoint_every,
-        fetch_every=spec.fetch_every,
-        xla=spec.xla,
-        spike_rule=spike_rule,
-    )
-    loss = make_loss(spec.loss, spec.from_logits) if spec.loss else None
-    if spec.from_logits and not spec.loss:
-        raise OptionError("--from-logits needs --loss NAME (a crossentropy loss)")
+    if spec.shuffle is None:  # arrays shuffle, a text corpus keeps its order
+        train_options = replace(train_options, shuffle=dataset.kind != "text")
     return Trainer(model, dataset, train_options, loss=loss, bad_rows=bad_rows, distribution=distribution)
 
 
