@@ -157,6 +157,9 @@ def make_optimizer(config: dict):
             "adamw, rmsprop, adagrad, nadam, lion"
         )
     _check_numbers(getattr(keras.optimizers, resolved), config["config"], class_name)
+    lr = config["config"].get("learning_rate")  # a number (--lr, --opt, compiled), or a schedule's config
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        check_lr(lr)
     try:
         # the class itself: keras.optimizers.get() does not know every optimizer Keras ships (Lamb, Muon)
         optimizer = getattr(keras.optimizers, resolved).from_config(dict(config["config"]))
@@ -164,10 +167,19 @@ def make_optimizer(config: dict):
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
     refuse_hidden_options(optimizer, f"optimizer {class_name}")
-    lr = getattr(optimizer, "_learning_rate", None)
-    if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
-        raise OptionError(f"`--lr` must be > 0. Received: lr={lr}")
     return optimizer
+
+
+# float32's largest number and half its smallest subnormal: a learning rate outside them is inf or 0
+# in the optimizer's float32 arithmetic (1e39 trains on inf, 1e-46 silently not at all).
+F32_MAX, F32_TINY = 3.4028234663852886e38, 0.7006492321624085e-45
+
+
+def check_lr(lr: float) -> None:
+    """The rule for a learning rate, given as --lr, --opt learning_rate=... or compiled."""
+    if not (math.isfinite(lr) and F32_TINY < lr <= F32_MAX):
+        raise OptionError(f"the learning rate must be a number > 0 that float32 holds (at most {F32_MAX:.3g}; the "
+                          f"optimizer computes in float32); check --lr or --opt learning_rate. Received: lr={lr}")
 
 
 def _check_numbers(cls, given: dict, class_name: str) -> None:

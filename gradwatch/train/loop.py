@@ -21,7 +21,7 @@ from .. import data as data_mod
 from . import distribute
 from ..clip import Clipping
 from ..clip.base import norms
-from ..objective import describe_optimizer, has_schedule, make_optimizer, optimizer_config
+from ..objective import check_lr, describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from ..errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from ..diagnose.spikes import SpikeRule
 from ..records import RowStore, clip_ratio, summarize
@@ -70,7 +70,6 @@ class TrainOptions:
             (self.steps is None or self.steps >= 1, f"`--steps` must be >= 1. Received: steps={self.steps}"),
             (self.epochs is None or self.epochs >= 1, f"`--epochs` must be >= 1. Received: epochs={self.epochs}"),
             (not (self.steps and self.epochs), "give --steps or --epochs, not both"),
-            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"`--lr` must be > 0. Received: lr={self.lr}"),
             (self.lr_decay is None or (math.isfinite(self.lr_decay) and self.lr_decay > 0),
              f"`--lr-decay` must be > 0. Received: lr_decay={self.lr_decay}"),
             (self.decay_after_epoch >= 0, f"`--decay-after-epoch` must be >= 0. Received: {self.decay_after_epoch}"),
@@ -86,6 +85,8 @@ class TrainOptions:
         for ok, message in checks:
             if not ok:
                 raise OptionError(message)
+        if self.lr is not None:
+            check_lr(self.lr)
 
     def lr_at(self, epoch: int, base: float | None = None) -> float:
         """The PTB tutorial's schedule: lr * lr_decay ** max(epoch - decay_after_epoch, 0)."""
