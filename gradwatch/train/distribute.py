@@ -22,13 +22,19 @@ from ..errors import OptionError
 
 STRATEGIES = ("none", "mirrored", "multiworker")
 
+# --cpu-devices is for trying --strategy mirrored without GPUs: every logical device is a replica
+# with its own copy of the step, so start-up and memory grow faster than N. Measured on 2 cores,
+# 3 steps of the ptb-test sample: 16 devices 56 s and 1.4 GB, 64 devices 12 minutes and 7.8 GB.
+MAX_CPU_DEVICES = 16
+
 
 def check_options(strategy: str | None, cpu_devices: int | None) -> None:
     """The option pair, checked before anything loads."""
     if strategy not in (None, *STRATEGIES):
         raise OptionError(f"unknown --strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if cpu_devices is not None and cpu_devices < 1:
-        raise OptionError(f"`--cpu-devices` must be >= 1. Received: cpu_devices={cpu_devices}")
+    if cpu_devices is not None and not 1 <= cpu_devices <= MAX_CPU_DEVICES:
+        raise OptionError(f"`--cpu-devices` must be between 1 and {MAX_CPU_DEVICES} (each is a replica with its own "
+                          f"copy of the step). Received: cpu_devices={cpu_devices}")
     if strategy == "multiworker":
         cluster_spec()
 
