@@ -153,13 +153,16 @@ def test_a_custom_loop_checkpoint_continues_on_the_savedmodel(cli, tmp_path, mod
     assert code == 2 and "cannot read the checkpoint" in err, err
 
 
-def test_a_window_around_a_spike_replays_the_long_run_exactly(cli, tmp_path, module_model, regression_npz):
+@pytest.mark.parametrize("read", ["--no-stream", "--stream"])
+def test_a_window_around_a_spike_replays_the_long_run_exactly(cli, tmp_path, module_model, regression_npz, read):
     """The recipe of the README: a long run writes checkpoints; the window before a step replays
-    from the nearest one with per-variable records, row for row as the long run had them."""
+    from the nearest one with per-variable records, row for row as the long run had them -- in
+    memory and with the rows read where they lie; step 20 is the third batch of the seventh
+    shuffled epoch (3 batches an epoch), which the window reaches without making the six before."""
     from conftest import read_csv
 
     common = ["run", module_model, "--data", regression_npz, "--loss", "mse", "--optimizer", "adam", "--lr", 0.05,
-              "--clip", "global", "--norm", 2.0, "-q"]
+              "--clip", "global", "--norm", 2.0, "-q", read]
     code, _, err = cli(*common, "--steps", 30, "--csv", tmp_path / "long.csv", "--save-checkpoints", tmp_path / "ck",
                        "--checkpoint-every", 10)
     assert code == 0, err

@@ -145,6 +145,10 @@ class Pipeline:
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
         start, end = self.start, self.start + self.total_steps
         epochs = -(-end // per)
+        # The first epoch this run trains in, and the batches of it consumed before: the orders of
+        # earlier epochs are never made (in memory, and rows read where they lie; a record stream
+        # is read through), so --start-step costs nothing however large it is.
+        first_epoch, skipped = start // per + 1, start % per
         n_rows = len(self.data)
         keep = rows_of or (lambda r: r)
 
@@ -162,7 +166,7 @@ class Pipeline:
         rates = tf.data.Dataset.range(start, end).map(rate)
 
         def orders():
-            for epoch in range(1, epochs + 1):
+            for epoch in range(first_epoch, epochs + 1):
                 order = data_mod.epoch_order(n_rows, epoch, options.shuffle, options.seed)
                 yield order[: per * size].reshape(per, size).astype(np.int64)
 
@@ -175,7 +179,7 @@ class Pipeline:
                 for order in orders():
                     for rows in order:
                         k += 1
-                        if k <= start:  # consumed before this run: not read
+                        if k <= skipped:  # consumed before this run: not read
                             continue
                         rows = keep(rows)
                         yield streams.read(self.data.x, rows), self.data.y.read(rows)
@@ -190,7 +194,7 @@ class Pipeline:
                 x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
             rows = tf.data.Dataset.from_generator(self.guard.wrap(orders),
                                                   output_signature=tf.TensorSpec((per, size), tf.int64))
-            pairs = tf.data.Dataset.zip((rows.unbatch().skip(start), rates)).take(self.total_steps)
+            pairs = tf.data.Dataset.zip((rows.unbatch().skip(skipped), rates)).take(self.total_steps)
             batches = pairs.map(
                 lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
                 num_parallel_calls=PARALLEL_CALLS,
