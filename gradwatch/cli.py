@@ -611,7 +611,8 @@ def compare(
             raise OptionError("give --variants, or --clip with --thresholds, not both")
         variants = parse_variant_list(variants_)
     else:
-        variants = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
+        variants = parse_variants("global" if clip is None else clip,
+                                  "none,1,5,10" if thresholds is None else thresholds, baseline)
     codes = _fail_codes(fail_on)
     spec = _resolved(locals())
     silent = not _writes(spec)

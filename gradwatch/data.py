@@ -391,8 +391,10 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
             continue
         bad_rows = rows if bad_rows is None else bad_rows | rows
         if not allow:
+            # a CSV's empty cell, or a line cut short, reads as NaN: name them, they are what the file shows
+            kinds = "NaN, inf, an empty cell or a line cut short" if data.kind == "csv" else "NaN or inf"
             raise DataError(
-                f"{data.path}: {name} has {count} non-finite value{'s' * (count != 1)} (NaN or inf) in "
+                f"{data.path}: {name} has {count} non-finite value{'s' * (count != 1)} ({kinds}) in "
                 f"{int(rows.sum())} row{'s' * (int(rows.sum()) != 1)}, the first at {_where(data, name, first)}; "
                 "clean the data, or pass --allow-nonfinite-data to train on it anyway"
             )

@@ -246,6 +246,8 @@ def _parse(column: str, text: str):
 
 
 def _header(path: Path) -> list[str] | None:
+    if path.is_dir():
+        raise GradwatchError(f"{path} is a folder; give the path of a CSV written by gradwatch run/compare --csv")
     if not path.is_file():
         raise GradwatchError(f"no such file: {path}; give the path of a CSV written by gradwatch run/compare --csv")
     not_text = GradwatchError(f"{path} is not a text CSV; give a file written by gradwatch run/compare --csv")

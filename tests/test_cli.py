@@ -40,7 +40,12 @@ def test_bad_inputs_give_one_line_and_exit_2(cli, module_model, regression_npz, 
         "brings no loss": ["run", m, "--data", d],
         "--from-logits applies": ["run", m, "--data", d, "--loss", "mse", "--from-logits"],
         "unknown optimizer": ["run", m, "--data", d, "--loss", "mse", "--optimizer", "bogus"],
-        "`--lr` must be > 0": ["run", m, "--data", d, "--loss", "mse", "--lr", "0"],
+        "learning rate must be a number > 0": ["run", m, "--data", d, "--loss", "mse", "--lr", "0"],
+        "Received: lr=1e+39": ["run", m, "--data", d, "--loss", "mse", "--lr", "1e39"],  # inf in float32
+        "Received: lr=1e-46": ["run", m, "--data", d, "--loss", "mse", "--opt", "learning_rate=1e-46"],  # 0 in float32
+        "`--num-steps` must be >= 1": ["run", m, "--data", d, "--loss", "mse", "--num-steps", "0"],
+        "`--batch-size` must be >= 1": ["run", "--sample", "ptb-test", "--batch-size", "0"],  # before the corpus is cut
+        "`--cpu-devices` must be between 1 and 16": ["run", m, "--data", d, "--loss", "mse", "--cpu-devices", "100000"],
         "fewer than one batch": ["run", m, "--data", d, "--loss", "mse", "--batch-size", "1000"],
         "not both": ["run", m, "--data", d, "--loss", "mse", "--steps", "2", "--epochs", "1"],
         "--data needs a MODEL": ["run", "--data", d],
@@ -48,6 +53,8 @@ def test_bad_inputs_give_one_line_and_exit_2(cli, module_model, regression_npz, 
         "no endpoint 'predict'": ["run", m, "--data", d, "--loss", "mse", "--endpoint", "predict"],
         "folder": ["run", m, "--data", d, "--loss", "mse", "--csv", tmp_path],
         "is not a number": ["compare", m, "--data", d, "--loss", "mse", "--thresholds", "1,abc"],
+        "--thresholds '' has an empty item": ["compare", m, "--data", d, "--loss", "mse", "--thresholds", ""],
+        "--clip '' has an empty item": ["compare", m, "--data", d, "--loss", "mse", "--clip", ""],
         "unknown sample": ["run", "--sample", "nope"],
     }
     for expected, args in cases.items():

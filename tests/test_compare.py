@@ -132,6 +132,7 @@ def test_report_rejects_bad_csvs(cli, tmp_path):
     for args, expected in [
         (["report", tmp_path / "other.csv"], "missing columns step, epoch, loss"),
         (["report", tmp_path / "none.csv"], "no such file"),
+        (["report", tmp_path], "is a folder"),
         (["report", tmp_path / "other.csv", "--plot", tmp_path / "x.jpg"], "png, svg, pdf"),
     ]:
         code, _, err = cli(*args)

@@ -120,6 +120,10 @@ def test_nonfinite_input_data_is_refused_with_where(cli, module_model, data_dir,
     (tmp_path / "bad.csv").write_text(frame)
     line = one_line_error(*cli("run", module_model, "--data", tmp_path / "bad.csv", *MSE))
     assert "the first at line 5, column 'c'" in line
+    assert "(NaN, inf, an empty cell or a line cut short)" in line
+    (tmp_path / "short.csv").write_text("a,b,c,d,label\n" + "1,2,3,4,1\n" * 3 + "1,2\n")  # a line cut short
+    line = one_line_error(*cli("run", module_model, "--data", tmp_path / "short.csv", *MSE))
+    assert "the first at line 5, column 'c'" in line and "a line cut short" in line
 
 
 def test_allowed_nonfinite_data_is_blamed_on_the_data(cli, module_model, tmp_path):
