@@ -341,24 +341,20 @@ def _fail_codes(text):
 
 
 def _check_findings(path: Path | None) -> None:
-    if path is not None and not path.parent.is_dir():
-        raise OptionError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    from .sinks import check_file_target
+
+    if path is not None:
+        check_file_target("--findings", path, "findings.json")
 
 
 def _write_findings(path: Path, found) -> None:
-    """The findings as a JSON list, written beside ``path`` and moved into place; OS errors exit 74."""
+    """The findings as a JSON list, written whole (sinks.write_whole); OS errors exit 74."""
     import json
 
-    from .errors import OutputError
+    from .sinks import write_whole
 
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps([f.as_dict() for f in found], indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps([f.as_dict() for f in found], indent=1) + "\n"
+    write_whole(path, lambda target: target.write_text(text, encoding="utf-8"))
 
 
 def _fail_if(codes, found) -> None:
@@ -810,28 +806,21 @@ def _report_summary(file: Path, plot: Path | None, findings: Path | None, codes:
 
 def _check_plot(plot: Path | None) -> None:
     from .report import PLOT_FORMATS
+    from .sinks import check_file_target
 
     if plot is None:
         return
+    check_file_target("--plot", plot, "steps.png")
     if plot.suffix.lower().lstrip(".") not in PLOT_FORMATS:
         raise OptionError(f"--plot writes {', '.join(PLOT_FORMATS)}; give a file name ending in one of them (got {plot})")
-    if not plot.parent.is_dir():
-        raise OptionError(f"cannot write {plot}: folder {plot.parent} does not exist; create it first")
 
 
 def _write_plot(draw, plot: Path) -> None:
-    """Draw into a temporary file beside ``plot`` and move it into place; OS errors exit 74."""
-    from .errors import OutputError
+    """Draw the plot whole (sinks.write_whole); OS errors exit 74."""
+    from .sinks import write_whole
 
     kind = plot.suffix.lower().lstrip(".")
-    tmp = plot.with_name(f".{plot.name}.partial.{kind}")
-    try:
-        draw(str(tmp), kind)
-        os.replace(tmp, plot)
-    except OSError as exc:
-        raise OutputError(f"cannot write {plot}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(plot, lambda target: draw(str(target), kind), suffix=f".{kind}")
     _stderr().print(escape(f"gradwatch: wrote {plot}"))
 
 

@@ -38,6 +38,36 @@ def _cell(value) -> str:
 PARTIAL_SUFFIX = ".partial"
 
 
+def check_file_target(option: str, path: Path, example: str) -> None:
+    """An output file's path, checked before anything loads: not a folder, in a folder that exists
+    (each wrong way named as it is). ``example`` is a file name the fix can suggest."""
+    if path.is_dir():
+        raise GradwatchError(f"{option} {path} is a folder; give a file name such as {path / example}")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise GradwatchError(f"cannot write {path}: {parent} is a file, not a folder; give a path in a folder")
+    if not parent.is_dir():
+        raise GradwatchError(f"cannot write {path}: folder {parent} does not exist; create it first")
+
+
+def write_whole(path: Path, write, suffix: str = "") -> None:
+    """A file made at once (findings, a plot): ``write(target)`` fills ``target``, a temporary
+    file beside ``path`` (ending in ``suffix``) moved over it when complete, so an old file is
+    replaced only by a whole new one. A ``path`` that exists but is not a regular file (a
+    device such as /dev/full, a FIFO) is written directly, never replaced. OS errors exit 74."""
+    direct = path.exists() and not path.is_file()
+    target = path if direct else path.with_name(f".{path.name}{PARTIAL_SUFFIX}{suffix}")
+    try:
+        write(target)
+        if not direct:
+            os.replace(target, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if not direct:
+            target.unlink(missing_ok=True)
+
+
 class CsvSink:
     """Writes rows to a CSV as the run goes, without ever leaving a half-written file where a
     good one was, and without losing rows already recorded.
@@ -59,13 +89,7 @@ class CsvSink:
         self.option = option
         self.rows_written = 0
         self.kept: Path | None = None
-        if self.path.is_dir():
-            raise GradwatchError(f"{option} {self.path} is a folder; give a file name such as {self.path / 'steps.csv'}")
-        parent = self.path.parent
-        if parent.exists() and not parent.is_dir():
-            raise GradwatchError(f"cannot write {self.path}: {parent} is a file, not a folder; give a path in a folder")
-        if not parent.is_dir():
-            raise GradwatchError(f"cannot write {self.path}: folder {parent} does not exist; create it first")
+        check_file_target(option, self.path, "steps.csv")
         self.direct = self.path.exists() and not self.path.is_file()
         self.tmp_path = self.path if self.direct else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         try:

@@ -64,6 +64,9 @@ def test_a_full_disk_is_an_error_with_exit_74_never_a_silent_success(module_mode
     assert done.returncode == 74, done.stderr
     assert "cannot write to standard output: No space left on device" in done.stderr
     assert done.stderr.count("\n") == 1
+    done = _gradwatch(*run, "--findings", "/dev/full", capture_output=True)  # written, not replaced by a file
+    assert done.returncode == 74 and done.stderr.strip().endswith("cannot write /dev/full: No space left on device")
+    assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
 
 
 def test_a_closed_pipe_ends_quietly(module_model, regression_npz):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,37 @@ def test_outputs_that_are_inputs_are_refused(tmp_path):
     with pytest.raises(GradwatchError, match="--csv and --summary-csv are the same file"):
         check_outputs({"--summary-csv": tmp_path / "a.csv", "--csv": tmp_path / "x" / ".." / "a.csv"}, inputs)
     check_outputs({"--csv": tmp_path / "steps.csv", "--summary-csv": tmp_path / "summary.csv"}, inputs)
+
+
+def test_a_whole_file_replaces_an_old_one_only_when_complete(tmp_path):
+    """write_whole (findings, plots): a write that fails leaves the old file as it was and no
+    temporary beside it; one that succeeds replaces it; a device is written, never replaced."""
+    from gradwatch.sinks import write_whole
+
+    target = tmp_path / "findings.json"
+    target.write_text("old\n")
+
+    def failing(path):
+        path.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match="findings.json: No space left on device") as info:
+        write_whole(target, failing)
+    assert info.value.exit_code == 74
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["findings.json"]
+    write_whole(target, lambda path: path.write_text("new\n"))
+    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["findings.json"]
+    with pytest.raises(OutputError, match="/dev/full: No space left on device"):
+        write_whole(Path("/dev/full"), lambda path: path.write_text("x" * 10000))
+    assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
+
+
+def test_every_output_file_path_is_checked_the_same_way(tmp_path):
+    from gradwatch.sinks import check_file_target
+
+    (tmp_path / "afile").write_text("")
+    for path, expected in [(tmp_path, "is a folder; give a file name such as"),
+                           (tmp_path / "afile" / "x.json", "afile is a file, not a folder"),
+                           (tmp_path / "nope" / "x.json", "folder " + str(tmp_path / "nope") + " does not exist")]:
+        with pytest.raises(GradwatchError, match=expected.replace(".", r"\.")):
+            check_file_target("--findings", path, "findings.json")
