@@ -15,11 +15,29 @@ over :func:`prepare_trainer` and :func:`train`, the two steps these functions ta
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
+
+import numpy as np
 
 from .errors import NonFiniteStop, OptionError
 
 CLIP_OPTIONS = ("norm", "value", "factor", "percentile", "z")
+
+_KINDS = {"int": (numbers.Integral, int, "an integer"), "float": (numbers.Real, float, "a number"),
+          "bool": ((bool, np.bool_), bool, "True or False")}
+
+
+def typed(name: str, value, kind: str):
+    """A keyword option of the Python API as the CLI's parser would have given it (``kind``: int,
+    float or bool; NumPy scalars welcome), or an OptionError naming it: ``steps=2.5`` or
+    ``batch_size="8"`` would otherwise fail deep inside TensorFlow, blaming the data."""
+    if value is None or kind not in _KINDS:
+        return value
+    accepted, convert, what = _KINDS[kind]
+    if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, (bool, np.bool_))):
+        raise OptionError(f"`{name}` must be {what}. Received: {name}={value!r} ({type(value).__name__})")
+    return convert(value)
 
 
 def clipping_of(clip: str, **given):
@@ -33,7 +51,7 @@ def clipping_of(clip: str, **given):
     if extra:
         takes = f"--{option}" if option else "no parameter"
         raise OptionError(f"--clip {clip} takes {takes}, not {', '.join(extra)}; drop {', '.join(extra)}")
-    return Clipping(clip, given.get(option))
+    return Clipping(clip, typed(option, given.get(option), "float") if option else None)
 
 
 def make_spec(model=None, data=None, sample=None, **options):
@@ -45,6 +63,9 @@ def make_spec(model=None, data=None, sample=None, **options):
     if unknown:
         raise OptionError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                           f"the options are {', '.join(sorted(names - {'model', 'data', 'sample'}))}")
+    for f in fields(RunSpec):
+        if f.name in options:  # the annotation as a string ("int | None"): its first type
+            options[f.name] = typed(f.name, options[f.name], str(f.type).split("|")[0].strip())
     for name in ("on_nonfinite", "sparse_norm"):
         if options.get(name) is not None:
             options[name] = getattr(options[name], "value", options[name])

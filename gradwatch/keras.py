@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .api import Summary, clipping_of, summarize
+from .api import Summary, clipping_of, summarize, typed
 from .train import distribute
 from .clip import map_values
 from .errors import GradwatchError, OptionError
@@ -60,9 +60,13 @@ class GradientWatch(keras.callbacks.Callback):
         if sparse_norm not in SPARSE_NORMS:
             raise OptionError(f"`sparse_norm` must be one of {', '.join(SPARSE_NORMS)}. Received: {sparse_norm!r}")
         self.on_nonfinite, self.sparse_norm = on_nonfinite, sparse_norm
-        self.rule = SpikeRule(factor=spike_factor, window=spike_window, floor=spike_floor)
+        self.rule = SpikeRule(factor=typed("spike_factor", spike_factor, "float"),
+                              window=typed("spike_window", spike_window, "int"),
+                              floor=typed("spike_floor", spike_floor, "float"))
         self.csv, self.tensorboard = csv, tensorboard
-        self.capacity = int(capacity)
+        self.capacity = typed("capacity", capacity, "int")
+        if self.capacity < 1:
+            raise OptionError(f"`capacity` must be >= 1. Received: capacity={capacity}")
         self._rows = RowStore()
         self._buffer = _variable(tf.zeros([self.capacity, len(_BUFFERED)], tf.float64), "gradwatch_rows")
         self._count = _variable(tf.constant(0, tf.int64), "gradwatch_count")  # rows ever written

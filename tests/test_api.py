@@ -87,3 +87,23 @@ def test_errors_are_gradwatch_errors(module_model, regression_npz):
         gradwatch.run(str(module_model), (np.zeros((5, 4), np.float32), np.zeros((3, 1), np.float32)), loss="mse")
     with pytest.raises(GradwatchError, match="model must be a path or a keras.Model"):
         gradwatch.run(object(), str(regression_npz), loss="mse")
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"steps": 2.5}, "`steps` must be an integer. Received: steps=2.5 (float)"),  # was "cannot compute the loss"
+    ({"steps": True}, "`steps` must be an integer. Received: steps=True (bool)"),  # was one step
+    ({"batch_size": "8"}, "`batch_size` must be an integer"),
+    ({"lr": "abc"}, "`lr` must be a number"),  # was a bare TypeError
+    ({"seed": 1.5}, "`seed` must be an integer"),
+    ({"clip": "global", "norm": "5"}, "`norm` must be a number"),  # was a bare ValueError
+])
+def test_a_keyword_of_the_wrong_type_is_named(module_model, regression_npz, given, expected):
+    with pytest.raises(OptionError) as info:
+        gradwatch.run(str(module_model), str(regression_npz), loss="mse", **given)
+    assert expected in str(info.value)
+
+
+def test_numpy_scalars_are_welcome_where_numbers_are(module_model, regression_npz):
+    rows = gradwatch.run(str(module_model), str(regression_npz), loss="mse", steps=np.int64(3),
+                         batch_size=np.int32(16), lr=np.float32(0.01), clip="global", norm=np.float64(5))
+    assert rows["step"].tolist() == [1, 2, 3] and (rows["threshold"] == 5.0).all()

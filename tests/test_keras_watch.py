@@ -119,6 +119,10 @@ def test_misuse_gets_a_clear_error():
         fit(keras.optimizers.SGD(0.1), [watch])
     with pytest.raises(GradwatchError, match="no step recorded"):
         watch.summary()
+    for given, expected in [({"norm": "1"}, "`norm` must be a number"), ({"spike_window": 2.5}, "`spike_window` must be an integer"),
+                            ({"capacity": 0}, "`capacity` must be >= 1")]:
+        with pytest.raises(GradwatchError, match=expected):
+            GradientWatch(clip="global", **{"norm": 1.0, **given})
 
 
 def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
