@@ -143,6 +143,11 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, module_model, regressio
     nul = tmp_path / "zeros.csv"
     nul.write_bytes(b"\0" * (4 << 20))
     cases.append((["report", nul], "is not a text CSV"))
+    ids = np.load(ids_npz)["x"].copy()
+    ids[40, 2] = 25  # row 40: batch 6 in file order; the Embedding has 20 rows
+    np.savez(tmp_path / "ids25.npz", x=ids, y=np.ones((len(ids), 1), np.float32))
+    cases.append((["run", keras_file_model, "--data", tmp_path / "ids25.npz", "--loss", "mse", "--batch-size", 8,
+                   "--no-shuffle", "--fetch-every", 1, "-q"], "the data of step 6 holds the id 25, but the model's lookup table"))
     for args, words in cases:
         code, out, err = cli(*args)
         assert code == 2, (args, err)

@@ -625,6 +625,8 @@ class Trainer:
                         done, arrays, state = block(iterators[0], tf.constant(size), param, state, stop_on_nonfinite,
                                                     capture_at)  # no local name: _drop holds the only reference
                     except Exception as exc:
+                        first = options.start_step + len(result.rows) + 1
+                        _raise_lookup_error(exc, f"step {first}" if size == 1 else f"steps {first} to {first + size - 1}")
                         if not (self.xla and not result.rows and _xla_failed(exc)):
                             raise
                         if options.xla:  # asked for: say why, and what to do
@@ -743,6 +745,20 @@ def _position(iterations: int, start_step: int) -> str:
         return ""
     return (f"; its iteration count is {iterations} but the data starts at step {start_step + 1} (--start-step "
             f"{start_step}): give --start-step {iterations} to continue where it stopped")
+
+
+def _raise_lookup_error(exc, where: str) -> None:
+    """An id outside a lookup table (an Embedding's rows) is the data's fault, not an unexpected
+    error: say which id, how many rows the table has, and what to check. (On a CPU TensorFlow
+    raises it; on a GPU the lookup returns zeros, which nothing after the fact can see.)"""
+    import re
+
+    found = re.search(r"indices\[[^\]]*\] = (-?\d+) is not in \[0, (\d+)\)", str(exc))
+    if found:
+        index, rows = found.groups()
+        raise DataError(f"the data of {where} holds the id {index}, but the model's lookup table (an Embedding, a tf.gather) has {rows} rows, "
+                        f"ids 0 to {int(rows) - 1}: give the vocabulary the model was trained with (--vocab) or ids "
+                        f"below {rows}") from None
 
 
 def _xla_failed(exc) -> bool:
