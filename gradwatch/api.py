@@ -69,6 +69,10 @@ def make_spec(model=None, data=None, sample=None, **options):
     for name in ("on_nonfinite", "sparse_norm"):
         if options.get(name) is not None:
             options[name] = getattr(options[name], "value", options[name])
+    if isinstance(options.get("imports"), (str, bytes)) or hasattr(options.get("imports"), "__fspath__"):
+        options["imports"] = (options["imports"],)
+    if options.get("imports") is not None:
+        options["imports"] = tuple(str(i) for i in options["imports"])
     if options.get("opt") is not None:
         opt = options["opt"]
         options["opt"] = tuple(f"{k}={v}" for k, v in opt.items()) if isinstance(opt, dict) else tuple(opt)

@@ -80,6 +80,7 @@ OutputOpt = Annotated[Optional[str], typer.Option("--output", help="Output name,
 XKeyOpt = Annotated[Optional[str], typer.Option("--x-key", help="Array of inputs in an .npz file.  [default: x]", show_default=False, rich_help_panel='Model and data')]
 YKeyOpt = Annotated[Optional[str], typer.Option("--y-key", help="Array of targets in an .npz file.  [default: y]", show_default=False, rich_help_panel='Model and data')]
 TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column of a .csv file.  [default: the last column]", show_default=False, rich_help_panel='Model and data')]
+ImportOpt = Annotated[Optional[list[str]], typer.Option("--import", help="A Python module (a name on the path, or a .py file) to import before the model loads: where its custom layers are registered with @keras.saving.register_keras_serializable (repeat it).", show_default=False, rich_help_panel='Model and data')]
 VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary for a .txt corpus, one word a line.  [default: the model's assets/vocab.txt]", show_default=False, rich_help_panel='Model and data')]
 NumStepsOpt = Annotated[Optional[int], typer.Option("--num-steps", help="Window length for a .txt corpus.  [default: the model's input length]", show_default=False, rich_help_panel='Model and data')]
 LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Any Keras loss identifier: mse, huber, binary_crossentropy, sparse_categorical_crossentropy, kl_divergence, ...  [default: the model's compiled loss, or its loss(inputs, targets)]", show_default=False, rich_help_panel='Training')]
@@ -194,6 +195,7 @@ def _spec(**options):
     options["on_nonfinite"] = options["on_nonfinite"].value if options.get("on_nonfinite") else None
     options["sparse_norm"] = options["sparse_norm"].value if options.get("sparse_norm") else None
     options["opt"] = tuple(options["opt"]) if options.get("opt") else None
+    options["imports"] = tuple(options["imports"]) if options.get("imports") else None
     return RunSpec(**options)
 
 
@@ -233,7 +235,7 @@ def run(
     format: FormatOpt = Format.table,
     findings: FindingsOpt = None,
     fail_on: FailOnOpt = None,
-    endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
+    imports: ImportOpt = None, endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
@@ -583,7 +585,7 @@ def compare(
     format: FormatOpt = Format.table,
     findings: FindingsOpt = None,
     fail_on: FailOnOpt = None,
-    endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
+    imports: ImportOpt = None, endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None, steps: StepsOpt = None, epochs: EpochsOpt = None,
     shuffle: ShuffleOpt = None, seed: SeedOpt = None, optimizer: OptimizerOpt = None, opt: OptOpt = None, lr: LrOpt = None,
@@ -834,7 +836,7 @@ def suggest(
     sample: SampleOpt = None,
     verify: Annotated[bool, typer.Option("--verify", help="Also compare the candidates (and no clipping) over the probe's steps and pick the calmest.")] = False,
     layers: Annotated[Optional[Path], typer.Option("--layers", help="With a run CSV: its --layers-csv file, to say which variables dominate the norm.", show_default=False)] = None,
-    endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
+    imports: ImportOpt = None, endpoint: EndpointOpt = None, output: OutputOpt = None, x_key: XKeyOpt = None, y_key: YKeyOpt = None,
     target: TargetOpt = None, vocab: VocabOpt = None, num_steps: NumStepsOpt = None, loss: LossOpt = None,
     from_logits: FromLogitsOpt = None, batch_size: BatchOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help=f"Steps of the unclipped probe.  [default: {PROBE_STEPS}]", show_default=False)] = None,

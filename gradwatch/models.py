@@ -18,6 +18,7 @@ A SavedModel with a callable ``loss(inputs, targets)`` brings its own loss; ``--
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +68,71 @@ class LoadedModel:
         return tuple(self.input_spec) if isinstance(self.input_spec, dict) else None
 
 
+def import_modules(names) -> None:
+    """``--import``: the user's modules that define a model's custom classes, imported before it
+    loads (their ``@keras.saving.register_keras_serializable`` runs then). A name is imported as
+    Python would from the current folder; a path ending in ``.py`` is run as that file."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise ModelError(f"--import {name}: no such file; give a .py file or a module name")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                if "" not in sys.path and "." not in sys.path and os.getcwd() not in sys.path:
+                    sys.path.insert(0, os.getcwd())  # as `python -c` would: the current folder first
+                importlib.import_module(name)
+        except ModelError:
+            raise
+        except ModuleNotFoundError as exc:
+            raise ModelError(f"--import {name}: {first_line(exc)}; give a module importable from here, or its .py file") from None
+        except Exception as exc:  # the user's module failed as it ran: say what it raised
+            raise ModelError(f"--import {name}: importing it raised {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _custom_classes(p: Path) -> list[str]:
+    """The classes a .keras archive's config names that Keras cannot find on its own: outside
+    Keras and the libraries it imports itself (keras_hub, ...), and not registered in this process."""
+    import json
+    import zipfile
+
+    import keras
+
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            module, name = node.get("module"), node.get("class_name")
+            if isinstance(name, str) and "config" in node and ("module" in node or "registered_name" in node):
+                package = (module or "").split(".")[0]
+                registered = node.get("registered_name") or name
+                known = keras.saving.get_registered_object(registered) is not None
+                if package not in ("keras", "keras_hub", "keras_cv", "keras_nlp", "builtins") and not known:
+                    label = name if registered == name else f"{name} (registered as {registered})"
+                    if label not in found:
+                        found.append(label)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    try:
+        with zipfile.ZipFile(p) as archive:
+            walk(json.loads(archive.read("config.json")))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []
+    return found
+
+
 def load(path: str, endpoint: str | None = None, output: str | None = None) -> LoadedModel:
     if not isinstance(path, (str, Path)):
         return _from_keras_object(path)
@@ -107,6 +173,13 @@ def _load_keras(p: Path) -> LoadedModel:
                 f"cannot load {p}: it has a Lambda layer holding a Python lambda, and Keras' safe_mode (which "
                 "gradwatch keeps on: loading runs the model's code) refuses to deserialize arbitrary Python; "
                 "replace the Lambda with a registered custom layer, or export a SavedModel"
+            ) from None
+        custom = _custom_classes(p)
+        if custom:
+            raise ModelError(
+                f"cannot load {p}: it uses custom class{'es' * (len(custom) > 1)} {', '.join(custom)}, which this "
+                "process does not know; pass --import MODULE (the module, or its .py file, that defines "
+                f"{'them' if len(custom) > 1 else 'it'} with @keras.saving.register_keras_serializable)"
             ) from None
         raise ModelError(f"cannot load {p} ({text}); re-save it with Keras 3 model.save()") from None
     return _wrap_keras(model, p)

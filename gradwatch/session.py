@@ -73,6 +73,7 @@ class RunSpec:
     stream: bool | None = None  # read the data as a stream (None: when larger than streams.AUTO_STREAM_BYTES)
     features: str | None = None  # a TFRecord file's features, NAME:DTYPE[:SHAPE],...
     shuffle_buffer: int | None = None  # record streams: elements in the shuffle buffer
+    imports: tuple | None = None  # --import MODULE: Python modules imported before the model loads (its custom layers)
 
 
 def resolve(spec: RunSpec) -> RunSpec:
@@ -174,6 +175,7 @@ def _prepare(spec: RunSpec, distribution):
     if spec.from_logits and not spec.loss:
         raise OptionError("--from-logits needs --loss NAME (a crossentropy loss)")
     loss = make_loss(spec.loss, spec.from_logits) if spec.loss else None
+    models.import_modules(spec.imports or ())  # the user's code that defines the model's custom classes
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
     options = data_mod.DataOptions(
@@ -238,9 +240,9 @@ def run_line_from_options(given: dict) -> list[str]:
             parts += [flags[name]] if value else []
         elif name in ("shuffle", "xla", "stream"):
             parts.append(option if value else f"--no-{name}")
-        elif name == "opt":
+        elif name in ("opt", "imports"):
             for item in value:
-                parts += ["--opt", item]
+                parts += ["--opt" if name == "opt" else "--import", item]
         else:
             parts += [option, getattr(value, "value", value)]
     return parts

@@ -172,3 +172,54 @@ def test_installed_entry_point_flushes_everything_before_its_fast_exit(module_mo
     bad = subprocess.run(base + ["--loss", "mse", "--batch-size", "500"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2  # found after TensorFlow was imported
     assert bad.stderr.strip().count("\n") == 0 and "lower --batch-size" in bad.stderr
+
+
+CUSTOM_LAYER = '''
+import keras
+
+
+@keras.saving.register_keras_serializable("gwtest")
+class Twice(keras.layers.Layer):
+    def call(self, x):
+        return 2 * x
+'''
+
+
+def test_a_model_with_custom_layers_loads_with_import(cli, tmp_path):
+    """A .keras file whose custom layer lives in the user's module: without --import the error
+    names the class and the option (not "re-save it"); with --import FILE.py it trains, in a
+    fresh process where nothing else registered the class."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import keras
+    from conftest import read_csv
+
+    (tmp_path / "gwlayers.py").write_text(CUSTOM_LAYER)
+    spec = importlib.util.spec_from_file_location("gwlayers_saving", tmp_path / "gwlayers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = keras.Sequential([keras.Input((4,)), module.Twice(), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.save(tmp_path / "custom.keras")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(64, 4)).astype("float32"), y=np.ones((64, 1), np.float32))
+    run = [sys.executable, "-m", "gradwatch", "run", tmp_path / "custom.keras", "--data", tmp_path / "d.npz",
+           "--steps", 2, "-q"]
+    done = subprocess.run([str(a) for a in run], capture_output=True, text=True, timeout=180, cwd=tmp_path.parent)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"gradwatch: error: cannot load {tmp_path / 'custom.keras'}: it uses custom class Twice (registered as "
+        "gwtest>Twice), which this process does not know; pass --import MODULE (the module, or its .py file, that "
+        "defines it with @keras.saving.register_keras_serializable)"]
+    done = subprocess.run([str(a) for a in run + ["--import", tmp_path / "gwlayers.py", "--csv", tmp_path / "r.csv"]],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path.parent)
+    assert done.returncode == 0, done.stderr
+    assert read_csv(tmp_path / "r.csv")["step"].tolist() == [1, 2]
+    (tmp_path / "broken.py").write_text("raise ValueError('boom')\n")
+    base = ["run", tmp_path / "custom.keras", "--data", tmp_path / "d.npz", "--steps", 2]
+    for module_name, expected in [("gw_no_such_module", "--import gw_no_such_module: No module named"),
+                                  (tmp_path / "broken.py", "importing it raised ValueError: boom"),
+                                  (tmp_path / "none.py", "no such file")]:
+        assert expected in one_line_error(*cli(*base, "--import", module_name))
