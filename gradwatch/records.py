@@ -331,9 +331,15 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                         record[index["param"]] = "" if text in ("none", "'none") else text
                     row = {c: _parse(c, record[i]) for c, i in index.items()}
                 except (ValueError, IndexError) as exc:
-                    if unfinished and k == len(records) - 1:
+                    last = k == len(records) - 1
+                    if unfinished and last:
                         break  # the row being written when the run was killed
-                    raise GradwatchError(f"{path} line {line_no} is malformed ({exc}); re-run gradwatch to write it again") from None
+                    if last and len(record) < len(header):  # a copy of a file cut short, mid-row
+                        raise GradwatchError(
+                            f"{path} ends in a row cut short (line {line_no}: {len(record)} of {len(header)} fields): "
+                            "the file was truncated; copy or write it again") from None
+                    what = f"{len(record)} of {len(header)} fields" if isinstance(exc, IndexError) else str(exc)
+                    raise GradwatchError(f"{path} line {line_no} is malformed ({what}); re-run gradwatch to write it again") from None
                 row.setdefault("clip", "run")
                 row.setdefault("param", None)
                 for column in META_COLUMNS:

@@ -189,6 +189,14 @@ def test_read_rows_names_missing_columns(tmp_path):
     with pytest.raises(GradwatchError, match="line 2"):
         read_rows(tmp_path / "bad.csv")
 
+    text = rows_to_csv(make_rows([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]), COLUMNS)
+    cut = text[: text.rindex("\n", 0, len(text) - 1) + 12]  # the last row cut short, 11 characters in
+    (tmp_path / "cut.csv").write_text(cut)
+    with pytest.raises(GradwatchError, match=r"ends in a row cut short \(line 4: \d+ of \d+ fields\): the file was truncated"):
+        read_rows(tmp_path / "cut.csv")
+    (tmp_path / "cut.csv.partial").write_text(cut)  # a killed run's file: its last row is dropped
+    assert [r["step"] for r in read_rows(tmp_path / "cut.csv.partial")] == [1, 2]
+
 
 def test_row_store_reads_like_the_list_of_rows_it_was_given():
     """Runs keep rows column-wise; what comes back (and its summary) equals the rows put in."""
