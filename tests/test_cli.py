@@ -187,11 +187,9 @@ class Twice(keras.layers.Layer):
 
 def test_a_model_with_custom_layers_loads_with_import(cli, tmp_path):
     """A .keras file whose custom layer lives in the user's module: without --import the error
-    names the class and the option (not "re-save it"); with --import FILE.py it trains, in a
-    fresh process where nothing else registered the class."""
+    names the class and the option (not "re-save it"); with --import FILE.py it trains. The
+    class is unregistered after saving, so this process knows it no more than a fresh one."""
     import importlib.util
-    import subprocess
-    import sys
 
     import keras
     from conftest import read_csv
@@ -205,21 +203,20 @@ def test_a_model_with_custom_layers_loads_with_import(cli, tmp_path):
     model.save(tmp_path / "custom.keras")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(64, 4)).astype("float32"), y=np.ones((64, 1), np.float32))
-    run = [sys.executable, "-m", "gradwatch", "run", tmp_path / "custom.keras", "--data", tmp_path / "d.npz",
-           "--steps", 2, "-q"]
-    done = subprocess.run([str(a) for a in run], capture_output=True, text=True, timeout=180, cwd=tmp_path.parent)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [
-        f"gradwatch: error: cannot load {tmp_path / 'custom.keras'}: it uses custom class Twice (registered as "
-        "gwtest>Twice), which this process does not know; pass --import MODULE (the module, or its .py file, that "
-        "defines it with @keras.saving.register_keras_serializable)"]
-    done = subprocess.run([str(a) for a in run + ["--import", tmp_path / "gwlayers.py", "--csv", tmp_path / "r.csv"]],
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path.parent)
-    assert done.returncode == 0, done.stderr
-    assert read_csv(tmp_path / "r.csv")["step"].tolist() == [1, 2]
-    (tmp_path / "broken.py").write_text("raise ValueError('boom')\n")
-    base = ["run", tmp_path / "custom.keras", "--data", tmp_path / "d.npz", "--steps", 2]
-    for module_name, expected in [("gw_no_such_module", "--import gw_no_such_module: No module named"),
-                                  (tmp_path / "broken.py", "importing it raised ValueError: boom"),
-                                  (tmp_path / "none.py", "no such file")]:
-        assert expected in one_line_error(*cli(*base, "--import", module_name))
+    base = ["run", tmp_path / "custom.keras", "--data", tmp_path / "d.npz", "--steps", 2, "-q"]
+    keras.saving.get_custom_objects().pop("gwtest>Twice")
+    try:
+        assert one_line_error(*cli(*base)) == (
+            f"gradwatch: error: cannot load {tmp_path / 'custom.keras'}: it uses custom class Twice (registered as "
+            "gwtest>Twice), which this process does not know; pass --import MODULE (the module, or its .py file, "
+            "that defines it with @keras.saving.register_keras_serializable)")
+        (tmp_path / "broken.py").write_text("raise ValueError('boom')\n")
+        for module_name, expected in [("gw_no_such_module", "--import gw_no_such_module: No module named"),
+                                      (tmp_path / "broken.py", "importing it raised ValueError: boom"),
+                                      (tmp_path / "none.py", "no such file")]:
+            assert expected in one_line_error(*cli(*base, "--import", module_name))
+        code, _, err = cli(*base, "--import", tmp_path / "gwlayers.py", "--csv", tmp_path / "r.csv")
+        assert code == 0, err
+        assert read_csv(tmp_path / "r.csv")["step"].tolist() == [1, 2]
+    finally:
+        keras.saving.get_custom_objects().pop("gwtest>Twice", None)
