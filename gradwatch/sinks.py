@@ -50,12 +50,18 @@ def check_file_target(option: str, path: Path, example: str) -> None:
         raise GradwatchError(f"cannot write {path}: folder {parent} does not exist; create it first")
 
 
+def written_in_place(path: Path) -> bool:
+    """An output that exists but is not a regular file (/dev/stdout, /dev/full, a FIFO) is written
+    directly: it cannot be replaced atomically, and must not be replaced at all."""
+    return path.exists() and not path.is_file()
+
+
 def write_whole(path: Path, write, suffix: str = "") -> None:
     """A file made at once (findings, a plot): ``write(target)`` fills ``target``, a temporary
     file beside ``path`` (ending in ``suffix``) moved over it when complete, so an old file is
     replaced only by a whole new one. A ``path`` that exists but is not a regular file (a
     device such as /dev/full, a FIFO) is written directly, never replaced. OS errors exit 74."""
-    direct = path.exists() and not path.is_file()
+    direct = written_in_place(path)
     target = path if direct else path.with_name(f".{path.name}{PARTIAL_SUFFIX}{suffix}")
     try:
         write(target)
@@ -90,7 +96,7 @@ class CsvSink:
         self.rows_written = 0
         self.kept: Path | None = None
         check_file_target(option, self.path, "steps.csv")
-        self.direct = self.path.exists() and not self.path.is_file()
+        self.direct = written_in_place(self.path)
         self.tmp_path = self.path if self.direct else self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         try:
             if self.direct:
