@@ -141,9 +141,23 @@ def test_a_layer_updating_much_faster_than_the_others_is_flagged():
     for step in range(1, 21):
         per = np.array([[1.0] * 4, [1.0] * 4, [1.0, 1.0, 1.0, 0.1], [1e-3, 2e-3, 0.5, 0.05]])
         watch.update([{"step": step, "loss": 1.0, "grad_norm": 2.0, "loss_spike": False, "nonfinite": False}], per[None])
-    assert [name for name, _, _ in watch.flagged()] == ["c/kernel"]  # the bias is compared with vectors only
+    assert [(name, kind) for name, _, _, kind in watch.flagged()] == [("c/kernel", "matrices")]  # bias: vectors
     assert watch.update_ratios()[2] == pytest.approx(0.5)
     assert not math.isnan(watch.mean_shares()[0])
+
+
+def test_a_matrix_that_starts_at_zero_is_compared_with_what_started_at_zero():
+    """A rank-2 bias (EinsumDense's) starts at 0: its ratio is large while ‖w‖ grows from 0."""
+    names = ["a/kernel", "b/kernel", "c/kernel", "att/bias", "d/bias", "e/bias"]
+    watch = LayerWatch(names, [n.split("/")[0] for n in names], shapes=[(3, 3)] * 4 + [(3,)] * 2)
+    for step in range(1, 21):
+        grown = 0.01 * (step - 1)  # the zero-started ones' weight norm, 0 before step 1
+        weight = [1.0, 1.0, 1.0, grown, grown, grown]
+        update = [1e-3, 2e-3, 1.5e-3, 0.01, 0.01, 0.012]
+        per = np.array([[1.0] * 6, [1.0] * 6, weight, update])
+        watch.update([{"step": step, "loss": 1.0, "grad_norm": 2.0, "loss_spike": False, "nonfinite": False}], per[None])
+    assert watch.kinds().tolist() == [1, 1, 1, 0, 0, 0]
+    assert watch.flagged() == []  # by rank, att/bias would be 10x the kernels' median
 
 
 def _events(folder):

@@ -167,6 +167,53 @@ def test_a_loss_that_is_all_regularization(cli, lab, tmp_path):
     assert finding["numbers"]["reg_share"] == pytest.approx(float(np.median(rows["reg_loss"] / rows["loss"])))
 
 
+@pytest.fixture(scope="module")
+def attention(tmp_path_factory):
+    """Keras' MultiHeadAttention, whose query/key/value biases are rank 2 (heads, key_dim) and start
+    at zero, under Adam: as built (no variable's learning rate is too high), and with the output
+    kernel scaled by 1e-4 after building (each Adam step moves it by about lr per entry, 1000x
+    more than its size: its update/weight ratio is too high, and only its)."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("attention")
+    for name, scale in (("plain", 1.0), ("tiny_kernel", 1e-4)):
+        keras.utils.set_random_seed(23)
+        inputs = keras.Input((6, 8))
+        attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization()(inputs + attended))
+        model = keras.Model(inputs, keras.layers.Dense(1, name="head")(pooled))
+        kernel = model.layers[-1].kernel
+        kernel.assign(kernel * scale)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.save(str(folder / f"{name}.keras"))
+    x = np.random.default_rng(23).normal(size=(64, 6, 8)).astype("float32")
+    np.savez(folder / "seq.npz", x=x, y=x[:, :, 0].sum(axis=1, keepdims=True))
+    return folder
+
+
+def test_biases_that_start_at_zero_are_not_flagged_against_the_kernels(cli, attention, tmp_path):
+    _, found, _ = _run(cli, tmp_path, attention / "plain.keras", "--data", attention / "seq.npz",
+                       "--batch-size", BATCH, "--steps", 20)
+    assert "update_too_large" not in _codes(found)  # before: query/key/value bias, 'median of its kind'
+
+
+def test_the_one_matrix_whose_updates_dwarf_it_is_flagged_with_its_ratio(cli, attention, tmp_path):
+    layers = tmp_path / "layers.csv"
+    _, found, _ = _run(cli, tmp_path, attention / "tiny_kernel.keras", "--data", attention / "seq.npz",
+                       "--batch-size", BATCH, "--steps", 20, "--layers-csv", layers)
+    finding = _one(found, "update_too_large")
+    assert finding["numbers"]["variable"] == "head/kernel" and finding["numbers"]["kind"] == "matrices"
+    table = read_csv(layers)
+    first = table[table["step"] == 1].set_index("variable")
+    moved = table[(table["update_norm"] > 0) & (table["weight_norm"] > 0)]
+    ratio = np.exp(np.log(moved["update_norm"] / moved["weight_norm"]).groupby(moved["variable"]).mean())
+    matrices = [v for v in ratio.index if "x" in str(first.loc[v, "shape"]) and first.loc[v, "weight_norm"] > 0]
+    assert "head/kernel" in matrices and not any(v.endswith("bias") for v in matrices)
+    assert finding["numbers"]["ratio"] == pytest.approx(ratio["head/kernel"], rel=1e-9)
+    assert finding["numbers"]["median"] == pytest.approx(float(np.median(ratio[matrices])), rel=1e-9)
+    assert "more than 10x the median" in finding["message"] and "of the matrices" in finding["message"]
+
+
 def test_suggest_on_a_probe_that_diverges_says_so(cli, lab, tmp_path):
     code, out, err = cli("suggest", lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse", "--lr", 5.0,
                          "--batch-size", BATCH, "--steps", 40, "-q")

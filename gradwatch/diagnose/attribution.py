@@ -11,10 +11,13 @@ The rules (also in the README):
   1) and its norm against the median of its own previous ``window`` norms. The table names the
   variables with the largest shares.
 - **Update/weight ratio**: ‖Δw‖/‖w‖ per variable, summarised by its geometric mean over the
-  steps that updated it. A matrix (kernel, embedding: rank ≥ 2) whose ratio is more than
-  ``RATIO_FLAG`` × the median ratio of all matrices is flagged: the learning rate may be too high
-  for it. Vectors (biases, normalization scales) start at or near zero, so their ratios are
-  large by nature; they are compared among themselves the same way.
+  steps that updated it. A variable whose ratio is more than ``RATIO_FLAG`` × the median ratio of
+  its kind is flagged: the learning rate may be too high for it. The kinds (:data:`KINDS`): the
+  variables that started at zero (biases, normalization offsets, and also the rank-2 biases of
+  an ``EinsumDense`` such as ``MultiHeadAttention``'s query/key/value), whose ‖w‖ grows from 0
+  so their ratios are large by nature; the other matrices (kernels, embeddings: rank ≥ 2); the
+  other vectors and scalars (normalization scales, biases with a random or constant start).
+  "Started at zero": its weight norm before the first step seen is 0.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def layer_rows(clipping, names: tuple[list[str], list[str]], shapes: list[tuple]
     return out
 
 
-RATIO_FLAG = 10.0  # flag a variable whose update/weight ratio is this many times the median
+RATIO_FLAG = 10.0  # flag a variable whose update/weight ratio is this many times the median of its kind
+KINDS = ("variables that started at zero", "matrices", "vectors")  # the groups compared, as the findings name them
 HEAT_COLUMNS = 400  # the heat map keeps at most this many columns of steps, whatever the run's length
 TOP = 3  # variables named per spike
 
@@ -115,6 +119,7 @@ class LayerWatch:
         self._share = np.zeros(n)  # Σ share of the global norm² over finite steps
         self._share_steps = 0
         self._grad_sq = np.zeros(n)  # Σ grad norm² (for each variable's RMS norm)
+        self._zero_start: np.ndarray | None = None  # weight norm 0 before the first step seen
         # Heat map: columns of `width` steps each hold every variable's largest grad norm.
         self.heat_width = 1
         self._heat: list[np.ndarray] = []
@@ -135,6 +140,8 @@ class LayerWatch:
             return
         norms = np.asarray(norms, dtype=np.float64)
         grads, weights, updates = norms[:, 0], norms[:, 2], norms[:, 3]
+        if self._zero_start is None:
+            self._zero_start = weights[0] == 0
         finite = np.all(np.isfinite(grads), axis=1)
         for row, grad, ok in zip(rows, grads, finite.tolist()):
             self._spikes_at(row, grad)
@@ -220,18 +227,24 @@ class LayerWatch:
         """Each variable's mean share of the global norm² over the finite steps."""
         return self._share / self._share_steps if self._share_steps else np.full(len(self.variables), np.nan)
 
-    def flagged(self) -> list[tuple[str, float, float]]:
-        """Variables whose update/weight ratio is more than RATIO_FLAG × the median of their kind
-        (matrices, vectors): (name, ratio, that median)."""
-        ratios = self.update_ratios()
-        matrix = np.array([len(s) >= 2 for s in self.shapes])
+    def kinds(self) -> np.ndarray:
+        """Each variable's kind, an index into KINDS: started at zero, else matrix or vector."""
+        zero = self._zero_start if self._zero_start is not None else np.zeros(len(self.variables), dtype=bool)
+        matrix = np.array([len(s) >= 2 for s in self.shapes], dtype=bool)
+        return np.where(zero, 0, np.where(matrix, 1, 2))
+
+    def flagged(self) -> list[tuple[str, float, float, str]]:
+        """Variables whose update/weight ratio is more than RATIO_FLAG × the median of their kind:
+        (name, ratio, that median, the kind as KINDS names it)."""
+        ratios, kinds = self.update_ratios(), self.kinds()
         out = []
-        for kind in (matrix, ~matrix):
+        for index, name in enumerate(KINDS):
+            kind = kinds == index
             values = ratios[kind & np.isfinite(ratios)]
             if values.size < 2:
                 continue
             median = float(np.median(values))
-            out += [(self.variables[k], float(ratios[k]), median) for k in np.flatnonzero(kind)
+            out += [(self.variables[k], float(ratios[k]), median, name) for k in np.flatnonzero(kind)
                     if math.isfinite(ratios[k]) and median > 0 and ratios[k] > RATIO_FLAG * median]
         return out
 

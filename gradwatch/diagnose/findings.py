@@ -30,7 +30,7 @@ CODES = {
     "clip_active": ("info", "how often a clipping variant clipped, between those two"),
     "warmup_not_reached": ("warning", "zclip met its first loss spike or non-finite step within its 25 warm-up steps, in which it does not clip"),
     "regularization_dominates": ("warning", "the regularization is at least 99 % of the loss (median over steps)"),
-    "update_too_large": ("warning", "a variable's update/weight ratio is more than 10x the median of its kind (README: Update/weight)"),
+    "update_too_large": ("warning", "a variable's update/weight ratio is more than 10x the median of its kind: the variables that started at zero, the other matrices, the other vectors (README: Update/weight)"),
     "no_baseline": ("info", "no unclipped run to compare with: one clipped run cannot say whether clipping helps"),
     "recommended": ("ok", "compare: the variant that is clearly better than unclipped (README: The compare verdict)"),
     "keras_threshold": ("info", "the recommended threshold as Keras' global_clipnorm / clipnorm measures it, where that is another number"),
@@ -141,11 +141,11 @@ def run_findings(variant, data=None) -> list[Finding]:
     if variant.layers is not None:
         from .attribution import RATIO_FLAG
 
-        for name, ratio, median in variant.layers.flagged():
+        for name, ratio, median, kind in variant.layers.flagged():
             out.append(Finding("update_too_large", label,
                                f"update/weight: {name} changes by {ratio:.3g} of its norm per step, more than "
-                               f"{RATIO_FLAG:g}x the median {median:.3g} of its kind; its learning rate may be too high",
-                               (), {"variable": name, "ratio": ratio, "median": median}))
+                               f"{RATIO_FLAG:g}x the median {median:.3g} of the {kind}; its learning rate may be too high",
+                               (), {"variable": name, "ratio": ratio, "median": median, "kind": kind}))
     return out
 
 
