@@ -479,7 +479,8 @@ def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
 
 def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
     target = np.dtype(dtype.as_numpy_dtype)
-    if np.issubdtype(target, np.integer) and not np.issubdtype(array.dtype, np.integer):
+    # bool is 0/1 for an integer input, as Keras casts it (keras-hub's padding_mask is bool)
+    if np.issubdtype(target, np.integer) and not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
         raise DataError(f"the model expects integer {name} ({target}) but the data has {array.dtype}; store ids as integers")
     return array.astype(target, copy=False)
 

@@ -114,3 +114,25 @@ def test_batch_order_without_and_with_shuffle():
     assert shuffled == [order[0:3].tolist(), order[3:6].tolist(), order[6:9].tolist()]
     again = [x[:, 0].tolist() for _, x, _ in data.batches(ds, 3, 3, shuffle=True, seed=4)]
     assert again == shuffled
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_a_bool_mask_feeds_an_integer_input_as_0_and_1_and_floats_are_refused(cli, keras_file_model, tmp_path, stream):
+    """keras-hub's preprocessors give padding_mask as bool to an int32 input, and Keras casts it:
+    gradwatch trains on the same 0/1 ids. Float ids are refused (exit 2), not truncated."""
+    from conftest import read_csv
+
+    ids = np.random.default_rng(9).integers(0, 2, size=(32, 6))
+    y = ids.sum(axis=1, keepdims=True).astype(np.float32)
+    rows = {}
+    for dtype in (np.int32, np.bool_):
+        path, csv = tmp_path / f"{np.dtype(dtype).name}.npz", tmp_path / f"{np.dtype(dtype).name}.csv"
+        np.savez(path, x=ids.astype(dtype), y=y)
+        code, _, err = cli("run", keras_file_model, "--data", path, "--loss", "mse", "--batch-size", 8, "--steps", 3,
+                           stream, "--csv", csv, "-q")
+        assert code == 0, err
+        rows[dtype] = read_csv(csv)
+    assert rows[np.int32]["loss"].tolist() == rows[np.bool_]["loss"].tolist()
+    np.savez(tmp_path / "float.npz", x=ids.astype(np.float32) + 0.5, y=y)
+    code, _, err = cli("run", keras_file_model, "--data", tmp_path / "float.npz", "--loss", "mse", "--steps", 1, stream)
+    assert code == 2 and "expects integer x (int32) but the data has float32" in err, err
