@@ -165,6 +165,8 @@ def _load_keras(p: Path) -> LoadedModel:
         with warnings.catch_warnings():
             # Keras warns when the saved optimizer state does not match: gradwatch builds a fresh one.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            # ... and that it did not compile a class with its own compile(): _compile_as_saved does
+            warnings.filterwarnings("ignore", message="`compile\\(\\)` was not called as part of model loading")
             model = keras.saving.load_model(str(p), safe_mode=True)
     except Exception as exc:  # Keras raises many types for bad archives and unsafe content
         text = first_line(exc)
@@ -182,7 +184,45 @@ def _load_keras(p: Path) -> LoadedModel:
                 f"{'them' if len(custom) > 1 else 'it'} with @keras.saving.register_keras_serializable)"
             ) from None
         raise ModelError(f"cannot load {p} ({text}); re-save it with Keras 3 model.save()") from None
-    return _wrap_keras(model, p)
+    failed = _compile_as_saved(model, p)
+    loaded = _wrap_keras(model, p)
+    if failed:
+        loaded.warnings.append(failed)
+    return loaded
+
+
+def _compile_as_saved(model, p: Path) -> str | None:
+    """Compile with the file's own compile config where Keras skipped it: a class that overrides
+    ``compile()`` but not ``compile_from_config()`` (keras-hub's tasks: ``GPT2CausalLM``,
+    ``BertTextClassifier``, ...) loads uncompiled, or with its class's default optimizer and loss,
+    and Keras warns "call compile() manually after loading". gradwatch does that, so the run uses
+    the optimizer and loss the model was compiled with, as ``fit`` did before it was saved.
+    Returns a warning when that compile fails (the model then keeps what Keras gave it)."""
+    import json
+    import warnings
+    import zipfile
+
+    import keras
+
+    cls = type(model)
+    if cls.compile is keras.Model.compile or cls.compile_from_config is not keras.Model.compile_from_config:
+        return  # Keras compiled it from the file itself (or the class knows how)
+    try:
+        with zipfile.ZipFile(p) as archive:
+            config = json.loads(archive.read("config.json")).get("compile_config")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return
+    if not config:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.compile(**keras.saving.deserialize_keras_object(config, safe_mode=True))
+    except Exception as exc:  # the class's compile refuses the saved arguments: keep what Keras gave
+        return (f"Keras does not restore {p.name}'s compile config ({cls.__name__} overrides compile()) and "
+                f"compiling with it failed ({first_line(exc)}); the model keeps the optimizer and loss it has "
+                "after loading: pass --optimizer and --loss to choose")
+    return None
 
 
 def label_of(model) -> str:
