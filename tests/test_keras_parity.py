@@ -366,3 +366,118 @@ def test_a_signature_with_several_keyword_inputs(cli, two_input_model, models_di
     with tf.GradientTape():
         first = float(keras.losses.MeanSquaredError()(y[:8], model({"numbers": x["numbers"][:8], "ids": x["ids"][:8]})))
     assert rows["loss"][0] == pytest.approx(first, rel=RTOL)
+
+
+# --- models built by libraries: keras.applications and keras-hub ------------------------------
+
+
+def compiled_as_saved(path, clip_option=None, clip_value=None):
+    """The file loaded by Keras and compiled with the file's own compile config (what Keras'
+    compile_from_config does, and what its warning asks for where a class overrides compile():
+    keras-hub's tasks), the optimizer's clip option set. Eager: the same kernels, without tracing
+    a train function for three steps."""
+    import json
+    import zipfile
+
+    import keras
+
+    model = keras.saving.load_model(str(path), safe_mode=True)
+    with zipfile.ZipFile(path) as archive:
+        config = keras.saving.deserialize_keras_object(json.loads(archive.read("config.json"))["compile_config"])
+    if clip_option:
+        setattr(config["optimizer"], clip_option, clip_value)
+    model.compile(**{**config, "run_eagerly": True})
+    return model
+
+
+def keras_train(model, inputs, y, batch_size, steps):
+    """train_on_batch over consecutive batches: each step's loss (the first entry where metrics follow)."""
+    out = []
+    for k in range(steps):
+        rows = slice(k * batch_size, (k + 1) * batch_size)
+        got = model.train_on_batch({name: array[rows] for name, array in inputs.items()} if isinstance(inputs, dict)
+                                   else inputs[rows], y[rows])
+        out.append(float(got[0] if isinstance(got, list) else got))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mobilenet(models_dir, data_dir):
+    """keras.applications.MobileNetV3Small as the library builds it (Rescaling, BatchNorm,
+    squeeze-and-excite, hard-swish), no weights downloaded, compiled with SGD + momentum."""
+    import keras
+
+    keras.utils.set_random_seed(31)
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75, weights=None, classes=4,
+                                                dropout_rate=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+    path = models_dir / "mobilenet_v3_small.keras"
+    model.save(path)
+    rng = np.random.default_rng(31)
+    x = rng.uniform(0, 255, size=(24, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 4, size=24)
+    data = data_dir / "pictures.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_keras_applications_mobilenet_equals_keras_with_global_clipnorm(cli, mobilenet, tmp_path):
+    path, data, x, y = mobilenet
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 3, "--clip", "global", "--norm", 1)
+    want = keras_train(compiled_as_saved(path, "global_clipnorm", 1.0), x, y, 8, 3)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert rows["clipped"].all() and "SGD(learning_rate=0.05, momentum=0.9)" in err
+
+
+@pytest.fixture(scope="session")
+def hub_models(models_dir, data_dir):
+    """Two keras-hub tasks on tiny random backbones, inputs as keras-hub's preprocessors give them
+    (token_ids, a bool padding_mask, segment_ids): GPT2CausalLM (its embedding tied to the output
+    projection) compiled with AdamW, and BertTextClassifier compiled with Adam. Both classes
+    override compile(), so Keras loads them without their compile config."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(32)
+    rng = np.random.default_rng(32)
+    vocabulary, length, n = 40, 10, 24
+    small = dict(vocabulary_size=vocabulary, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+                 dropout=0.0, max_sequence_length=length)
+    gpt2 = keras_hub.models.GPT2CausalLM(backbone=keras_hub.models.GPT2Backbone(**small), preprocessor=None)
+    gpt2.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.004),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    bert = keras_hub.models.BertTextClassifier(backbone=keras_hub.models.BertBackbone(**small), num_classes=3,
+                                               preprocessor=None, dropout=0.0)
+    bert.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    tokens = rng.integers(0, vocabulary, size=(n, length + 1)).astype(np.int32)
+    mask = np.ones((n, length), bool)
+    mask[::3, -3:] = False  # padded tails
+    lm = {"token_ids": tokens[:, :-1], "padding_mask": mask}, tokens[:, 1:]
+    classify = {"token_ids": tokens[:, 1:], "padding_mask": mask, "segment_ids": np.zeros((n, length), np.int32)}, \
+        rng.integers(0, 3, size=n)
+    out = {}
+    for name, model, (inputs, y) in (("gpt2", gpt2, lm), ("bert", bert, classify)):
+        path, data = models_dir / f"hub_{name}.keras", data_dir / f"hub_{name}.npz"
+        model.save(path)
+        np.savez(data, y=y, **inputs)
+        out[name] = path, data, inputs, y
+    return out
+
+
+def test_keras_hub_gpt2_trains_with_its_saved_adamw_and_equals_keras(cli, hub_models, tmp_path):
+    path, data, inputs, y = hub_models["gpt2"]
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 3, "--clip", "global", "--norm", 0.5)
+    want = keras_train(compiled_as_saved(path, "global_clipnorm", 0.5), inputs, y, 8, 3)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    # the file's AdamW, not the Adam a bare load gives a keras-hub task; no Keras warning left
+    assert "AdamW(learning_rate=0.001, weight_decay=0.004" in err and "compile() was not called" not in err
+    assert rows["clipped"].all()
+
+
+def test_keras_hub_bert_classifier_equals_keras_with_clipnorm_on_raw_rows(cli, hub_models, tmp_path):
+    path, data, inputs, y = hub_models["bert"]
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 3, "--clip", "norm", "--norm", 0.05,
+                                    "--sparse-norm", "rows")
+    want = keras_train(compiled_as_saved(path, "clipnorm", 0.05), inputs, y, 8, 3)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert rows["clipped"].all() and (rows["grad_norm_rows"] != rows["grad_norm"]).all()  # ids repeat in a batch
