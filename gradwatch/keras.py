@@ -36,6 +36,7 @@ import tensorflow as tf
 from .api import Summary, clipping_of, summarize, typed
 from .train import distribute
 from .clip import map_values
+from .objective import describe_optimizer
 from .errors import GradwatchError, OptionError
 from .objective import refuse_hidden_options
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
@@ -307,7 +308,7 @@ class GradientWatch(keras.callbacks.Callback):
 
     def _meta(self) -> dict:
         optimizer = getattr(self._optimizer, "inner_optimizer", None) or self._optimizer
-        text = f"{type(optimizer).__name__}(learning_rate={float(np.float32(optimizer.learning_rate.numpy())):g})"
+        text = describe_optimizer(optimizer, "the wrapped optimizer of model.fit")
         return {"model": f"keras.Model {self.model.name}", "data": "model.fit", "optimizer": text,
                 "loss_fn": "the model's compiled loss (model.fit)", "sparse_norm": self.sparse_norm}
 

@@ -62,6 +62,7 @@ def test_weights_equal_keras_global_clipnorm_and_rows_are_one_per_step(steps_per
     assert rows["loss"][0] == pytest.approx(float(loss), rel=1e-6)
     assert rows["clipped_norm"][0] == pytest.approx(min(0.5, rows["grad_norm"][0]), rel=1e-6)
     assert (rows["lr"] == np.float32(0.2)).all() and (rows["threshold"] == 0.5).all()
+    assert (rows["optimizer"] == "SGD(learning_rate=0.2), the wrapped optimizer of model.fit").all()
     on_disk = read_csv(tmp_path / "run.csv")
     assert on_disk.drop(columns="time_ms").equals(rows.drop(columns="time_ms"))
 
@@ -208,3 +209,19 @@ def test_under_a_mirrored_strategy_the_global_gradient_is_clipped(tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     trap = max(float(np.max(np.abs(a - b))) for a, b in zip(results["mirrored_keras"][0], one[0]))
     assert trap > 1e-2  # per-replica clipping: a different update, not rounding
+
+
+def test_the_optimizer_column_names_it_as_the_cli_does_schedule_and_weight_decay(tmp_path):
+    """The rows of a watched fit say which optimizer trained, in the words of the CLI's start line
+    (its class, a schedule as a schedule, weight decay and betas), not only its current rate."""
+    import keras
+
+    from gradwatch.keras import GradientWatch
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=5, decay_rate=0.5)
+    watch = GradientWatch(clip="global", norm=1.0)
+    fit(watch.wrap(keras.optimizers.AdamW(schedule, weight_decay=0.004, beta_1=0.8)), [watch])
+    assert set(watch.rows["optimizer"]) == {
+        "AdamW(learning_rate=schedule ExponentialDecay, weight_decay=0.004, beta_1=0.8, beta_2=0.999), "
+        "the wrapped optimizer of model.fit"}
+    np.testing.assert_allclose(watch.rows["lr"], [0.02 * 0.5 ** (k / 5) for k in range(20)], rtol=1e-6)
