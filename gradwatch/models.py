@@ -82,6 +82,13 @@ def import_modules(names) -> None:
                 path = Path(name)
                 if not path.is_file():
                     raise ModelError(f"--import {name}: no such file; give a .py file or a module name")
+                existing = sys.modules.get(path.stem)
+                if existing is not None:
+                    where = getattr(existing, "__file__", None)
+                    if where and Path(where).resolve() == path.resolve():
+                        continue  # imported already (an earlier call): its classes are registered
+                    raise ModelError(f"--import {name}: Python already has a module named {path.stem} "
+                                     f"({where or 'built in'}), which this file would replace; rename the file")
                 spec = importlib.util.spec_from_file_location(path.stem, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[path.stem] = module

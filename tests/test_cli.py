@@ -218,5 +218,13 @@ def test_a_model_with_custom_layers_loads_with_import(cli, tmp_path):
         code, _, err = cli(*base, "--import", tmp_path / "gwlayers.py", "--csv", tmp_path / "r.csv")
         assert code == 0, err
         assert read_csv(tmp_path / "r.csv")["step"].tolist() == [1, 2]
+        # a file named as a module already imported would replace it for this whole process
+        import json
+
+        (tmp_path / "json.py").write_text(CUSTOM_LAYER)
+        assert one_line_error(*cli(*base, "--import", tmp_path / "json.py")) == (
+            f"gradwatch: error: --import {tmp_path / 'json.py'}: Python already has a module named json "
+            f"({json.__file__}), which this file would replace; rename the file")
+        assert sys.modules["json"] is json
     finally:
         keras.saving.get_custom_objects().pop("gwtest>Twice", None)
