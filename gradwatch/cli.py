@@ -871,13 +871,18 @@ def suggest(
 
         _loading(quiet, spec)
         trainer = prepare(spec)
+        from .diagnose.suggest import MIN_CALM
+
+        if trainer.total_steps < MIN_CALM:  # no proposal could come of it: say so before training
+            raise OptionError(f"suggest needs a probe of at least {MIN_CALM} steps (a proposal rests on {MIN_CALM} "
+                              f"calm ones), and this one has {trainer.total_steps}; give --steps {MIN_CALM} or more")
         _setup(spec, trainer, info)
         trainer.per_variable = True
         _warn_skipped(trainer)
         _say(quiet, f"gradwatch: probing {_describe(spec)} unclipped for {_steps(trainer.total_steps)}; {info['setup']}")
         progress.label = "unclipped probe"
         base = trainer.run(Clipping("none", None), on_progress=progress.update)
-        from .diagnose.suggest import MIN_CALM, TooFewCalmSteps
+        from .diagnose.suggest import TooFewCalmSteps
 
         try:
             found = _suggestion(base.rows, base.layers, spec.sparse_norm, raw=True)

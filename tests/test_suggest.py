@@ -78,6 +78,24 @@ def test_suggest_keeps_the_users_options_and_verify_picks_the_calmest(cli, modul
                                             f"--batch-size 8 --no-shuffle --lr 0.3 --clip global --norm {calmest}")
 
 
+def test_a_probe_too_short_for_a_proposal_asks_for_more_steps_not_a_lower_lr(cli, module_model, regression_npz,
+                                                                               tmp_path):
+    """Twelve calm steps: the learning rate is fine, the probe is only short. Training such a probe
+    is refused before it starts; a saved run of it is told to probe longer."""
+    code, out, err = cli("suggest", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 12)
+    assert code == 2 and out == "" and err.strip().splitlines() == [
+        "gradwatch: error: suggest needs a probe of at least 20 steps (a proposal rests on 20 calm ones), and this "
+        "one has 12; give --steps 20 or more"]
+    csv = tmp_path / "short.csv"
+    assert cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 12, "-q", "--csv", csv)[0] == 0
+    rows = read_csv(csv)
+    assert not (rows["loss_spike"].any() or rows["nonfinite"].any())  # calm, by the CSV
+    code, _, err = cli("suggest", csv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "the probe's 12 steps were all calm, fewer than the 20 a proposal rests on; probe longer (--steps 20 or " \
+           "more)" in err and "lower --lr" not in err
+
+
 def test_suggest_refuses_a_run_without_unclipped_norms(cli, module_model, regression_npz, tmp_path):
     csv = tmp_path / "clipped.csv"
     assert cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 5, "-q",

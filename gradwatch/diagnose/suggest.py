@@ -102,14 +102,17 @@ def suggest_threshold(rows, grad_spikes: list[int] | None = None, sparse_norm: s
     finite = np.isfinite(norms)
     calm = finite & (steps < first) if first is not None else finite
     if calm.sum() < MIN_CALM:
-        what = (f"its first spike or non-finite step came at step {first}" if first is not None
-                else f"the probe has {int(finite.sum())} finite steps")
-        probe = f"; the probe was non-finite on {len(broken)} of {len(rows)} steps" if broken else ""
-        raise TooFewCalmSteps(
-            f"no threshold proposed: {what}, leaving {int(calm.sum())} calm steps, fewer than the {MIN_CALM} a "
-            f"proposal rests on{probe}; lower --lr (or give a longer probe with --steps if its first steps were calm) "
-            "and run suggest again, or compare thresholds directly with gradwatch compare --thresholds none,1,5,10",
-            int(calm.sum()), first)
+        also = "or compare thresholds directly with gradwatch compare --thresholds none,1,5,10"
+        if first is None:  # every step calm: the probe is only too short, and the learning rate is not the cause
+            message = (f"no threshold proposed: the probe's {int(calm.sum())} steps were all calm, fewer than the "
+                       f"{MIN_CALM} a proposal rests on; probe longer (--steps {MIN_CALM} or more) and run suggest "
+                       f"again, {also}")
+        else:  # a longer probe would break down at the same step
+            probe = f"; the probe was non-finite on {len(broken)} of {len(rows)} steps" if broken else ""
+            message = (f"no threshold proposed: its first spike or non-finite step came at step {first}, leaving "
+                       f"{int(calm.sum())} calm steps, fewer than the {MIN_CALM} a proposal rests on{probe}; lower "
+                       f"--lr and run suggest again, {also}")
+        raise TooFewCalmSteps(message, int(calm.sum()), first)
     center = float(np.median(norms[calm]))
     if clipped_probe:
         rule = (f"median raw global norm of the {int(calm.sum())} steps of {clipped_probe}"
