@@ -26,6 +26,7 @@ import numpy as np
 from .errors import DataError, first_line
 
 UNK = "<unk>"
+SAMPLE_WEIGHT = "sample_weight"  # an .npz array of this name weighs each row's loss, as fit's sample_weight
 EOS = "<eos>"
 
 
@@ -37,6 +38,7 @@ class Dataset:
     path: str
     columns: tuple | None = None  # (feature names, target name) of a CSV, to name cells in errors
     stream: object = None  # a streams.RecordStream when x and y are streams.Columns (read as a stream)
+    w: np.ndarray | None = None  # Keras' sample_weight of every row (an .npz's array of that name), if given
 
     @property
     def streamed(self) -> bool:
@@ -83,13 +85,14 @@ def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
                 x = archive[x_keys[0]]
             else:
                 x = {k: archive[k] for k in x_keys}
+            w = archive[SAMPLE_WEIGHT] if SAMPLE_WEIGHT in archive.files and SAMPLE_WEIGHT not in x_keys else None
     except ValueError as exc:
         if "pickle" in str(exc):  # object arrays need pickle, which is never allowed
             raise DataError(f"cannot read {path} without pickle ({exc}); save plain numeric arrays with numpy.savez") from None
         raise _unreadable_npz(path, exc) from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise _unreadable_npz(path, exc) from None
-    return _checked(_by_input(x, options, path), y, "npz", path)
+    return _checked(_by_input(x, options, path), y, "npz", path, w)
 
 
 def _unreadable_npz(path: Path, exc: BaseException) -> DataError:
@@ -266,10 +269,12 @@ LOADERS = {".npz": load_npz, ".csv": load_csv, ".txt": load_text}
 
 
 def from_arrays(pair, options: DataOptions) -> Dataset:
-    """An in-memory ``(x, y)`` pair (x an array, or a dict / tuple of arrays, one per input)."""
-    if len(pair) != 2:
-        raise DataError(f"data must be an (x, y) pair of arrays, got a sequence of {len(pair)}")
-    x, y = pair
+    """An in-memory ``(x, y)`` pair (x an array, or a dict / tuple of arrays, one per input), or
+    ``(x, y, sample_weight)`` as ``fit`` takes them."""
+    if len(pair) not in (2, 3):
+        raise DataError(f"data must be an (x, y) pair of arrays, or (x, y, sample_weight), got a sequence of {len(pair)}")
+    x, y = pair[:2]
+    w = None if len(pair) == 2 or pair[2] is None else np.asarray(pair[2])
     if isinstance(x, dict):
         x = {k: np.asarray(v) for k, v in x.items()}
     elif isinstance(x, (tuple, list)):
@@ -277,7 +282,7 @@ def from_arrays(pair, options: DataOptions) -> Dataset:
     else:
         x = np.asarray(x)
     label = f"arrays ({len(np.asarray(y))} rows)"
-    return _checked(_by_input(x, options, label), np.asarray(y), "arrays", label)
+    return _checked(_by_input(x, options, label), np.asarray(y), "arrays", label, w)
 
 
 def label_of(data) -> str:
@@ -286,7 +291,7 @@ def label_of(data) -> str:
         return str(data)
     if hasattr(data, "element_spec"):
         return "tf.data.Dataset"
-    if isinstance(data, (tuple, list)) and len(data) == 2:
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
         return f"arrays ({len(data[1])} rows)"
     return type(data).__name__
 
@@ -298,11 +303,13 @@ def load_npz_streamed(path: Path, options: DataOptions, model_assets: Path | Non
     try:
         with np.load(path, allow_pickle=False) as archive:  # the names only; no array is read
             x_keys = _npz_input_keys(path, list(archive.keys()), options)
+            weighted = SAMPLE_WEIGHT in archive.files and SAMPLE_WEIGHT not in x_keys
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         raise _unreadable_npz(path, exc) from None
-    members = npz_members(path, x_keys + [options.y_key])
+    members = npz_members(path, x_keys + [options.y_key] + [SAMPLE_WEIGHT] * weighted)
     x = members[x_keys[0]] if len(x_keys) == 1 else {k: members[k] for k in x_keys}
-    return _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path)
+    return _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path,
+                    members.get(SAMPLE_WEIGHT))
 
 
 def _size_on_disk(p: Path) -> int:
@@ -359,15 +366,19 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
     return loader(p, options, model_assets)
 
 
-def _checked(x, y: np.ndarray, kind: str, path: Path) -> Dataset:
-    dataset = Dataset(x, y, kind, str(path))
-    for name, array in dataset.inputs() + [("y", y)]:
+def _checked(x, y: np.ndarray, kind: str, path: Path, w=None) -> Dataset:
+    dataset = Dataset(x, y, kind, str(path), w=w)
+    for name, array in dataset.inputs() + [("y", y)] + ([(SAMPLE_WEIGHT, w)] if w is not None else []):
         if array.ndim == 0:
             raise DataError(f"{path}: {name} needs a leading example dimension; got shape {array.shape}")
         if len(array) != len(y):
             raise DataError(f"{path}: {name} has {len(array)} rows but y has {len(y)}; they must match")
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
+    if w is not None and tuple(w.shape[1:]) != tuple(y.shape[1:w.ndim]):
+        raise DataError(f"{path}: {SAMPLE_WEIGHT} has shape {tuple(w.shape)}, which does not weigh y of shape "
+                        f"{tuple(y.shape)}; give one weight per row {(len(y),)}, or per target element "
+                        f"{tuple(y.shape[:2])}, as Keras' sample_weight")
     return dataset
 
 
@@ -383,6 +394,8 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
     if data.stream is not None:
         return None  # checked as it was counted (streams._stream)
     bad_rows = None
+    if data.w is not None:
+        _check_weights(data)
     for name, array in data.inputs() + [("y", data.y)]:
         if not np.issubdtype(array.dtype, np.floating):
             continue
@@ -399,6 +412,19 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
                 "clean the data, or pass --allow-nonfinite-data to train on it anyway"
             )
     return bad_rows
+
+
+def _check_weights(data: Dataset) -> None:
+    """Sample weights must be finite and not negative, whatever --allow-nonfinite-data says: a
+    weight scales a row's loss, and NaN or a negative weight trains on nothing a user meant."""
+    for start, chunk in data.w.chunks() if hasattr(data.w, "chunks") else [(0, data.w)]:
+        chunk = np.asarray(chunk, dtype=np.float64)
+        bad = ~np.isfinite(chunk) | (chunk < 0)
+        if bad.any():
+            at = _first(bad)
+            index = (start + int(at[0]),) + tuple(int(i) for i in at[1:])
+            raise DataError(f"{data.path}: {SAMPLE_WEIGHT}[{', '.join(map(str, index))}] is {chunk[at]:g}; "
+                            "sample weights must be finite and >= 0")
 
 
 def _nonfinite(array):
@@ -460,7 +486,8 @@ def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
         y = _cast(y, target_spec.dtype, "y")
     elif y.dtype == np.float64 or y.dtype == np.bool_:
         y = y.astype(np.float32)
-    return Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream)
+    w = None if dataset.w is None else dataset.w.astype(np.float32, copy=False)
+    return Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream, w=w)
 
 
 def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:

@@ -263,7 +263,8 @@ def _wrap_keras(model, p) -> LoadedModel:
     compiled_loss = None
     if getattr(model, "_compile_loss", None) is not None:
         # Keras' own loss of fit: the compiled loss plus model.losses (regularizers, add_loss).
-        compiled_loss = lambda x, y, y_pred: model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)  # noqa: E731
+        compiled_loss = lambda x, y, y_pred, w=None: model.compute_loss(  # noqa: E731
+            x=x, y=y, y_pred=y_pred, sample_weight=w, training=True)
     compiled_optimizer = saved_optimizer = saved_loss_scale = None
     if getattr(model, "optimizer", None) is not None:
         inner = getattr(model.optimizer, "inner_optimizer", None) or model.optimizer  # unwrap a LossScaleOptimizer

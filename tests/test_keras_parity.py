@@ -390,13 +390,14 @@ def compiled_as_saved(path, clip_option=None, clip_value=None):
     return model
 
 
-def keras_train(model, inputs, y, batch_size, steps):
+def keras_train(model, inputs, y, batch_size, steps, sample_weight=None):
     """train_on_batch over consecutive batches: each step's loss (the first entry where metrics follow)."""
     out = []
     for k in range(steps):
         rows = slice(k * batch_size, (k + 1) * batch_size)
         got = model.train_on_batch({name: array[rows] for name, array in inputs.items()} if isinstance(inputs, dict)
-                                   else inputs[rows], y[rows])
+                                   else inputs[rows], y[rows],
+                                   sample_weight=None if sample_weight is None else sample_weight[rows])
         out.append(float(got[0] if isinstance(got, list) else got))
     return out
 
@@ -465,12 +466,20 @@ def hub_models(models_dir, data_dir):
 
 
 def test_keras_hub_gpt2_trains_with_its_saved_adamw_and_equals_keras(cli, hub_models, tmp_path):
+    """As keras-hub's CausalLM preprocessor gives a batch: (x, y, sample_weight = padding_mask),
+    so the padded positions weigh nothing in the loss."""
     path, data, inputs, y = hub_models["gpt2"]
-    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 3, "--clip", "global", "--norm", 0.5)
-    want = keras_train(compiled_as_saved(path, "global_clipnorm", 0.5), inputs, y, 8, 3)
+    weights = inputs["padding_mask"].astype(np.float32)
+    weighted = tmp_path / "weighted.npz"
+    np.savez(weighted, y=y, sample_weight=weights, **inputs)
+    rows, out, err = gradwatch_rows(cli, path, weighted, tmp_path, 8, 3, "--clip", "global", "--norm", 0.5)
+    want = keras_train(compiled_as_saved(path, "global_clipnorm", 0.5), inputs, y, 8, 3, weights)
     np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    unweighted = keras_train(compiled_as_saved(path, "global_clipnorm", 0.5), inputs, y, 8, 1)
+    assert abs(rows["loss"][0] - unweighted[0]) > 1e-3  # the weights change the loss: they were used
     # the file's AdamW, not the Adam a bare load gives a keras-hub task; no Keras warning left
     assert "AdamW(learning_rate=0.001, weight_decay=0.004" in err and "compile() was not called" not in err
+    assert "loss: the model's compiled loss, each row weighted by the data's sample_weight" in err
     assert rows["clipped"].all()
 
 
@@ -481,3 +490,74 @@ def test_keras_hub_bert_classifier_equals_keras_with_clipnorm_on_raw_rows(cli, h
     want = keras_train(compiled_as_saved(path, "clipnorm", 0.05), inputs, y, 8, 3)
     np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
     assert rows["clipped"].all() and (rows["grad_norm_rows"] != rows["grad_norm"]).all()  # ids repeat in a batch
+
+
+# --- sample weights, as fit takes them --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def weighted_classifier(models_dir, data_dir):
+    """A compiled classifier with an L2 regularizer and rows weighted 0 to 2 (every fifth 0)."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh",
+                                                                    kernel_regularizer=keras.regularizers.L2(1e-3)),
+                              keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = models_dir / "weighted_classifier.keras"
+    model.save(path)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=64)
+    w = rng.uniform(0, 2, size=64).astype(np.float32)
+    w[::5] = 0
+    data = data_dir / "weighted.npz"
+    np.savez(data, x=x, y=y, sample_weight=w)
+    return path, data, x, y, w
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_sample_weights_weigh_the_compiled_loss_as_fit_does(cli, weighted_classifier, tmp_path, stream):
+    path, data, x, y, w = weighted_classifier
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 5, "--clip", "global", "--norm", 0.5, stream)
+    want = keras_train(compiled_as_saved(path, "global_clipnorm", 0.5), x, y, 8, 5, w)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert (rows["loss_fn"] == "the model's compiled loss, each row weighted by the data's sample_weight").all()
+
+
+def test_sample_weights_weigh_a_loss_given_by_name_and_the_python_api_takes_them(cli, weighted_classifier, tmp_path):
+    import keras
+
+    import gradwatch
+
+    path, data, x, y, w = weighted_classifier
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 4, "--loss", "sparse_categorical_crossentropy",
+                                    "--from-logits", "--optimizer", "sgd", "--lr", 0.1)
+    model = keras.saving.load_model(str(path))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), run_eagerly=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    np.testing.assert_allclose(rows["loss"], keras_train(model, x, y, 8, 4, w), rtol=RTOL)
+    frame = gradwatch.run(keras.saving.load_model(str(path)), (x, y, w), steps=4, batch_size=8, shuffle=False)
+    np.testing.assert_allclose(frame["loss"], keras_train(compiled_as_saved(path), x, y, 8, 4, w), rtol=RTOL)
+
+
+def test_sample_weights_that_cannot_weigh_are_one_line_errors(cli, weighted_classifier, embedding_module_model,
+                                                              tmp_path):
+    path, data, x, y, w = weighted_classifier
+    for name, weights, expected in [
+        ("negative", np.where(np.arange(64) == 9, -1.0, w), "sample_weight[9] is -1; sample weights must be finite and >= 0"),
+        ("nan", np.where(np.arange(64) == 3, np.nan, w), "sample_weight[3] is nan"),
+        ("shape", np.ones((64, 2), np.float32), "sample_weight has shape (64, 2), which does not weigh y of shape (64,)"),
+        ("rows", np.ones(60, np.float32), "sample_weight has 60 rows but y has 64"),
+    ]:
+        bad = tmp_path / f"{name}.npz"
+        np.savez(bad, x=x, y=y, sample_weight=weights)
+        code, out, err = cli("run", path, "--data", bad, "--steps", 1, "--allow-nonfinite-data")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    ids = tmp_path / "ids.npz"  # a SavedModel's own loss(inputs, targets) has no place for them
+    np.savez(ids, x=np.arange(64 * 6).reshape(64, 6) % 30, y=x[:, :1], sample_weight=w)
+    code, out, err = cli("run", embedding_module_model, "--data", ids, "--steps", 1)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "the model's own loss(inputs, targets) takes no weights; pass --loss NAME" in err, err

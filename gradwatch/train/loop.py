@@ -134,8 +134,14 @@ class Trainer:
         self.options = options
         self.loss_source = self._pick_objective(model, loss)
         uses_own_loss = loss is None and model.compiled_loss is None  # the targets go to the model's loss(x, y)
+        if uses_own_loss and dataset.w is not None:
+            raise OptionError(f"{dataset.path} has a {data_mod.SAMPLE_WEIGHT} array, but the model's own "
+                              "loss(inputs, targets) takes no weights; pass --loss NAME (a Keras loss weighs "
+                              f"its rows), or drop the {data_mod.SAMPLE_WEIGHT} array")
         target_spec = _second_input(model.own_loss) if uses_own_loss else None
         self.data = data_mod.fit_to_model(dataset, model, target_spec)
+        if self.data.w is not None:  # the rows say so too (loss_fn)
+            self.loss_source += f", each row weighted by the data's {data_mod.SAMPLE_WEIGHT}"
         self.steps_per_epoch = data_mod.steps_per_epoch(len(self.data), options.batch_size)
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -339,19 +345,24 @@ class Trainer:
             terms = [tf.reduce_sum(tf.cast(t, tf.float32)) for t in model.extra_losses()]
             return tf.add_n(terms) if terms else tf.constant(0.0)
 
+        def weighed(y):  # (targets, sample weights or None): the pipeline's y, or (y, w) (Pipeline.targets)
+            return y if isinstance(y, tuple) else (y, None)
+
         if loss is not None:
             def objective(x, y):
+                y, w = weighed(y)
                 y_pred = model.forward(x)
                 reg = extra_loss()
-                data_loss = loss(y, y_pred)
+                data_loss = loss(y, y_pred) if w is None else loss(y, y_pred, sample_weight=w)
                 return (data_loss if reg is None else data_loss + share(reg)), reg
 
             self.objective = objective
             return f"{getattr(loss, 'name', type(loss).__name__)} (--loss)"
         if model.compiled_loss is not None:
             def objective(x, y):
+                y, w = weighed(y)
                 y_pred = model.forward(x)
-                return model.compiled_loss(x, y, y_pred), extra_loss()
+                return model.compiled_loss(x, y, y_pred, w), extra_loss()
 
             self.objective = objective
             return "the model's compiled loss"

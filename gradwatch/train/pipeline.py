@@ -106,7 +106,12 @@ class Pipeline:
         def spec(array):
             return tf.TensorSpec((size,) + array.shape[1:], tf.as_dtype(array.dtype))
 
-        return tf.nest.map_structure(spec, self.data.x), spec(self.data.y)
+        return tf.nest.map_structure(spec, self.data.x), tf.nest.map_structure(spec, self.targets())
+
+    def targets(self):
+        """What a batch's second element holds: ``y``, or ``(y, sample_weight)`` when the data has
+        weights (``loop.Trainer._pick_objective`` takes them apart)."""
+        return self.data.y if self.data.w is None else (self.data.y, self.data.w)
 
     def quiesce(self) -> None:
         """Before a run drops its iterator (finished, interrupted or failed): see :class:`_Guard`."""
@@ -174,6 +179,8 @@ class Pipeline:
             batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed,
                                                keep, PARALLEL_CALLS).skip(start)
         elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
+            targets = self.targets()
+
             def read_batches():
                 k = 0
                 for order in orders():
@@ -182,21 +189,23 @@ class Pipeline:
                         if k <= skipped:  # consumed before this run: not read
                             continue
                         rows = keep(rows)
-                        yield streams.read(self.data.x, rows), self.data.y.read(rows)
+                        yield streams.read(self.data.x, rows), tf.nest.map_structure(lambda t: t.read(rows), targets)
 
             def spec(member):
                 return tf.TensorSpec((None,) + tuple(member.shape[1:]), tf.as_dtype(member.dtype))
 
             batches = tf.data.Dataset.from_generator(
-                self.guard.wrap(read_batches), output_signature=(tf.nest.map_structure(spec, self.data.x), spec(self.data.y)))
+                self.guard.wrap(read_batches),
+                output_signature=(tf.nest.map_structure(spec, self.data.x), tf.nest.map_structure(spec, targets)))
         else:  # in memory: the rows of each batch gathered from constants in tf.data's threads
             with tf.device("/CPU:0"):  # tf.data runs on the host; the step takes each batch to the device
-                x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.constant(self.data.y)
+                x, y = tf.nest.map_structure(tf.constant, self.data.x), tf.nest.map_structure(tf.constant, self.targets())
             rows = tf.data.Dataset.from_generator(self.guard.wrap(orders),
                                                   output_signature=tf.TensorSpec((per, size), tf.int64))
             pairs = tf.data.Dataset.zip((rows.unbatch().skip(skipped), rates)).take(self.total_steps)
             batches = pairs.map(
-                lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x), tf.gather(y, keep(r)), rate),
+                lambda r, rate: (tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), x),
+                                 tf.nest.map_structure(lambda t: tf.gather(t, keep(r)), y), rate),
                 num_parallel_calls=PARALLEL_CALLS,
             )
             return batches
