@@ -155,23 +155,25 @@ def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) ->
 
 
 def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
-    """A ``tf.data.Dataset`` of (x, y) examples or batches, read into arrays."""
+    """A ``tf.data.Dataset`` of (x, y) or (x, y, sample_weight) examples or batches, as ``fit``
+    takes them, read into arrays."""
     import tensorflow as tf
 
     spec = dataset.element_spec
-    flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) == 2 else []
-    if not (flat_x and isinstance(spec[1], tf.TensorSpec) and all(isinstance(s, tf.TensorSpec) for s in flat_x)
+    flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) in (2, 3) else []
+    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in spec[1:]) and all(isinstance(s, tf.TensorSpec) for s in flat_x)
             and isinstance(spec[0], (tf.TensorSpec, dict, tuple, list))):
         raise DataError(
-            f"{path}: elements must be (x, y) pairs, x a tensor or a dict/tuple of tensors, found {spec}; "
-            "save dataset.map(lambda ...: (x, y))"
+            f"{path}: elements must be (x, y) pairs or (x, y, sample_weight), x a tensor or a dict/tuple of "
+            f"tensors, found {spec}; save dataset.map(lambda ...: (x, y))"
         )
     if flat_x[0].shape.rank and flat_x[0].shape[0] is None:
         dataset = dataset.unbatch()  # saved after .batch(): go back to one example per element
-    xs, ys = [], []
-    for x, y in dataset.as_numpy_iterator():
-        xs.append(x)
-        ys.append(y)
+    xs, ys, ws = [], [], []
+    for element in dataset.as_numpy_iterator():
+        xs.append(element[0])
+        ys.append(element[1])
+        ws.extend(element[2:])
     if not xs:
         raise DataError(f"{path} holds no elements")
     if isinstance(spec[0], dict):
@@ -180,7 +182,7 @@ def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
         x = tuple(np.stack([e[i] for e in xs]) for i in range(len(spec[0])))
     else:
         x = np.stack(xs)
-    return _checked(_by_input(x, options, path), np.stack(ys), "tf.data", path)
+    return _checked(_by_input(x, options, path), np.stack(ys), "tf.data", path, np.stack(ws) if ws else None)
 
 
 def _by_input(x, options: DataOptions, path: Path):
