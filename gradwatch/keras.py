@@ -36,9 +36,8 @@ import tensorflow as tf
 from .api import Summary, clipping_of, summarize, typed
 from .train import distribute
 from .clip import map_values
-from .objective import describe_optimizer
 from .errors import GradwatchError, OptionError
-from .objective import refuse_hidden_options
+from .objective import describe_optimizer, refuse_hidden_options
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
 from .records import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
