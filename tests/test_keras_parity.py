@@ -11,21 +11,42 @@ from conftest import read_csv
 RTOL = 1e-5
 
 
-def keras_losses(path, x, y, batch_size, steps, clip_option, clip_value, inputs=None):
+def keras_losses(path, x, y, batch_size, steps, clip_option, clip_value):
     """Per-step loss of Keras' own training: the saved file, its compiled loss and optimizer with
     the clip option set, train_on_batch over consecutive batches."""
+    model = compiled_as_saved(path, clip_option, clip_value)
+    return keras_train(model, x, y, batch_size, steps), model
+
+
+def compiled_as_saved(path, clip_option=None, clip_value=None):
+    """The file loaded by Keras and compiled with the file's own compile config (what Keras'
+    compile_from_config does, and what its warning asks for where a class overrides compile():
+    keras-hub's tasks), the optimizer's clip option set. Eager: the same kernels, without tracing
+    a train function for a few steps."""
+    import json
+    import zipfile
+
     import keras
 
     model = keras.saving.load_model(str(path), safe_mode=True)
-    config = keras.optimizers.serialize(model.optimizer)
-    config["config"][clip_option] = clip_value
-    model.compile(optimizer=keras.optimizers.deserialize(config), loss=model.loss)
+    with zipfile.ZipFile(path) as archive:
+        config = keras.saving.deserialize_keras_object(json.loads(archive.read("config.json"))["compile_config"])
+    if clip_option:
+        setattr(config["optimizer"], clip_option, clip_value)
+    model.compile(**{**config, "run_eagerly": True})
+    return model
+
+
+def keras_train(model, inputs, y, batch_size, steps, sample_weight=None):
+    """train_on_batch over consecutive batches: each step's loss (the first entry where metrics follow)."""
     out = []
     for k in range(steps):
         rows = slice(k * batch_size, (k + 1) * batch_size)
-        xb = {name: array[rows] for name, array in x.items()} if isinstance(x, dict) else x[rows]
-        out.append(float(model.train_on_batch(xb, y[rows])))
-    return out, model
+        got = model.train_on_batch({name: array[rows] for name, array in inputs.items()} if isinstance(inputs, dict)
+                                   else inputs[rows], y[rows],
+                                   sample_weight=None if sample_weight is None else sample_weight[rows])
+        out.append(float(got[0] if isinstance(got, list) else got))
+    return out
 
 
 def gradwatch_rows(cli, path, data, tmp_path, batch_size, steps, *clip):
@@ -369,37 +390,6 @@ def test_a_signature_with_several_keyword_inputs(cli, two_input_model, models_di
 
 
 # --- models built by libraries: keras.applications and keras-hub ------------------------------
-
-
-def compiled_as_saved(path, clip_option=None, clip_value=None):
-    """The file loaded by Keras and compiled with the file's own compile config (what Keras'
-    compile_from_config does, and what its warning asks for where a class overrides compile():
-    keras-hub's tasks), the optimizer's clip option set. Eager: the same kernels, without tracing
-    a train function for three steps."""
-    import json
-    import zipfile
-
-    import keras
-
-    model = keras.saving.load_model(str(path), safe_mode=True)
-    with zipfile.ZipFile(path) as archive:
-        config = keras.saving.deserialize_keras_object(json.loads(archive.read("config.json"))["compile_config"])
-    if clip_option:
-        setattr(config["optimizer"], clip_option, clip_value)
-    model.compile(**{**config, "run_eagerly": True})
-    return model
-
-
-def keras_train(model, inputs, y, batch_size, steps, sample_weight=None):
-    """train_on_batch over consecutive batches: each step's loss (the first entry where metrics follow)."""
-    out = []
-    for k in range(steps):
-        rows = slice(k * batch_size, (k + 1) * batch_size)
-        got = model.train_on_batch({name: array[rows] for name, array in inputs.items()} if isinstance(inputs, dict)
-                                   else inputs[rows], y[rows],
-                                   sample_weight=None if sample_weight is None else sample_weight[rows])
-        out.append(float(got[0] if isinstance(got, list) else got))
-    return out
 
 
 @pytest.fixture(scope="session")
