@@ -419,12 +419,12 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
 def _check_weights(data: Dataset) -> None:
     """Sample weights must be finite and not negative, whatever --allow-nonfinite-data says: a
     weight scales a row's loss, and NaN or a negative weight trains on nothing a user meant."""
-    for start, chunk in data.w.chunks() if hasattr(data.w, "chunks") else [(0, data.w)]:
+    for start, chunk in _chunks(data.w):
         chunk = np.asarray(chunk, dtype=np.float64)
         bad = ~np.isfinite(chunk) | (chunk < 0)
         if bad.any():
             at = _first(bad)
-            index = (start + int(at[0]),) + tuple(int(i) for i in at[1:])
+            index = _first_in(start, at)
             raise DataError(f"{data.path}: {SAMPLE_WEIGHT}[{', '.join(map(str, index))}] is {chunk[at]:g}; "
                             "sample weights must be finite and >= 0")
 
@@ -433,7 +433,7 @@ def _nonfinite(array):
     """(mask of the rows with NaN/inf or None, how many values, index of the first) of an
     array, or of a streamed one a chunk at a time (streams.NpzMember.chunks)."""
     rows, count, first = None, 0, None
-    for start, chunk in array.chunks() if hasattr(array, "chunks") else [(0, array)]:
+    for start, chunk in _chunks(array):
         finite = np.isfinite(chunk)
         if finite.all():
             continue
@@ -443,8 +443,18 @@ def _nonfinite(array):
         rows[start:start + len(chunk)] = ~finite.reshape(len(chunk), -1).all(axis=1)
         if first is None:
             at = _first(~finite)
-            first = (start + int(at[0]),) + tuple(int(i) for i in at[1:])
+            first = _first_in(start, at)
     return rows, count, first
+
+
+def _chunks(array):
+    """(first row, rows) of an array in one piece, or of a streamed one a chunk at a time."""
+    return array.chunks() if hasattr(array, "chunks") else [(0, array)]
+
+
+def _first_in(start: int, at: tuple) -> tuple:
+    """The index in the whole array of ``at``, an index in the chunk that begins at row ``start``."""
+    return (start + int(at[0]),) + tuple(int(i) for i in at[1:])
 
 
 def _first(mask: np.ndarray) -> tuple:
