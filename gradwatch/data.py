@@ -33,7 +33,7 @@ EOS = "<eos>"
 @dataclass
 class Dataset:
     x: np.ndarray | dict  # one array, or {input name: array} for a model with several inputs
-    y: np.ndarray
+    y: np.ndarray | dict  # one array, or {output name: array} for a Keras model with several outputs
     kind: str
     path: str
     columns: tuple | None = None  # (feature names, target name) of a CSV, to name cells in errors
@@ -47,13 +47,21 @@ class Dataset:
         return self.stream is not None or is_rows(self.x)
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(next(iter(self.y.values())) if isinstance(self.y, dict) else self.y)
 
     def inputs(self) -> list[tuple[str, np.ndarray]]:
         """(name, array) of every input: ``x`` alone, or ``x['ids']`` ... for several."""
-        if isinstance(self.x, dict):
-            return [(f"x[{name!r}]", array) for name, array in self.x.items()]
-        return [("x", self.x)]
+        return _named("x", self.x)
+
+    def targets(self) -> list[tuple[str, np.ndarray]]:
+        """(name, array) of every target: ``y`` alone, or ``y['cls']`` ... for several outputs."""
+        return _named("y", self.y)
+
+
+def _named(what: str, values) -> list[tuple[str, np.ndarray]]:
+    if isinstance(values, dict):
+        return [(f"{what}[{name!r}]", array) for name, array in values.items()]
+    return [(what, values)]
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class DataOptions:
     x_key: str | None = None  # None: "x", or arrays named after the model's inputs
     y_key: str = "y"
     input_names: tuple | None = None  # the model's input names, when it has several
+    output_names: tuple | None = None  # a Keras model's output names, when it has several
     target: str | None = None
     vocab: str | None = None
     num_steps: int | None = None
@@ -79,8 +88,8 @@ class DataOptions:
 def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            x_keys = _npz_input_keys(path, list(archive.keys()), options)
-            y = archive[options.y_key]
+            x_keys, y_keys = _npz_keys(path, list(archive.keys()), options)
+            y = _npz_targets(options, {k: archive[k] for k in y_keys})
             if len(x_keys) == 1:
                 x = archive[x_keys[0]]
             else:
@@ -92,7 +101,7 @@ def load_npz(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
         raise _unreadable_npz(path, exc) from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise _unreadable_npz(path, exc) from None
-    return _checked(_by_input(x, options, path), y, "npz", path, w)
+    return _checked(_by_input(x, options, path), _by_output(y, options, path), "npz", path, w)
 
 
 def _unreadable_npz(path: Path, exc: BaseException) -> DataError:
@@ -100,22 +109,41 @@ def _unreadable_npz(path: Path, exc: BaseException) -> DataError:
                      "numpy.savez; write it again")
 
 
-def _npz_input_keys(path: Path, keys: list, options: DataOptions) -> list:
+def _npz_targets(options: DataOptions, arrays: dict):
+    """One target array; {name: array} named after the outputs; or (arrays) in --y-key's order."""
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    return tuple(arrays.values()) if "," in options.y_key else arrays
+
+
+def _npz_keys(path: Path, keys: list, options: DataOptions) -> tuple[list, list]:
     """The arrays of an .npz that are the inputs (--x-key, else named after the model's inputs,
-    else "x"); an error naming the first of them, or of the target, that is missing."""
-    names = options.input_names
+    else "x") and the targets (--y-key, else named after a model's several outputs, else "y"); an
+    error naming the first of them that is missing."""
+    names, outputs = options.input_names, options.output_names
     if options.x_key is not None:
         x_keys = [k.strip() for k in options.x_key.split(",")]
     elif names and len(names) > 1 and all(n in keys for n in names):
         x_keys = list(names)  # arrays named after the model's inputs
     else:
         x_keys = ["x"]
-    missing = [k for k in x_keys + [options.y_key] if k not in keys]
-    if missing:
-        hint = (f"name its arrays after the model's inputs ({', '.join(names)}) or pass --x-key a,b in input order"
-                if names and len(names) > 1 else "pass --x-key / --y-key to name the inputs and targets")
-        raise DataError(f"{path} has no array {missing[0]!r} (it has: {', '.join(keys) or 'none'}); {hint}")
-    return x_keys
+    if "," in options.y_key:
+        y_keys = [k.strip() for k in options.y_key.split(",")]
+    elif outputs and options.y_key not in keys and all(n in keys for n in outputs):
+        y_keys = list(outputs)  # arrays named after the model's outputs
+    else:
+        y_keys = [options.y_key]
+    missing = [k for k in x_keys if k not in keys]
+    missing_y = [k for k in y_keys if k not in keys]
+    if missing or missing_y:
+        if missing and names and len(names) > 1:
+            hint = f"name its arrays after the model's inputs ({', '.join(names)}) or pass --x-key a,b in input order"
+        elif not missing and outputs:
+            hint = f"name its arrays after the model's outputs ({', '.join(outputs)}) or pass --y-key a,b in output order"
+        else:
+            hint = "pass --x-key / --y-key to name the inputs and targets"
+        raise DataError(f"{path} has no array {(missing + missing_y)[0]!r} (it has: {', '.join(keys) or 'none'}); {hint}")
+    return x_keys, y_keys
 
 
 def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dataset:
@@ -161,11 +189,13 @@ def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
 
     spec = dataset.element_spec
     flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) in (2, 3) else []
-    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in spec[1:]) and all(isinstance(s, tf.TensorSpec) for s in flat_x)
-            and isinstance(spec[0], (tf.TensorSpec, dict, tuple, list))):
+    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(spec[1:]))
+            and all(isinstance(s, tf.TensorSpec) for s in flat_x)
+            and isinstance(spec[0], (tf.TensorSpec, dict, tuple, list))
+            and isinstance(spec[1], (tf.TensorSpec, dict, tuple, list)) and (len(spec) == 2 or isinstance(spec[2], tf.TensorSpec))):
         raise DataError(
             f"{path}: elements must be (x, y) pairs or (x, y, sample_weight), x a tensor or a dict/tuple of "
-            f"tensors, found {spec}; save dataset.map(lambda ...: (x, y))"
+            f"tensors (y too, for a model with several outputs), found {spec}; save dataset.map(lambda ...: (x, y))"
         )
     if flat_x[0].shape.rank and flat_x[0].shape[0] is None:
         dataset = dataset.unbatch()  # saved after .batch(): go back to one example per element
@@ -182,7 +212,33 @@ def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
         x = tuple(np.stack([e[i] for e in xs]) for i in range(len(spec[0])))
     else:
         x = np.stack(xs)
-    return _checked(_by_input(x, options, path), np.stack(ys), "tf.data", path, np.stack(ws) if ws else None)
+    if isinstance(spec[1], dict):
+        y = {k: np.stack([e[k] for e in ys]) for k in spec[1]}
+    elif isinstance(spec[1], (tuple, list)):
+        y = tuple(np.stack([e[i] for e in ys]) for i in range(len(spec[1])))
+    else:
+        y = np.stack(ys)
+    return _checked(_by_input(x, options, path), _by_output(y, options, path), "tf.data", path,
+                    np.stack(ws) if ws else None)
+
+
+def _by_output(y, options: DataOptions, path):
+    """Targets for several outputs -> {model output name: array}: by name, or in output order."""
+    if not isinstance(y, (dict, tuple, list)):
+        return y
+    names = options.output_names
+    if names is None:
+        raise DataError(f"{path} holds {len(y)} target arrays but the model has one output; give one target "
+                        "(--y-key NAME)")
+    if isinstance(y, dict):
+        if set(y) == set(names):
+            return {n: y[n] for n in names}
+        raise DataError(f"{path} has targets {', '.join(y)} but the model's outputs are {', '.join(names)}; "
+                        "name the arrays after them, or pass --y-key a,b in output order")
+    if len(y) != len(names):
+        raise DataError(f"{path} holds {len(y)} target arrays but the model has {len(names)} outputs "
+                        f"({', '.join(names)}); give one target per output")
+    return dict(zip(names, y))
 
 
 def _by_input(x, options: DataOptions, path: Path):
@@ -283,8 +339,14 @@ def from_arrays(pair, options: DataOptions) -> Dataset:
         x = tuple(np.asarray(v) for v in x)
     else:
         x = np.asarray(x)
-    label = f"arrays ({len(np.asarray(y))} rows)"
-    return _checked(_by_input(x, options, label), np.asarray(y), "arrays", label, w)
+    if isinstance(y, dict):
+        y = {k: np.asarray(v) for k, v in y.items()}
+    elif isinstance(y, (tuple, list)) and options.output_names:
+        y = tuple(np.asarray(v) for v in y)
+    else:
+        y = np.asarray(y)
+    label = f"arrays ({len(next(iter(y.values())) if isinstance(y, dict) else y[0] if isinstance(y, tuple) else y)} rows)"
+    return _checked(_by_input(x, options, label), _by_output(y, options, label), "arrays", label, w)
 
 
 def label_of(data) -> str:
@@ -294,7 +356,9 @@ def label_of(data) -> str:
     if hasattr(data, "element_spec"):
         return "tf.data.Dataset"
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):
-        return f"arrays ({len(data[1])} rows)"
+        y = data[1]
+        first = next(iter(y.values())) if isinstance(y, dict) else y
+        return f"arrays ({len(first)} rows)"
     return type(data).__name__
 
 
@@ -304,13 +368,14 @@ def load_npz_streamed(path: Path, options: DataOptions, model_assets: Path | Non
 
     try:
         with np.load(path, allow_pickle=False) as archive:  # the names only; no array is read
-            x_keys = _npz_input_keys(path, list(archive.keys()), options)
+            x_keys, y_keys = _npz_keys(path, list(archive.keys()), options)
             weighted = SAMPLE_WEIGHT in archive.files and SAMPLE_WEIGHT not in x_keys
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         raise _unreadable_npz(path, exc) from None
-    members = npz_members(path, x_keys + [options.y_key] + [SAMPLE_WEIGHT] * weighted)
+    members = npz_members(path, x_keys + y_keys + [SAMPLE_WEIGHT] * weighted)
     x = members[x_keys[0]] if len(x_keys) == 1 else {k: members[k] for k in x_keys}
-    return _checked(_by_input(x, options, path), members[options.y_key], "npz (streamed)", path,
+    y = _npz_targets(options, {k: members[k] for k in y_keys})
+    return _checked(_by_input(x, options, path), _by_output(y, options, path), "npz (streamed)", path,
                     members.get(SAMPLE_WEIGHT))
 
 
@@ -368,19 +433,22 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
     return loader(p, options, model_assets)
 
 
-def _checked(x, y: np.ndarray, kind: str, path: Path, w=None) -> Dataset:
+def _checked(x, y, kind: str, path: Path, w=None) -> Dataset:
     dataset = Dataset(x, y, kind, str(path), w=w)
-    for name, array in dataset.inputs() + [("y", y)] + ([(SAMPLE_WEIGHT, w)] if w is not None else []):
+    first, rows = dataset.targets()[0][0], None
+    for name, array in dataset.targets() + dataset.inputs() + ([(SAMPLE_WEIGHT, w)] if w is not None else []):
         if array.ndim == 0:
             raise DataError(f"{path}: {name} needs a leading example dimension; got shape {array.shape}")
-        if len(array) != len(y):
-            raise DataError(f"{path}: {name} has {len(array)} rows but y has {len(y)}; they must match")
+        rows = len(array) if rows is None else rows
+        if len(array) != rows:
+            raise DataError(f"{path}: {name} has {len(array)} rows but {first} has {rows}; they must match")
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
-    if w is not None and tuple(w.shape[1:]) != tuple(y.shape[1:w.ndim]):
-        raise DataError(f"{path}: {SAMPLE_WEIGHT} has shape {tuple(w.shape)}, which does not weigh y of shape "
-                        f"{tuple(y.shape)}; give one weight per row {(len(y),)}, or per target element "
-                        f"{tuple(y.shape[:2])}, as Keras' sample_weight")
+    for name, target in dataset.targets() if w is not None else ():  # one weight array weighs every output's loss
+        if tuple(w.shape[1:]) != tuple(target.shape[1:w.ndim]):
+            raise DataError(f"{path}: {SAMPLE_WEIGHT} has shape {tuple(w.shape)}, which does not weigh {name} of shape "
+                            f"{tuple(target.shape)}; give one weight per row {(len(target),)}, or per target element "
+                            f"{tuple(target.shape[:2])}, as Keras' sample_weight")
     return dataset
 
 
@@ -398,7 +466,7 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
     bad_rows = None
     if data.w is not None:
         _check_weights(data)
-    for name, array in data.inputs() + [("y", data.y)]:
+    for name, array in data.inputs() + data.targets():
         if not np.issubdtype(array.dtype, np.floating):
             continue
         rows, count, first = _nonfinite(array)
@@ -471,15 +539,21 @@ def _where(data: Dataset, name: str, index: tuple) -> str:
 
 
 def take(x, rows):
-    """Rows of one input array or of every array of several."""
+    """Rows of one input (or target) array or of every array of several."""
     if isinstance(x, dict):
         return {k: v[rows] for k, v in x.items()}
     return x[rows]
 
 
 def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
-    """Check the data's shape against the model's input(s) and cast it to the model's dtypes."""
+    """Check the data's shape against the model's input(s) (and its targets against a model's
+    several outputs) and cast it to the model's dtypes."""
     x, y = dataset.x, dataset.y
+    outputs = getattr(model, "output_names", None)
+    if outputs and not isinstance(y, dict):
+        raise DataError(f"the model has {len(outputs)} outputs ({', '.join(outputs)}) but {dataset.path} holds one "
+                        "target; give an .npz with one array per output (named after them, or --y-key a,b), or a "
+                        "tf.data folder of (x, dict)")
     spec = model.input_spec
     if isinstance(spec, dict):
         if not isinstance(x, dict):
@@ -496,10 +570,14 @@ def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
         x = x.astype(np.float32)
     if target_spec is not None:
         y = _cast(y, target_spec.dtype, "y")
-    elif y.dtype == np.float64 or y.dtype == np.bool_:
-        y = y.astype(np.float32)
+    else:  # Keras' own casting of a target: floats (and bools) as float32, integers as they are
+        y = {k: _float32_target(v) for k, v in y.items()} if isinstance(y, dict) else _float32_target(y)
     w = None if dataset.w is None else dataset.w.astype(np.float32, copy=False)
     return Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream, w=w)
+
+
+def _float32_target(y):
+    return y.astype(np.float32) if y.dtype == np.float64 or y.dtype == np.bool_ else y
 
 
 def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
@@ -551,19 +629,28 @@ def loss_key(name: str | None) -> str | None:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name).strip()).lower()
 
 
-def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
+def check_targets(data: Dataset, loss: str | dict | None, classes: int | dict | None) -> None:
     """Targets that do not fit the loss, where that is cheap to see: class ids that are not whole
     numbers in [0, classes), binary targets outside [0, 1], targets whose shape the loss would
     broadcast against the model's output, categorical_crossentropy over one unit (always 0),
     one-hot targets for a sparse loss and class ids for a one-hot one. TensorFlow would fail with
-    a kernel trace, or silently train on garbage."""
-    y = data.y
+    a kernel trace, or silently train on garbage. For several outputs ``loss`` and ``classes``
+    may be {output name: ...}: each target is checked against its output's loss and units."""
     if data.stream is not None:
         return  # not scanned a second time; TensorFlow's own errors stay
+    keys = list(data.y) if isinstance(data.y, dict) else [None]
+    for key, (name, y) in zip(keys, data.targets()):
+        _check_one_target(data.path, name, y, loss.get(key) if isinstance(loss, dict) else loss,
+                          classes.get(key) if isinstance(classes, dict) else classes, key)
+
+
+def _check_one_target(path, name: str, y, loss: str | None, classes: int | None, output: str | None = None) -> None:
     if not isinstance(y, np.ndarray):
         y = y.read(np.arange(len(y)))  # the targets alone, read whole
     loss = loss_key(loss)
-    _check_target_shape(data.path, np.asarray(y), loss, classes)
+    if loss is None:
+        return
+    _check_target_shape(path, np.asarray(y), loss, classes, output)
     if loss in SPARSE_CLASS_LOSSES:
         values = np.asarray(y)
         if np.issubdtype(values.dtype, np.floating):
@@ -571,7 +658,7 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
             if fractional.any():
                 at = _first(fractional)
                 raise DataError(
-                    f"{data.path}: {loss} needs whole-number class ids, but y{list(map(int, at))} is {values[at]}; "
+                    f"{path}: {loss} needs whole-number class ids, but {name}{list(map(int, at))} is {values[at]}; "
                     "store class ids as integers (or use categorical_crossentropy for one-hot/soft targets)"
                 )
         bad = values < 0
@@ -581,7 +668,7 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
             at = _first(bad)
             limit = f"[0, {classes}) (the model's last output dimension is {classes})" if classes else "[0, classes)"
             raise DataError(
-                f"{data.path}: {int(bad.sum())} class id(s) outside {limit}, the first y{list(map(int, at))} = {values[at]}; "
+                f"{path}: {int(bad.sum())} class id(s) outside {limit}, the first {name}{list(map(int, at))} = {values[at]}; "
                 "fix the labels or the model's number of outputs"
             )
     elif loss in PROBABILITY_LOSSES:
@@ -590,30 +677,33 @@ def check_targets(data: Dataset, loss: str | None, classes: int | None) -> None:
         if bad.any():
             at = _first(bad)
             raise DataError(
-                f"{data.path}: {loss} needs targets in [0, 1], but {int(bad.sum())} are outside, the first "
-                f"y{list(map(int, at))} = {values[at]}; rescale the labels or pick another --loss"
+                f"{path}: {loss} needs targets in [0, 1], but {int(bad.sum())} are outside, the first "
+                f"{name}{list(map(int, at))} = {values[at]}; rescale the labels or pick another --loss"
             )
 
 
-def _check_target_shape(path, y: np.ndarray, loss: str | None, classes: int | None) -> None:
+def _check_target_shape(path, y: np.ndarray, loss: str | None, classes: int | None, output: str | None = None) -> None:
+    """``output``: which of a model's several outputs the targets are for (None: its only one)."""
     if classes is None or loss is None:
         return
+    targets = "the targets" if output is None else f"the targets y[{output!r}]"
+    model = "a model" if output is None else f"output {output!r}"
     last = y.shape[-1] if y.ndim >= 2 else 1  # a (N,) target is one value a row, as (N, 1)
     integral = y.size > 0 and bool(np.all(y == np.round(y)))
     if loss in ONE_HOT_LOSSES and classes == 1:
-        raise DataError(f"{loss} over a model with 1 output unit is 0 for every example (one class always has "
+        raise DataError(f"{loss} over {model} with 1 output unit is 0 for every example (one class always has "
                         "probability 1): use binary_crossentropy for one probability, or give the model one unit per class")
     if loss in SPARSE_CLASS_LOSSES and y.ndim >= 2 and last == classes > 1 and integral and set(np.unique(y)) <= {0, 1} \
             and np.all(y.sum(axis=-1) == 1):
-        raise DataError(f"{path}: the targets are one-hot rows of {classes} (the model's outputs), but {loss} takes "
+        raise DataError(f"{path}: {targets} are one-hot rows of {classes} (the model's outputs), but {loss} takes "
                         "class ids: use --loss categorical_crossentropy, or store y.argmax(axis=-1)")
     if loss not in ELEMENTWISE_LOSSES or last == classes:
         return
     if loss in ONE_HOT_LOSSES and last == 1 and integral:
-        raise DataError(f"{path}: the targets are class ids (one a row) but {loss} takes one-hot rows of {classes}; "
+        raise DataError(f"{path}: {targets} are class ids (one a row) but {loss} takes one-hot rows of {classes}; "
                         "use --loss sparse_categorical_crossentropy")
     shape = str(tuple(int(d) for d in y.shape))  # (64,) for one value a row, as NumPy writes it
-    raise DataError(f"{path}: targets of shape {shape} against a model with {classes} output unit(s): {loss} would "
+    raise DataError(f"{path}: {targets} of shape {shape} against {model} with {classes} output unit(s): {loss} would "
                     f"broadcast them and train on a loss you did not mean; give targets with {classes} value(s) a row "
                     "(--y-key / --target), or the model as many outputs as targets")
 
@@ -646,7 +736,7 @@ def batches(data: Dataset, batch_size: int, total_steps: int, shuffle: bool, see
             rows = order[k * batch_size : (k + 1) * batch_size]
             if not shuffle:
                 window = slice(k * batch_size, (k + 1) * batch_size)
-                yield epoch, take(data.x, window), data.y[window]
+                yield epoch, take(data.x, window), take(data.y, window)
             else:
-                yield epoch, take(data.x, rows), data.y[rows]
+                yield epoch, take(data.x, rows), take(data.y, rows)
             step += 1

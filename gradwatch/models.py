@@ -39,7 +39,9 @@ class LoadedModel:
     input_spec: Any  # tf.TensorSpec of the input (leading batch dim), {name: spec} for several inputs, or None
     assets: Path | None = None
     keep_alive: Any = field(default=None, repr=False)
-    output_dim: int | None = None  # static last dimension of the output (classes of a classifier), if known
+    output_dim: int | dict | None = None  # static last dimension of the output (classes of a classifier), if
+    # known; {output name: dimension} for a Keras model with several outputs
+    output_names: tuple | None = None  # a Keras model with several outputs: the names its targets go by
     # Keras models only: Keras' own compute_loss(x, y, y_pred) when compiled with a loss, the
     # extra losses (regularizers, add_loss) of the last call, the compiled optimizer's config,
     # and whether layers compute in float16 (mixed precision: the loss must be scaled).
@@ -50,7 +52,8 @@ class LoadedModel:
     # The training state the file (or object) carries: its compiled optimizer once it has trained
     # (slots, iteration count), and a LossScaleOptimizer's (scale, good steps); None: none saved.
     saved_optimizer: Any = None
-    compiled_loss_name: str | None = None  # the compiled loss's Keras name (mse, categorical_crossentropy), if known
+    compiled_loss_name: str | dict | None = None  # the compiled loss's Keras name (mse, categorical_crossentropy),
+    # if known; {output name: name or None} for several outputs
     saved_loss_scale: tuple | None = None
     warnings: list = field(default_factory=list)  # said once on stderr before training
 
@@ -254,17 +257,15 @@ def _wrap_keras(model, p) -> LoadedModel:
     if not model.trainable_variables:
         raise ModelError(f"{p} has no trainable variables; set layer.trainable = True before saving")
     outputs = getattr(model, "outputs", None)
-    if outputs and len(outputs) > 1:
-        raise ModelError(
-            f"{p} has {len(outputs)} outputs; gradwatch trains single-output models for now: save one that "
-            "returns the output you train (keras.Model(model.inputs, model.outputs[0])), or export a "
-            "SavedModel and pick the output with --output NAME"
-        )
+    output_names = _output_names(model) if outputs and len(outputs) > 1 else None
     compiled_loss = None
     if getattr(model, "_compile_loss", None) is not None:
         # Keras' own loss of fit: the compiled loss plus model.losses (regularizers, add_loss).
+        as_outputs = _as_model_outputs(model, output_names)
         compiled_loss = lambda x, y, y_pred, w=None: model.compute_loss(  # noqa: E731
-            x=x, y=y, y_pred=y_pred, sample_weight=w, training=True)
+            x=x, y=as_outputs(y), y_pred=y_pred, sample_weight=w, training=True)
+        if output_names is not None:
+            _build_compiled_loss(model, as_outputs, output_names)
     compiled_optimizer = saved_optimizer = saved_loss_scale = None
     if getattr(model, "optimizer", None) is not None:
         inner = getattr(model.optimizer, "inner_optimizer", None) or model.optimizer  # unwrap a LossScaleOptimizer
@@ -278,7 +279,13 @@ def _wrap_keras(model, p) -> LoadedModel:
     loss_scaling = getattr(policy, "name", "") == "mixed_float16" or any(
         getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None) == "float16" for layer in model._flatten_layers()
     )
-    output_dim = outputs[0].shape[-1] if outputs and outputs[0].shape else None  # one output, checked above
+    def last_dim(tensor):
+        return tensor.shape[-1] if tensor.shape else None
+
+    if output_names is None:
+        output_dim = last_dim(outputs[0]) if outputs else None
+    else:
+        output_dim = dict(zip(output_names, map(last_dim, _outputs_in_name_order(model, output_names))))
     import tensorflow as tf
 
     spec = None
@@ -303,9 +310,61 @@ def _wrap_keras(model, p) -> LoadedModel:
         compiled_optimizer=compiled_optimizer,
         loss_scaling=loss_scaling,
         saved_optimizer=saved_optimizer,
-        compiled_loss_name=_loss_name(getattr(model, "loss", None)) if compiled_loss is not None else None,
+        output_names=output_names,
+        compiled_loss_name=_loss_names(getattr(model, "loss", None), output_names) if compiled_loss is not None else None,
         saved_loss_scale=saved_loss_scale,
     )
+
+
+def _output_names(model) -> tuple:
+    """The names a multi-output Keras model's targets go by, in its order: the keys of the dict it
+    returns, else its output layers' names (``model.output_names``), as ``fit`` takes a dict ``y``."""
+    try:
+        structure = model.output  # a functional model's outputs as it was built: a dict or a list
+    except (AttributeError, ValueError):
+        structure = None
+    if isinstance(structure, dict):
+        return tuple(structure)
+    return tuple(model.output_names)
+
+
+def _as_model_outputs(model, names: tuple | None):
+    """{output name: targets} -> the structure the model returns (a dict, or a list in its order),
+    the one Keras' compiled loss matches targets to outputs by; one output's targets as they are."""
+    if names is None:
+        return lambda y: y
+    if isinstance(getattr(model, "output", None), dict):
+        return lambda y: {n: y[n] for n in names}
+    return lambda y: [y[n] for n in names]
+
+
+def _build_compiled_loss(model, as_outputs, names: tuple) -> None:
+    """Build Keras' compiled loss of a model with several outputs now, while the model loads (in a
+    tf.distribute strategy's scope, where there is one): it then makes its per-output loss
+    trackers, variables that a replica's traced step cannot create."""
+    import keras
+
+    outputs = _outputs_in_name_order(model, names)
+    zeros = as_outputs({n: keras.ops.zeros([1 if d is None else d for d in t.shape], t.dtype)
+                        for n, t in zip(names, outputs)})
+    model._compile_loss.build(zeros, zeros)
+
+
+def _outputs_in_name_order(model, names: tuple) -> list:
+    structure = getattr(model, "output", None)
+    return [structure[n] for n in names] if isinstance(structure, dict) else list(model.outputs)
+
+
+def _loss_names(loss, output_names: tuple | None):
+    """The compiled loss's Keras name; for several outputs {output name: name, or None where that
+    output has no loss}: one loss is every output's, as Keras applies it."""
+    if output_names is None:
+        return _loss_name(loss)
+    if isinstance(loss, dict):
+        return {n: _loss_name(loss.get(n)) for n in output_names}
+    if isinstance(loss, (list, tuple)):
+        return {n: _loss_name(item) for n, item in zip(output_names, loss)}
+    return dict.fromkeys(output_names, _loss_name(loss))
 
 
 def _loss_name(loss) -> str | None:

@@ -181,6 +181,7 @@ def _prepare(spec: RunSpec, distribution):
     options = data_mod.DataOptions(
         x_key=spec.x_key,
         input_names=model.input_names,
+        output_names=model.output_names,
         y_key=spec.y_key or "y",
         target=spec.target,
         vocab=spec.vocab,

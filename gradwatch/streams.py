@@ -202,6 +202,9 @@ def load_saved(path, options, by_input):
     if isinstance(spec, tuple) and len(spec) == 3:
         raise DataError(f"{path}: its elements carry sample weights (x, y, sample_weight), which a streamed "
                         "tf.data folder does not read yet; pass --no-stream to read it into memory")
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], (dict, tuple, list)):
+        raise DataError(f"{path}: its elements carry one target per output (x, {{output: y}}), which a streamed "
+                        "tf.data folder does not read yet; pass --no-stream to read it into memory")
     flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) == 2 else []
     if not (flat_x and isinstance(spec[1], tf.TensorSpec) and all(isinstance(s, tf.TensorSpec) for s in flat_x)):
         raise DataError(f"{path}: elements must be (x, y) pairs, found {spec}; save dataset.map(lambda ...: (x, y))")

@@ -80,7 +80,7 @@ def test_errors_whose_fix_is_specific(cli, tmp_path):
     line = one_line_error(*cli("run", tmp_path / "lambda.keras", "--data", tmp_path / "d.npz", "--loss", "mse"))
     assert "Lambda layer" in line and "safe_mode" in line and "re-save" not in line
     line = one_line_error(*cli("run", tmp_path / "two.keras", "--data", tmp_path / "d.npz", "--loss", "mse"))
-    assert "has 2 outputs" in line and "--output NAME" in line
+    assert "the model has 2 outputs" in line and "holds one target; give an .npz with one array per output" in line
     line = one_line_error(*cli("run", "--num-steps", 30, "--steps", 2))
     assert "pass --num-steps 20" in line
 

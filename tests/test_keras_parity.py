@@ -39,11 +39,13 @@ def compiled_as_saved(path, clip_option=None, clip_value=None):
 
 def keras_train(model, inputs, y, batch_size, steps, sample_weight=None):
     """train_on_batch over consecutive batches: each step's loss (the first entry where metrics follow)."""
+    def take(values, rows):  # one array, or {input / output name: array}
+        return {name: array[rows] for name, array in values.items()} if isinstance(values, dict) else values[rows]
+
     out = []
     for k in range(steps):
         rows = slice(k * batch_size, (k + 1) * batch_size)
-        got = model.train_on_batch({name: array[rows] for name, array in inputs.items()} if isinstance(inputs, dict)
-                                   else inputs[rows], y[rows],
+        got = model.train_on_batch(take(inputs, rows), take(y, rows),
                                    sample_weight=None if sample_weight is None else sample_weight[rows])
         out.append(float(got[0] if isinstance(got, list) else got))
     return out

@@ -349,15 +349,27 @@ class Trainer:
             return y if isinstance(y, tuple) else (y, None)
 
         if loss is not None:
+            names = model.output_names
+
+            def data_loss(y, y_pred, w):
+                return loss(y, y_pred) if w is None else loss(y, y_pred, sample_weight=w)
+
             def objective(x, y):
                 y, w = weighed(y)
                 y_pred = model.forward(x)
                 reg = extra_loss()
-                data_loss = loss(y, y_pred) if w is None else loss(y, y_pred, sample_weight=w)
-                return (data_loss if reg is None else data_loss + share(reg)), reg
+                if names is None:
+                    total = data_loss(y, y_pred, w)
+                else:  # one loss is every output's, summed, as Keras' compile(loss=NAME) applies it
+                    import tensorflow as tf
+
+                    by_name = y_pred if isinstance(y_pred, dict) else dict(zip(names, y_pred))
+                    total = tf.add_n([data_loss(y[n], by_name[n], w) for n in names])
+                return (total if reg is None else total + share(reg)), reg
 
             self.objective = objective
-            return f"{getattr(loss, 'name', type(loss).__name__)} (--loss)"
+            each = "" if names is None else f" on each of the {len(names)} outputs, summed"
+            return f"{getattr(loss, 'name', type(loss).__name__)} (--loss){each}"
         if model.compiled_loss is not None:
             def objective(x, y):
                 y, w = weighed(y)
