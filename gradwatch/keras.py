@@ -12,7 +12,9 @@ gradients Keras computed and runs gradwatch's one measured step on them
 (:func:`gradwatch.train.step.measured_step`, the trainer's own: norms, the chosen strategy,
 the non-finite rule, the raw embedding rows handed on), then hands the result to the
 optimizer's own ``apply``. ``scale_loss`` sees each step's loss before Keras scales
-it. The values go to a ring buffer on the device (``capacity`` rows) behind a counter that only
+it, and so does the model's ``compute_loss`` while fit runs (a train_step of one's own calls
+that one); a step whose loss neither saw records NaN, and only its gradient decides whether it
+is finite. The values go to a ring buffer on the device (``capacity`` rows) behind a counter that only
 grows; the callback reads the rows since its last read after each execution. It declares itself
 ``async_safe``, so Keras may run it in a worker thread while the next execution trains: no
 extra host sync at all, and the rows still come one per step, in order. With ``clip="global"``
@@ -75,6 +77,8 @@ class GradientWatch(keras.callbacks.Callback):
         self._interrupt = PendingInterrupt(lambda frame: _inside_fit(frame, self.model))
         self.async_safe = True
         self._loss = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_loss")
+        self._loss_seen = _variable(tf.constant(False), "gradwatch_loss_seen")  # this step's loss came
+        self._compute_loss = None  # the model's own compute_loss while fit runs (see _watch_compute_loss)
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
         self._optimizer = None  # the optimizer wrap() was given
         self._outer = None  # a LossScaleOptimizer around it (mixed precision), watched in its place
@@ -145,6 +149,31 @@ class GradientWatch(keras.callbacks.Callback):
         # Under a tf.distribute strategy each replica's loss is its share of the global
         # batch's (Keras divides by the replica count): their sum is the global batch's loss.
         self._loss.assign(_all_reduced(tf.cast(loss, tf.float32)))
+        self._loss_seen.assign(True)
+
+    def _watch_compute_loss(self, model):
+        """Record the loss a train step computes with ``self.compute_loss`` too: a train_step of
+        one's own (Keras' guide to customising fit) calls it, but not ``optimizer.scale_loss``,
+        which fit's own step calls after it with the same value. Training calls only: fit's
+        validation calls it with training=False. Put back when the fit ends (:meth:`_finish`)."""
+        if self._compute_loss is not None or "compute_loss" in vars(model):
+            return
+        own = model.compute_loss
+
+        def compute_loss(*args, **kwargs):
+            loss = own(*args, **kwargs)
+            training = kwargs.get("training", args[4] if len(args) > 4 else True)
+            if loss is not None and training is True:
+                self._record_loss(loss)
+            return loss
+
+        model.compute_loss, self._compute_loss = compute_loss, compute_loss
+
+    def _unwatch_compute_loss(self):
+        model = self.model
+        if self._compute_loss is not None and model is not None and vars(model).get("compute_loss") is self._compute_loss:
+            del model.compute_loss
+        self._compute_loss = None
 
     def _apply(self, hand_on, optimizer, grads, variables, scaled_by):
         grads = list(grads)
@@ -165,11 +194,17 @@ class GradientWatch(keras.callbacks.Callback):
             watched = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, watched)
         state = tf.nest.map_structure(lambda v: v.read_value(), self._state_vars)
         lr = tf.cast(optimizer.learning_rate, tf.float64)  # before the update: the rate this step uses
+        # A step whose loss was not seen (a train_step of one's own that calls neither) records
+        # NaN, and only its gradient decides whether it is finite: a missing loss skips nothing.
+        seen = self._loss_seen.read_value()
+        loss = tf.where(seen, self._loss.read_value(), tf.constant(float("nan")))
+        judged = tf.where(seen, loss, tf.constant(0.0))
         m = measured_step(watched, used_variables, self.impl, tf.constant(self.clipping.param or 0.0, tf.float32),
-                          state, self._loss, self.sparse_norm)
+                          state, judged, self.sparse_norm)
         tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, m.state)
-        overflow, nonfinite = nonfinite_kinds(m.finite, m.grads_finite, self._loss, scale is not None)
-        values = {"loss": self._loss, "grad_norm": m.grad_norm, "grad_norm_rows": m.grad_norm_rows,
+        overflow, nonfinite = nonfinite_kinds(m.finite, m.grads_finite, judged, scale is not None)
+        self._loss_seen.assign(False)
+        values = {"loss": loss, "grad_norm": m.grad_norm, "grad_norm_rows": m.grad_norm_rows,
                   "clipped_norm": m.clipped_norm, "threshold": m.threshold, "lr": lr, "clipped": m.clipped,
                   "nonfinite": nonfinite, "loss_scale": 1.0 if scale is None else scale, "overflow": overflow}
         row = tf.stack([tf.cast(values[name], tf.float64) for name in _BUFFERED])  # by name: the order is _BUFFERED's
@@ -232,6 +267,7 @@ class GradientWatch(keras.callbacks.Callback):
 
             check_logdir(Path(self.tensorboard))
             self._board = TensorBoardSink(Path(self.tensorboard), self.clipping.strategy, self.clipping.param, [])
+        self._watch_compute_loss(self.model)
         self._started = time.perf_counter()
         self._interrupt.install()
 
@@ -258,6 +294,7 @@ class GradientWatch(keras.callbacks.Callback):
 
     def _finish(self) -> None:
         """The end of a fit, finished or stopped by Ctrl-C: every row fetched, the CSV put in place."""
+        self._unwatch_compute_loss()
         self._fetch()
         if self._sink is not None:
             self._sink.commit()

@@ -256,6 +256,7 @@ def _from_keras_object(model) -> LoadedModel:
 def _wrap_keras(model, p) -> LoadedModel:
     if not model.trainable_variables:
         raise ModelError(f"{p} has no trainable variables; set layer.trainable = True before saving")
+    _refuse_own_train_step(model, p)
     outputs = getattr(model, "outputs", None)
     output_names = _output_names(model) if outputs and len(outputs) > 1 else None
     compiled_loss = None
@@ -314,6 +315,21 @@ def _wrap_keras(model, p) -> LoadedModel:
         compiled_loss_name=_loss_names(getattr(model, "loss", None), output_names) if compiled_loss is not None else None,
         saved_loss_scale=saved_loss_scale,
     )
+
+
+def _refuse_own_train_step(model, p) -> None:
+    """A model class with its own train_step() trains as that method says, and gradwatch's step
+    (forward, compute_loss, clip, apply) would be another training: refused, with the way to
+    record the real one. An own compute_loss() is followed: gradwatch calls it."""
+    import keras
+
+    if type(model).train_step is keras.Model.train_step:
+        return
+    owner = next(c for c in type(model).__mro__ if "train_step" in vars(c))
+    raise ModelError(f"{p}: {owner.__name__} has its own train_step(), which gradwatch's step would not follow, "
+                     "so its numbers would not be your training's; record your own fit instead: "
+                     "model.compile(optimizer=watch.wrap(optimizer), ...) and "
+                     "model.fit(..., callbacks=[watch]) with watch = gradwatch.keras.GradientWatch(...)")
 
 
 def _output_names(model) -> tuple:

@@ -74,6 +74,12 @@ def test_in_memory_model_and_data_give_the_rows_of_the_files(keras_mlp, regressi
     pd.testing.assert_frame_equal(from_dataset[numbers], from_files[numbers])
     assert from_objects["model"][0] == f"keras.Model {model.name}" and from_objects["data"][0] == f"arrays ({len(y)} rows)"
     assert from_dataset["data"][0] == "tf.data.Dataset"
+    # the baseline's command for objects in memory is the API's, not a CLI line naming no file
+    hint = {f["code"]: f for f in gradwatch.summarize(from_objects).findings}["no_baseline"]["message"]
+    assert hint.endswith('gradwatch.compare(model, data, clip="norm", thresholds="none,0.2") compares them on '
+                         'the same batches')
+    files = {f["code"]: f for f in gradwatch.summarize(from_files).findings}["no_baseline"]["message"]
+    assert f"gradwatch compare {path} --data {regression_npz} --clip norm --thresholds none,0.2" in files
     for w, b in zip(model.get_weights(), before):  # the caller's model is as it was
         np.testing.assert_array_equal(w, b)
 

@@ -225,3 +225,85 @@ def test_the_optimizer_column_names_it_as_the_cli_does_schedule_and_weight_decay
         "AdamW(learning_rate=schedule ExponentialDecay, weight_decay=0.004, beta_1=0.8, beta_2=0.999), "
         "the wrapped optimizer of model.fit"}
     np.testing.assert_allclose(watch.rows["lr"], [0.02 * 0.5 ** (k / 5) for k in range(20)], rtol=1e-6)
+
+
+def own_train_step_models():
+    """Two model classes with their own train_step, as Keras' guide "Customizing what happens in
+    fit()" writes one: with self.compute_loss, and with a loss computed by hand."""
+    import keras
+    import tensorflow as tf
+
+    class GuideStep(keras.Sequential):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(y=y, y_pred=self(x, training=True))
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+            return {"loss": loss}
+
+    class HandLoss(keras.Sequential):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+            return {"loss": loss}
+
+    return GuideStep, HandLoss
+
+
+@pytest.mark.parametrize("which", ["compute_loss", "by_hand"])
+def test_a_train_step_of_ones_own_is_recorded_as_it_trains(which):
+    """The weights equal the same train_step with global_clipnorm; the loss is each batch's (what
+    the train_step returns), never a validation loss; a loss the watch cannot see is NaN, skips
+    nothing, and the verdict says it was not recorded instead of judging it."""
+    import keras
+
+    from gradwatch.keras import GradientWatch
+
+    cls = dict(zip(["compute_loss", "by_hand"], own_train_step_models()))[which]
+    x, y = data()
+
+    def trained(optimizer, callbacks):
+        keras.utils.set_random_seed(3)
+        model = cls([keras.Input((6,)), keras.layers.Dense(12, activation="tanh"), keras.layers.Dense(1)])
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks,
+                  validation_data=(x[:32] * 50, y[:32] * 50))  # a validation loss far from the training's
+        return model
+
+    losses = []
+    batch_loss = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: losses.append(logs["loss"]))
+    reference = trained(keras.optimizers.SGD(0.2, global_clipnorm=0.5), [batch_loss])
+    watch = GradientWatch(clip="global", norm=0.5)
+    watched = trained(watch.wrap(keras.optimizers.SGD(0.2)), [watch])
+    for a, b in zip(watched.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    rows, verdict = watch.rows, watch.summary().verdict
+    assert len(rows) == 20 and not rows["nonfinite"].any() and rows["clipped"].any()
+    assert "compute_loss" not in vars(watched)  # the model's own method is back
+    if which == "compute_loss":
+        np.testing.assert_allclose(rows["loss"], losses, rtol=1e-6)
+        assert not any("[loss_not_recorded]" in line for line in verdict)
+    else:
+        assert rows["loss"].isna().all()
+        assert verdict[0].startswith("No loss was recorded (the model's train_step calls neither "
+                                     "self.compute_loss(...) nor self.optimizer.scale_loss(...))")
+        assert not any(code in line for line in verdict for code in ("[stable]", "[diverged]", "[nonfinite]"))
+    assert verdict[-1] == ('Without an unclipped run this cannot say whether clipping helps; fit the same model '
+                           'again from the same weights and seed with GradientWatch(clip="none") for the unclipped '
+                           'baseline. [no_baseline]')
+
+
+def test_gradwatch_run_refuses_a_model_with_its_own_train_step(cli, regression_npz, tmp_path):
+    import keras
+
+    guide_step, _ = own_train_step_models()
+    registered = keras.saving.register_keras_serializable(package="gradwatch_tests")(guide_step)
+    model = registered([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.save(tmp_path / "own_step.keras")
+    code, out, err = cli("run", tmp_path / "own_step.keras", "--data", regression_npz, "--steps", 1)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "GuideStep has its own train_step(), which gradwatch's step would not follow" in err
+    assert "callbacks=[watch]) with watch = gradwatch.keras.GradientWatch(...)" in err

@@ -37,6 +37,7 @@ CODES = {
     "no_clear_winner": ("info", "compare: no variant is clearly better than unclipped"),
     "clipping_slows": ("info", "compare: unclipped does not jump, and every clipping variant ends higher"),
     "no_variant_calm": ("problem", "compare: every variant has loss spikes, non-finite steps or diverged"),
+    "loss_not_recorded": ("warning", "no step recorded a loss (NaN on every step whose gradient was finite): a GradientWatch in a fit whose train_step calls neither self.compute_loss nor optimizer.scale_loss; the verdicts on the loss are not made"),
     "probe_diverged": ("warning", "suggest: the unclipped probe had a non-finite step or diverged; the proposal rests only on the steps before"),
 }
 
@@ -116,7 +117,14 @@ def run_findings(variant, data=None) -> list[Finding]:
     s, label, out = variant.summary, variant.label, []
     if not variant.rows and variant.given_summary is not None:
         return _summary_only(variant)
-    trouble = _trouble(variant, data)
+    if _loss_not_recorded(variant.rows):
+        trouble = [Finding("loss_not_recorded", label, "no loss was recorded (the model's train_step calls neither "
+                           "self.compute_loss(...) nor self.optimizer.scale_loss(...)), so nothing is said about the "
+                           "loss: no spikes, no divergence, no stability; the gradient norms and the clipping are "
+                           "recorded")]
+        trouble += [f for f in _trouble(variant, data) if f.code == "nonfinite"]  # the gradient's own
+    else:
+        trouble = _trouble(variant, data)
     out += trouble
     if s["grad_spikes"]:
         steps = s["grad_spike_steps"]
@@ -128,7 +136,7 @@ def run_findings(variant, data=None) -> list[Finding]:
                            f"{fmt(s['grad_norm_median'])}{cut}", tuple(steps),
                            {"count": s["grad_spikes"], "first": steps[0], "clipped": clipped,
                             "grad_norm_max": s["grad_norm_max"], "grad_norm_median": s["grad_norm_median"]}))
-    if not any(f.kind == "problem" for f in trouble):
+    if not any(f.kind == "problem" or f.code == "loss_not_recorded" for f in trouble):
         quiet = ", although the gradient norm spiked" if s["grad_spikes"] else ""
         out.insert(0, Finding("stable", label, f"loss is stable: no loss spikes, no non-finite steps{quiet}"))
     out += _clipping(variant)
@@ -198,6 +206,12 @@ def _trouble(variant, data) -> list[Finding]:
     if recurring is not None:
         out.append(recurring_finding(label, recurring))
     return out
+
+
+def _loss_not_recorded(rows) -> bool:
+    """No row holds a loss, and some were finite steps: a loss NaN on a step that is not marked
+    non-finite was never seen (gradwatch's own step always has one, and marks a NaN one)."""
+    return bool(rows) and not any(math.isfinite(r["loss"]) for r in rows) and not all(r["nonfinite"] for r in rows)
 
 
 def _diverged(s: dict) -> bool:
@@ -410,18 +424,30 @@ def findings_of(variants, data=None, command: list | None = None) -> list[Findin
 
 
 def no_baseline(variant, command: list | None = None) -> Finding:
+    """The command that runs the missing baseline: the CLI's for files; for objects in memory
+    (the Python API) gradwatch.compare; for a GradientWatch, the same fit watched unclipped."""
     from ..session import run_line_from_meta
 
-    parts = list(command) if command else run_line_from_meta(variant.meta or {})
+    meta = variant.meta or {}
+    clip = variant.clip if variant.clip not in ("run", "none") else "global"
+    values = f"none,{variant.param:g}" if variant.param is not None else "none"
+    label = variant.label if variant.clip != "run" else ""
+    lead = "without an unclipped run this cannot say whether clipping helps; "
+    if meta.get("data") == "model.fit":  # GradientWatch.summary(): the fit is the user's own
+        line = 'GradientWatch(clip="none")'
+        return Finding("no_baseline", label, f"{lead}fit the same model again from the same weights and seed with "
+                       f"{line} for the unclipped baseline", (), {"command": line})
+    data = str(meta.get("data", ""))
+    if not command and (str(meta.get("model", "")).startswith("keras.Model ") or data.startswith("arrays (")
+                        or data == "tf.data.Dataset"):
+        line = f'gradwatch.compare(model, data, clip="{clip}", thresholds="{values}")'  # objects, not files
+        return Finding("no_baseline", label, f"{lead}{line} compares them on the same batches", (), {"command": line})
+    parts = list(command) if command else run_line_from_meta(meta)
     parts[1] = "compare"
     import shlex
 
-    clip = variant.clip if variant.clip not in ("run", "none") else "global"
-    values = f"none,{variant.param:g}" if variant.param is not None else "none"
     line = " ".join(shlex.quote(str(p)) for p in parts + ["--clip", clip, "--thresholds", values])
-    return Finding("no_baseline", variant.label if variant.clip != "run" else "",
-                   f"without an unclipped run this cannot say whether clipping helps; {line} compares them "
-                   "on the same batches", (), {"command": line})
+    return Finding("no_baseline", label, f"{lead}{line} compares them on the same batches", (), {"command": line})
 
 
 def failing(findings, codes) -> list[Finding]:
