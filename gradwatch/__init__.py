@@ -14,8 +14,8 @@ __version__ = "0.2.0"
 
 from .api import Summary, compare, run, summarize  # noqa: E402
 from .clip import STRATEGIES, Clipping, parse_variants  # noqa: E402
-from .errors import GradwatchError  # noqa: E402
+from .errors import GradwatchError, Interrupted  # noqa: E402
 from .session import RunSpec, prepare, resolve  # noqa: E402
 
-__all__ = ["STRATEGIES", "Clipping", "GradwatchError", "RunSpec", "Summary", "compare", "parse_variants", "prepare",
+__all__ = ["STRATEGIES", "Clipping", "GradwatchError", "Interrupted", "RunSpec", "Summary", "compare", "parse_variants", "prepare",
            "resolve", "run", "summarize", "__version__"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .errors import NonFiniteStop, OptionError
+from .errors import Interrupted, NonFiniteStop, OptionError
 
 CLIP_OPTIONS = ("norm", "value", "factor", "percentile", "z")
 
@@ -138,6 +138,9 @@ def _train_frame(model, data, sample, variants, options):
             results = train(trainer, variants)
         except NonFiniteStop as stop:  # run(): the rows so far, as the CLI writes them before exit 3
             results = [stop.result]
+        except Interrupted as stop:  # Ctrl-C in a notebook: control returns, with the rows so far
+            stop.rows = frame(stop.results, describe_run(spec, trainer))
+            raise
         return frame(results, describe_run(spec, trainer))
     finally:
         if not isinstance(spec.model, str):

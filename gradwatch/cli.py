@@ -521,6 +521,14 @@ PHASE_TEXT = {
 }
 
 
+class _RowsKept(Exception):
+    """A run stopped by a signal whose rows were kept and said where: main exits 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _train_then_keep(sinks, train, show, quiet, before_commit=None):
     """Train (``train(progress) -> results``) and commit the outputs, keeping every recorded row.
 
@@ -551,7 +559,7 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         what = SIGNAL_NAMES.get(stop.signum, f"signal {stop.signum}")
         _stderr().print(escape(f"gradwatch: interrupted by {what}; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
         show(stop.results, f"interrupted by {what} after {_steps(kept)}")
-        raise
+        raise _RowsKept(stop.signum) from None  # not a KeyboardInterrupt: typer would make it a bare 130
     except NonFiniteStop as stop:
         keep([stop.result])
         last = stop.result.rows[-1]["step"] if len(stop.result.rows) else 0
@@ -1068,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
             if first_received() is not None and exc.exit_code == 130:
                 return _stopped_by(first_received())
             return exc.exit_code
-        except Interrupted as exc:
+        except _RowsKept as exc:
             return 128 + exc.signum  # said where the rows were kept (_train_then_keep)
         except (typer.Abort, KeyboardInterrupt):
             return _stopped_by(first_received() or 2)

@@ -46,16 +46,20 @@ class Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
-class Interrupted(Exception):
-    """Ctrl-C, SIGTERM or SIGHUP during training; ``results`` holds every row recorded so far.
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP during training; ``results`` holds every row recorded so far
+    (and, raised by :func:`gradwatch.run` or :func:`gradwatch.compare`, ``rows`` the frame of them).
 
-    The exit code is 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
+    A KeyboardInterrupt, as Ctrl-C is everywhere in Python: ``except Exception`` does not swallow
+    it, ``except KeyboardInterrupt`` catches it. The CLI's exit code is 128 + the signal's
+    number (``signum``): 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
     """
 
     def __init__(self, results: list, signum: int = 2):
         super().__init__("interrupted")
         self.results = results
         self.signum = signum
+        self.rows = None
 
 
 def one_line(message: str) -> str:

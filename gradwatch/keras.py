@@ -28,6 +28,8 @@ that ``compile`` adds is watched instead, so the unscaled gradient is measured. 
 from __future__ import annotations
 
 import math
+import signal
+import sys
 import threading
 import time
 
@@ -277,13 +279,13 @@ class GradientWatch(keras.callbacks.Callback):
     # A Ctrl-C during fit is raised from the hooks Keras calls in the main thread, before the next
     # step or at an epoch's end (the batch-end hooks may run in Keras' worker threads).
     def on_train_batch_begin(self, batch, logs=None):
-        self._interrupt.raise_if_pending(self._finish)
+        self._interrupt.raise_if_pending(self._stopped)
 
     def on_test_batch_begin(self, batch, logs=None):  # fit's validation: a Ctrl-C there stops fit too
-        self._interrupt.raise_if_pending(self._finish)
+        self._interrupt.raise_if_pending(self._stopped)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._interrupt.raise_if_pending(self._finish)
+        self._interrupt.raise_if_pending(self._stopped)
 
     def on_train_batch_end(self, batch, logs=None):
         self._fetch()
@@ -291,6 +293,17 @@ class GradientWatch(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._interrupt.uninstall()
         self._finish()
+
+    def _stopped(self, signum: int) -> None:
+        """A Ctrl-C, SIGTERM or SIGHUP during fit: keep every row; a signal that is about to end
+        the process says on stderr where they are (Ctrl-C raises and tells the caller itself)."""
+        sink = self._sink
+        self._finish()
+        if signum != signal.SIGINT:
+            kept = (f"kept {sink.rows_written} recorded rows in {sink.path}" if sink is not None else
+                    f"{len(self._rows)} rows recorded and not kept (GradientWatch(csv=...) keeps them in a file)")
+            sys.stderr.write(f"gradwatch: fit stopped by {signal.Signals(signum).name}; {kept}\n")
+            sys.stderr.flush()
 
     def _finish(self) -> None:
         """The end of a fit, finished or stopped by Ctrl-C: every row fetched, the CSV put in place."""

@@ -16,6 +16,17 @@ from .errors import Signalled
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what a user, `timeout`, a scheduler or a closed terminal send
 
 
+def _heeded(names) -> list[int]:
+    """The signals among ``names`` that this process does not ignore.
+
+    A signal ignored when gradwatch starts stays ignored: ``nohup`` ignores SIGHUP so that a
+    closed terminal does not end the run, and a shell starts background jobs with SIGINT
+    ignored so that Ctrl-C reaches only the foreground one.
+    """
+    numbers = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    return [n for n in numbers if signal.getsignal(n) is not signal.SIG_IGN]
+
+
 @contextmanager
 def deferred_interrupt():
     """Ctrl-C, SIGTERM or SIGHUP during a block sets a flag instead of raising inside TensorFlow's call.
@@ -23,14 +34,13 @@ def deferred_interrupt():
     The block then finishes, its rows are recorded, and the loop stops with
     :class:`Interrupted` carrying the signal: nothing that was computed is lost. The flag
     reads as the signal's number (0: none). Outside the main thread (where signal handlers
-    cannot be set) signals act as usual.
+    cannot be set) signals act as usual, and a signal the process ignores stays ignored.
     """
     seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
-    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-    previous = {n: signal.signal(n, lambda signum, frame: seen.append(signum)) for n in numbers}
+    previous = {n: signal.signal(n, lambda signum, frame: seen.append(signum)) for n in _heeded(STOP_SIGNALS)}
     try:
         yield lambda: seen[0] if seen else 0
     finally:
@@ -50,7 +60,7 @@ def first_received() -> int | None:
 class stop_signals_unwind:
     """While the CLI runs, SIGTERM and SIGHUP unwind like Ctrl-C (so outputs are kept or
     cleaned up) instead of killing the process on the spot. Training blocks defer them further
-    (see ``training._deferred_interrupt``)."""
+    (:func:`deferred_interrupt`). A signal the process ignores (``nohup``) stays ignored."""
 
     def __enter__(self):
         self.previous = {}
@@ -67,11 +77,8 @@ class stop_signals_unwind:
             received.append(signum)
             raise KeyboardInterrupt
 
-        for name in ("SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                number = getattr(signal, name)
-                self.previous[number] = signal.signal(number, unwind)
-        self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
+        for number in _heeded(STOP_SIGNALS):
+            self.previous[number] = signal.signal(number, interrupt if number == signal.SIGINT else unwind)
         return self
 
     def __exit__(self, *exc):
@@ -81,48 +88,62 @@ class stop_signals_unwind:
 
 
 class PendingInterrupt:
-    """Ctrl-C inside someone else's loop (a Keras ``fit`` that GradientWatch watches): noted by the
-    handler, raised by the loop's own code at its next safe point (:meth:`raise_if_pending`).
+    """Ctrl-C, SIGTERM or SIGHUP inside someone else's loop (a Keras ``fit`` that GradientWatch
+    watches): noted by the handler, acted on by the loop's own code at its next safe point
+    (:meth:`raise_if_pending`), after ``before(signum)`` has kept what was recorded.
 
-    Python's own handler raises KeyboardInterrupt wherever the main thread happens to be; inside
-    ``fit`` that was once in 40 tries somewhere that swallowed it, and training went on. Noted
-    instead, it cannot be lost. A second Ctrl-C, or one that comes when ``running(frame)`` says
-    the loop is no longer on the stack (it ended by an error before it could uninstall this),
-    raises at once as usual. Installed only in the main thread and only over Python's default
-    handler (a handler someone else set is left alone).
+    Ctrl-C then raises KeyboardInterrupt. Python's own handler raises it wherever the main
+    thread happens to be; inside ``fit`` that was once in 40 tries somewhere that swallowed it,
+    and training went on. Noted instead, it cannot be lost. SIGTERM and SIGHUP then do what
+    they would have done: their default action ends the process (exit status 128 + N), only
+    after the rows are kept instead of before. A second signal, or one that comes when
+    ``running(frame)`` says the loop is no longer on the stack (it ended by an error before it
+    could uninstall this), acts at once. Installed only in the main thread and only over
+    Python's defaults (``default_int_handler`` for SIGINT, ``SIG_DFL`` for the others): a handler
+    someone else set, or a signal the process ignores, is left alone.
     """
 
     def __init__(self, running):
         self.running = running  # running(frame) -> bool: is the loop on the interrupted stack?
-        self.seen = False
-        self._installed = False
+        self.seen = 0  # the signal noted and not yet acted on (0: none)
+        self._installed: dict[int, object] = {}  # signal -> the default handler put back on uninstall
 
     def install(self) -> None:
-        self.seen = False
+        self.seen = 0
         if self._installed or threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return
-        signal.signal(signal.SIGINT, self._handler)
-        self._installed = True
+        for number in _heeded(STOP_SIGNALS):
+            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+            if signal.getsignal(number) is default:
+                signal.signal(number, self._handler)
+                self._installed[number] = default
 
     def uninstall(self) -> None:
-        if self._installed:
-            self._installed = False
-            if signal.getsignal(signal.SIGINT) == self._handler:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+        installed, self._installed = self._installed, {}
+        for number, default in installed.items():
+            if signal.getsignal(number) == self._handler:
+                signal.signal(number, default)
 
     def _handler(self, signum, frame):
         if self.seen or not self.running(frame):
             self.uninstall()
-            raise KeyboardInterrupt
-        self.seen = True
+            _as_without_us(signum)
+        self.seen = signum
 
     def raise_if_pending(self, before=None) -> None:
-        """If a Ctrl-C was noted: uninstall, call ``before()`` (keep what was recorded), raise KeyboardInterrupt."""
+        """If a signal was noted: uninstall, call ``before(signum)`` (keep what was recorded), then
+        raise KeyboardInterrupt (Ctrl-C) or end the process by the signal's default action."""
         if self.seen:
-            self.seen = False
+            signum, self.seen = self.seen, 0
             self.uninstall()
             if before is not None:
-                before()
-            raise KeyboardInterrupt
+                before(signum)
+            _as_without_us(signum)
+
+
+def _as_without_us(signum: int) -> None:
+    """What a stop signal does where Python's defaults are in place: Ctrl-C raises
+    KeyboardInterrupt; SIGTERM and SIGHUP end the process (their default action is back)."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.raise_signal(signum)

@@ -209,13 +209,21 @@ def tree_digest(path: Path) -> dict:
     return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
+def heed_stop_signals():
+    """``preexec_fn`` for a child that a test signals: SIGINT, SIGTERM and SIGHUP at their
+    defaults whatever pytest was started with (a shell's background job ignores SIGINT, nohup
+    SIGHUP, and gradwatch keeps a signal ignored that it was started ignoring)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def interrupt_gradwatch(args: list, when_ready, sig=signal.SIGINT, with_stdout=False):
     """Run ``python -m gradwatch ARGS``, call ``when_ready(proc)`` (it waits and checks what it
     needs), send ``sig`` (Ctrl-C's SIGINT by default) and return the exit code and stderr (and
     stdout first, ``with_stdout``); never leaves it running."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradwatch", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals,
     )
     try:
         when_ready(proc)

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import interrupt_gradwatch, read_csv
+from conftest import heed_stop_signals, interrupt_gradwatch, read_csv
 
 
 def gradwatch(*args, **popen):
+    popen.setdefault("preexec_fn", heed_stop_signals)
     return subprocess.Popen([sys.executable, "-m", "gradwatch", *map(str, args)], text=True, **popen)
 
 

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from conftest import heed_stop_signals
+
 RUNS = 20
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
@@ -46,7 +48,7 @@ def cases(module_model, tmp_path_factory):
 
 def _one(case):
     proc = subprocess.Popen([sys.executable, "-m", "gradwatch", *map(str, case["args"])], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals)
     try:
         if not case["loading"]:
             partial = case["csv"].with_name(case["csv"].name + ".partial")
@@ -101,8 +103,10 @@ gradwatch.run(sys.argv[1], (x, y), loss="mse", steps=3, batch_size=8)
 print("ready", time.monotonic() - started, flush=True)  # how long loading and tracing take on this machine
 try:
     gradwatch.run(sys.argv[1], (x, y), loss="mse", steps=2_000_000, batch_size=8)
-except BaseException as stop:  # what a notebook cell gets back
-    print("stopped", type(stop).__name__, len(stop.results[0].rows) if hasattr(stop, "results") else -1, flush=True)
+except KeyboardInterrupt as stop:  # what a notebook cell gets back: Ctrl-C as Python raises it, with the rows
+    assert isinstance(stop, gradwatch.Interrupted) and stop.signum == 2
+    assert stop.rows["step"].tolist() == list(range(1, len(stop.rows) + 1)) and stop.rows["loss"].notna().all()
+    print("stopped", type(stop).__name__, len(stop.rows), flush=True)
 rows = gradwatch.run(sys.argv[1], (x, y), loss="mse", steps=3, batch_size=8)
 print("again", len(rows), flush=True)
 """
@@ -135,7 +139,7 @@ def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_mode
     path.write_text(API_SCRIPT if script == "api" else WATCH_SCRIPT)
     kept = tmp_path / "fit_steps.csv"
     proc = subprocess.Popen([sys.executable, str(path), str(module_model), str(kept)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals)
     try:
         ready = proc.stdout.readline().split()
         assert ready[0] == "ready"
@@ -159,21 +163,54 @@ def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_mode
     assert time.monotonic() - sent < 25
 
 
+def test_sigterm_inside_a_watched_fit_keeps_the_csv_then_ends_the_process_as_sigterm_does(tmp_path, module_model):
+    """A scheduler's SIGTERM during fit: the rows so far are put in place as the CSV and a line says
+    so, then the process ends as SIGTERM ends it (status -15), as it would have without the watch."""
+    path = tmp_path / "script.py"
+    path.write_text(WATCH_SCRIPT)
+    kept = tmp_path / "fit_steps.csv"
+    proc = subprocess.Popen([sys.executable, str(path), str(module_model), str(kept)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals)
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "ready"
+        time.sleep(2 + 2 * float(ready[1]))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM, err
+    said = re.search(r"gradwatch: fit stopped by SIGTERM; kept (\d+) recorded rows in (\S+)", err)
+    assert said and said.group(2) == str(kept), err
+    with open(kept, newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == int(said.group(1)) > 0
+    assert "stopped" not in out  # fit did not return: the process ended
+
+
 def test_a_ctrl_c_inside_a_watched_loop_is_noted_and_raised_at_its_safe_point():
     """GradientWatch's Ctrl-C inside fit (gradwatch.signals.PendingInterrupt): noted, then raised
     by the loop's own hook after what was recorded is kept; a second Ctrl-C, or one once the loop
     is no longer running, raises at once; a handler someone else set is left alone."""
     from gradwatch.signals import PendingInterrupt
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts in a terminal
+    try:
+        _pending_interrupt_cases(PendingInterrupt)
+    finally:
+        signal.signal(signal.SIGINT, started_with)
+
+
+def _pending_interrupt_cases(PendingInterrupt):
     running = [True]
     pending = PendingInterrupt(lambda frame: running[0])
     pending.install()
     signal.raise_signal(signal.SIGINT)  # noted, not raised here
     kept = []
     with pytest.raises(KeyboardInterrupt):
-        pending.raise_if_pending(lambda: kept.append("rows"))
-    assert kept == ["rows"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        pending.raise_if_pending(kept.append)
+    assert kept == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     pending.raise_if_pending()  # nothing pending: nothing raised
 
     pending.install()
@@ -192,8 +229,87 @@ def test_a_ctrl_c_inside_a_watched_loop_is_noted_and_raised_at_its_safe_point():
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, theirs)
+    other = PendingInterrupt(lambda frame: True)
     try:
-        PendingInterrupt(lambda frame: True).install()
+        other.install()
         assert signal.getsignal(signal.SIGINT) is theirs
     finally:
+        other.uninstall()
         signal.signal(signal.SIGINT, previous)
+
+    # SIGTERM and SIGHUP are watched over their default action only, and put back as they were
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        before = signal.signal(sig, signal.SIG_DFL)
+        try:
+            pending = PendingInterrupt(lambda frame: True)
+            pending.install()
+            assert signal.getsignal(sig) == pending._handler
+            pending.uninstall()
+            assert signal.getsignal(sig) is signal.SIG_DFL
+            signal.signal(sig, theirs)
+            pending.install()
+            assert signal.getsignal(sig) is theirs
+        finally:
+            pending.uninstall()
+            signal.signal(sig, before)
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """nohup ignores SIGHUP, a shell's background job SIGINT: the CLI's handlers, a training
+    block's and GradientWatch's leave such a signal ignored; SIGTERM is still heeded."""
+    from gradwatch.signals import PendingInterrupt, deferred_interrupt, stop_signals_unwind
+
+    started_with = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        with stop_signals_unwind():
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            with deferred_interrupt() as interrupted:
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                signal.raise_signal(signal.SIGHUP)
+                signal.raise_signal(signal.SIGINT)
+                assert interrupted() == 0
+                signal.raise_signal(signal.SIGTERM)
+                assert interrupted() == signal.SIGTERM
+        pending = PendingInterrupt(lambda frame: True)
+        pending.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        pending.uninstall()
+    finally:
+        for sig, handler in started_with.items():
+            signal.signal(sig, handler)
+
+
+def _as_under_nohup_in_the_background():
+    heed_stop_signals()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_a_run_under_nohup_outlives_its_terminal_and_still_stops_on_sigterm(module_model, regression_npz, tmp_path):
+    out = tmp_path / "rows.csv"
+    partial = out.with_name(out.name + ".partial")
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch", "run", str(module_model), "--data", str(regression_npz),
+                             "--loss", "mse", "--batch-size", "8", "--steps", "200000", "--csv", str(out), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_under_nohup_in_the_background)
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            if partial.exists() and partial.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)  # the terminal closes
+        proc.send_signal(signal.SIGINT)  # a Ctrl-C meant for the foreground job
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    kept = int(re.search(r"interrupted by SIGTERM; kept (\d+) recorded rows", err).group(1))
+    with out.open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == kept > 0
