@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from bench import machine
     from gradwatch.clip import Clipping
     from gradwatch.session import RunSpec, prepare, resolve
-    from gradwatch.tensorboard_sink import TensorBoardSink
+    from gradwatch.record.tensorboard import TensorBoardSink
 
     trainer = prepare(resolve(RunSpec(sample=args.sample, steps=args.steps)))
     clipping = Clipping("global", 5.0)

@@ -63,7 +63,7 @@ def write(npz: Path, tfdata: Path, rows: int, seed: int) -> None:
             path.unlink()
     import tensorflow as tf
 
-    from gradwatch.streams import npz_members
+    from gradwatch.load.streams import npz_members
 
     members = npz_members(npz, ["x", "y"])
 

@@ -119,10 +119,10 @@ def train(trainer, variants, on_rows=None, on_progress=None, on_variables=None, 
 
 
 def frame(results, meta: dict):
-    """Results as the CLI's CSV holds them: one row per variant and step, records.CSV_COLUMNS."""
+    """Results as the CLI's CSV holds them: one row per variant and step, record.rows.CSV_COLUMNS."""
     import pandas as pd
 
-    from .records import CSV_COLUMNS
+    from .record.rows import CSV_COLUMNS
 
     rows = [{"clip": r.clipping.strategy, "param": r.clipping.param, **row, **meta} for r in results for row in r.rows]
     out = pd.DataFrame(rows, columns=CSV_COLUMNS)
@@ -199,8 +199,8 @@ def summarize(rows, rule=None) -> Summary:
     import pandas as pd
 
     from .diagnose.findings import findings_of
-    from .records import META_COLUMNS
-    from .report import COMPARE_COLUMNS, Variant, summary_rows, verdict_lines
+    from .record.rows import META_COLUMNS
+    from .report.tables import COMPARE_COLUMNS, Variant, summary_rows, verdict_lines
 
     records = rows.to_dict("records")
     groups: dict = {}

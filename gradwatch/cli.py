@@ -213,7 +213,7 @@ def _warn_skipped(trainer):
 
 def _emit_rows(rows, columns, fmt: Format, found=()):
     """--format csv: the rows; json: {"rows": [...], "findings": [...]}."""
-    from .sinks import rows_to_csv, rows_to_json, write_stdout
+    from .record.sinks import rows_to_csv, rows_to_json, write_stdout
 
     text = rows_to_csv(rows, columns) if fmt is Format.csv else rows_to_json(rows, columns, [f.as_dict() for f in found])
     write_stdout(text if text.endswith("\n") else text + "\n")
@@ -251,8 +251,8 @@ def run(
 ):
     """Train with one clipping strategy and record loss and gradient norms at every step."""
     from .api import clipping_of
-    from .records import CSV_COLUMNS
-    from .sinks import CsvSink
+    from .record.rows import CSV_COLUMNS
+    from .record.sinks import CsvSink
 
     clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
     codes = _fail_codes(fail_on)
@@ -282,9 +282,9 @@ def run(
             return
         found = diagnosis.of(results)
         if format is Format.table:
-            from .report import run_table, verdict_lines
-            from .report_diagnose import print_section
-            from .sinks import stdout_errors
+            from .report.tables import run_table, verdict_lines
+            from .report.diagnosis import print_section
+            from .record.sinks import stdout_errors
 
             shown = diagnosis.variants(results)
             with stdout_errors():
@@ -301,7 +301,7 @@ def run(
                                show=render, quiet=quiet, before_commit=lambda results: diagnosis.write(results, findings))
     render(results)
     if plot is not None:
-        from .report import plot as draw
+        from .report.tables import plot as draw
 
         shown = diagnosis.variants(results)  # with the per-layer heat map, as report --layers --plot
         _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind), plot)
@@ -317,7 +317,7 @@ class _Diagnosis:
         self._key, self._found = None, []
 
     def variants(self, results):
-        from .report import Variant
+        from .report.tables import Variant
 
         return [Variant(r.clipping.strategy, r.clipping.param, r.rows, r.stopped, self.info.get("meta", {}),
                         layers=r.layers, rule=self.info.get("rule")) for r in results]
@@ -343,7 +343,7 @@ def _fail_codes(text):
 
 
 def _check_findings(path: Path | None) -> None:
-    from .sinks import check_file_target
+    from .record.sinks import check_file_target
 
     if path is not None:
         check_file_target("--findings", path, "findings.json")
@@ -353,7 +353,7 @@ def _write_findings(path: Path, found) -> None:
     """The findings as a JSON list, written whole (sinks.write_whole); OS errors exit 74."""
     import json
 
-    from .sinks import write_whole
+    from .record.sinks import write_whole
 
     text = json.dumps([f.as_dict() for f in found], indent=1) + "\n"
     write_whole(path, lambda target: target.write_text(text, encoding="utf-8"))
@@ -383,7 +383,7 @@ def _tensorboard(path, every: int, info: dict):
     info["histogram_every"] = every or None
     if path is None:
         return None
-    from .tensorboard_sink import TensorBoardOutput
+    from .record.tensorboard import TensorBoardOutput
 
     return TensorBoardOutput(path)
 
@@ -413,7 +413,7 @@ def _per_variable_writers(trainer, info: dict):
 def _layers_sink(path, opened):
     """The --layers-csv sink (after the others: if it cannot be opened, they are discarded)."""
     from .diagnose import LAYER_COLUMNS
-    from .sinks import CsvSink
+    from .record.sinks import CsvSink
 
     try:
         return CsvSink(path, LAYER_COLUMNS, "--layers-csv") if path else None
@@ -447,7 +447,7 @@ def _writes(spec) -> bool:
 
 def _check_paths(spec, outputs: dict) -> None:
     """Every output path against the inputs and each other, before anything is loaded."""
-    from .sinks import check_outputs
+    from .record.sinks import check_outputs
 
     model_kind = "model folder" if Path(spec.model).is_dir() else "model file"
     data_kind = "data folder" if Path(spec.data).is_dir() else "data file"
@@ -484,7 +484,7 @@ def _setup(spec, trainer, info: dict) -> None:
     """What the CSVs record about the run (info["meta"]) and the start line's optimizer and
     loss (info["setup"])."""
     from .api import describe_run
-    from .records import setup_text
+    from .record.rows import setup_text
 
     info["meta"] = describe_run(spec, trainer)
     info["rule"] = trainer.options.spike_rule
@@ -501,7 +501,7 @@ def _setup(spec, trainer, info: dict) -> None:
 
 def _tagged(clipping, rows, info: dict) -> list[dict]:
     """Rows as the CSVs hold them: the variant first, what was trained on what last."""
-    from .records import META_COLUMNS
+    from .record.rows import META_COLUMNS
 
     meta = {c: info.get("meta", {}).get(c, "") for c in META_COLUMNS}
     return [{"clip": clipping.strategy, "param": clipping.param, **row, **meta} for row in rows]
@@ -608,9 +608,9 @@ def compare(
 ):
     """Train every strategy x threshold (and the unclipped baseline) from the same start on the same batches."""
     from .clip import parse_variant_list, parse_variants
-    from .records import CSV_COLUMNS
-    from .sinks import CsvSink
-    from .report import COMPARE_COLUMNS
+    from .record.rows import CSV_COLUMNS
+    from .record.sinks import CsvSink
+    from .report.tables import COMPARE_COLUMNS
 
     if variants_ is not None:
         if clip is not None or thresholds is not None:
@@ -643,14 +643,14 @@ def compare(
     diagnosis = _Diagnosis(info)
 
     def render(results, stopped=None):
-        from .report import print_compare, verdict_lines
+        from .report.tables import print_compare, verdict_lines
 
         if silent or not results:
             return
         found = diagnosis.of(results)
         if format is Format.table:
-            from .report_diagnose import print_section
-            from .sinks import stdout_errors
+            from .report.diagnosis import print_section
+            from .record.sinks import stdout_errors
 
             variants_shown = diagnosis.variants(results)
             with stdout_errors():
@@ -664,7 +664,7 @@ def compare(
 
     def record(results):
         if summary_sink:
-            from .report import summary_rows
+            from .report.tables import summary_rows
 
             summary_sink.write(summary_rows(diagnosis.variants(results)))
         diagnosis.write(results, findings)
@@ -673,7 +673,7 @@ def compare(
     results = _train_then_keep([sink, summary_sink, layers_sink, board], train, show=render, quiet=quiet, before_commit=record)
     render(results)
     if plot is not None:
-        from .report import plot as draw
+        from .report.tables import plot as draw
 
         shown = diagnosis.variants(results)
         _write_plot(lambda path, kind: draw(shown, path, f"{title}\n{info.get('setup', '')}", kind, diagnosis.of(results)), plot)
@@ -730,9 +730,9 @@ def report(
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
     from .diagnose.findings import findings_of
-    from .records import META_COLUMNS, describe_meta, is_summary_csv, read_rows, setup_text, split_variants
-    from .report import Variant, plot as draw, print_compare, run_table, verdict_lines
-    from .sinks import check_outputs, stdout_errors
+    from .record.rows import META_COLUMNS, describe_meta, is_summary_csv, read_rows, setup_text, split_variants
+    from .report.tables import Variant, plot as draw, print_compare, run_table, verdict_lines
+    from .record.sinks import check_outputs, stdout_errors
 
     codes = _fail_codes(fail_on)
     _check_plot(plot)
@@ -774,7 +774,7 @@ def report(
             print_compare(console, variants, title)
         for line in verdict_lines(found, single):
             console.print(escape(line))
-        from .report_diagnose import print_section
+        from .report.diagnosis import print_section
 
         print_section(console, variants)
     if unfinished:
@@ -788,9 +788,9 @@ def report(
 def _report_summary(file: Path, plot: Path | None, findings: Path | None, codes: list) -> None:
     """`report` on the file of `compare --summary-csv`: its table again; the rest needs the steps."""
     from .diagnose.findings import run_findings
-    from .records import META_COLUMNS, describe_meta, read_summary, setup_text
-    from .report import Variant, print_compare
-    from .sinks import stdout_errors
+    from .record.rows import META_COLUMNS, describe_meta, read_summary, setup_text
+    from .report.tables import Variant, print_compare
+    from .record.sinks import stdout_errors
 
     if plot is not None:
         raise OptionError(f"{file} is the summary of a comparison (compare --summary-csv), one row per variant: "
@@ -815,8 +815,8 @@ def _report_summary(file: Path, plot: Path | None, findings: Path | None, codes:
 
 
 def _check_plot(plot: Path | None) -> None:
-    from .report import PLOT_FORMATS
-    from .sinks import check_file_target
+    from .report.tables import PLOT_FORMATS
+    from .record.sinks import check_file_target
 
     if plot is None:
         return
@@ -827,7 +827,7 @@ def _check_plot(plot: Path | None) -> None:
 
 def _write_plot(draw, plot: Path) -> None:
     """Draw the plot whole (sinks.write_whole); OS errors exit 74."""
-    from .sinks import write_whole
+    from .record.sinks import write_whole
 
     kind = plot.suffix.lower().lstrip(".")
     write_whole(plot, lambda target: draw(str(target), kind), suffix=f".{kind}")
@@ -927,7 +927,7 @@ def suggest(
         return [base], found, compare_runs(trainer, candidates, on_progress=advance)
 
     runs, found, checked = _train_then_keep([], lambda progress: [probe(progress)], show=lambda *a, **k: None, quiet=quiet)[0]
-    from .report import calmest
+    from .report.tables import calmest
     from .session import command_line, run_line_from_options
 
     threshold = found.threshold if not checked else calmest(checked).clipping.param
@@ -952,7 +952,7 @@ def _suggestion(rows, watch, sparse_norm=None, clipped_probe=None, raw=False):
 
 def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
     from .diagnose.suggest import unclipped_variant
-    from .records import read_rows, split_variants
+    from .record.rows import read_rows, split_variants
     from .session import command_line, run_line_from_meta
 
     if verify:
@@ -977,8 +977,8 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
     from rich.table import Table
 
     from .diagnose.findings import findings_of
-    from .report import Variant, fmt, print_compare, verdict_lines
-    from .sinks import stdout_errors
+    from .report.tables import Variant, fmt, print_compare, verdict_lines
+    from .record.sinks import stdout_errors
 
     with stdout_errors():
         console = _stdout()
@@ -1025,7 +1025,7 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
             print_compare(console, shown, "verification: the candidates over the probe's steps")
             for verdict in verdict_lines(findings_of(shown), single=False):
                 console.print(escape(verdict))
-            from .report import calmest
+            from .report.tables import calmest
 
             console.print(escape(f"Calmest candidate: global {calmest(checked).clipping.param:g}."))
         console.print(escape(f"Try: {line}"))
@@ -1065,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     with stop_signals_unwind():
         try:
             result = app(args=args, prog_name="gradwatch", standalone_mode=False)
-            from .sinks import stdout_errors
+            from .record.sinks import stdout_errors
 
             if result == 130 and first_received() is not None:  # typer turns a Ctrl-C into a return of 130
                 return _stopped_by(first_received())

@@ -44,7 +44,7 @@ from .errors import GradwatchError, OptionError
 from .objective import describe_optimizer, refuse_hidden_options
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
-from .records import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
+from .record.rows import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
 from .signals import PendingInterrupt
 
 # What the watched apply writes per step into the device buffer, in this order.
@@ -260,11 +260,11 @@ class GradientWatch(keras.callbacks.Callback):
             for shadow, variable in zip(self._shadow, self._forward):
                 shadow.assign(tf.convert_to_tensor(variable))
         if self.csv is not None and self._sink is None:
-            from .sinks import CsvSink
+            from .record.sinks import CsvSink
 
             self._sink = CsvSink(self.csv, CSV_COLUMNS)
         if self.tensorboard is not None and self._board is None:
-            from .tensorboard_sink import TensorBoardSink, check_logdir
+            from .record.tensorboard import TensorBoardSink, check_logdir
             from pathlib import Path
 
             check_logdir(Path(self.tensorboard))
@@ -365,7 +365,7 @@ class GradientWatch(keras.callbacks.Callback):
 
     @property
     def rows(self):
-        """Every recorded step as a DataFrame with the CLI's columns (records.CSV_COLUMNS)."""
+        """Every recorded step as a DataFrame with the CLI's columns (record.rows.CSV_COLUMNS)."""
         import pandas as pd
 
         meta = self._meta() if self.model is not None and self._optimizer is not None else {}

@@ -137,8 +137,8 @@ def prepare(spec: RunSpec):
 
 
 def _prepare(spec: RunSpec, distribution):
-    from . import data as data_mod
-    from . import models
+    from .load import data as data_mod
+    from .load import models
     from .diagnose.spikes import SpikeRule
     from .objective import make_loss, parse_opt_args
     from .train.loop import TrainOptions, Trainer
@@ -203,11 +203,11 @@ def _prepare(spec: RunSpec, distribution):
 
 
 def run_meta(spec: RunSpec) -> dict:
-    """What a resolved spec trains on what, as the CSVs record it (records.META_COLUMNS)."""
+    """What a resolved spec trains on what, as the CSVs record it (record.rows.META_COLUMNS)."""
     from . import samples
 
-    from .data import label_of as data_label
-    from .models import label_of as model_label
+    from .load.data import label_of as data_label
+    from .load.models import label_of as model_label
 
     model, data = model_label(spec.model), data_label(spec.data)
     if spec.sample:
@@ -219,7 +219,7 @@ def run_meta(spec: RunSpec) -> dict:
 
 def describe(spec: RunSpec) -> str:
     """One line naming what is trained on what."""
-    from .records import describe_meta
+    from .record.rows import describe_meta
 
     return describe_meta(run_meta(spec))
 
@@ -250,7 +250,7 @@ def run_line_from_options(given: dict) -> list[str]:
 
 
 def run_line_from_meta(meta: dict) -> list[str]:
-    """``gradwatch run`` of what a CSV row says it trained (records.META_COLUMNS)."""
+    """``gradwatch run`` of what a CSV row says it trained (record.rows.META_COLUMNS)."""
     parts = ["gradwatch", "run"]
     if meta.get("model", "").startswith("sample:"):
         parts += ["--sample", meta["model"][len("sample:"):]]

@@ -12,7 +12,7 @@ import pytest
 from conftest import interrupt_gradwatch, read_csv
 from gradwatch.diagnose.spikes import SpikeRule
 from gradwatch.diagnose.findings import findings_of
-from gradwatch.report import Variant
+from gradwatch.report.tables import Variant
 
 BASE = ["--loss", "mse", "--batch-size", "16", "--steps", "10", "--lr", "0.3", "-q"]
 
@@ -314,7 +314,7 @@ def test_tables_never_cut_a_number(width):
 
     from rich.console import Console
 
-    from gradwatch.report import compare_cells, print_compare
+    from gradwatch.report.tables import compare_cells, print_compare
 
     rng = np.random.default_rng(3)
     variants = [_variant("none", "none", list(5.925e35 * rng.uniform(0.5, 2, size=60)))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradwatch import data
+from gradwatch.load import data
 from gradwatch.errors import DataError
 
 OPTS = data.DataOptions()

@@ -225,8 +225,8 @@ def test_the_diagnosis_tables_keep_names_and_numbers_whole(width):
 
     from rich.console import Console
 
-    from gradwatch.report import Variant
-    from gradwatch.report_diagnose import print_section
+    from gradwatch.report.tables import Variant
+    from gradwatch.report.diagnosis import print_section
 
     names = [f"transformer_block_{k}/multi_head_attention/query/kernel" for k in range(3)] + ["embedding/embeddings"]
     watch = LayerWatch(names, [n.rsplit("/", 1)[0] for n in names], shapes=[(64, 64)] * 3 + [(1000, 64)])

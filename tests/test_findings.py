@@ -276,7 +276,7 @@ def test_every_table_fits_80_columns_with_numbers_whole(cli, lab, tmp_path, monk
 
 
 def test_the_sparkline_is_scaled_from_the_lowest_to_the_highest_loss_at_every_width():
-    from gradwatch.report import BLOCKS, sparkline
+    from gradwatch.report.tables import BLOCKS, sparkline
 
     # a burst to 100 in every stretch but the last, whose loss sits 8.7x above the best (1.0)
     losses = ([1.0] * 9 + [100.0]) * 11 + [8.7] * 10
@@ -290,7 +290,7 @@ def test_the_sparkline_is_scaled_from_the_lowest_to_the_highest_loss_at_every_wi
 def test_the_heat_maps_show_the_chosen_and_the_worst_variant_that_did_not_diverge():
     from gradwatch.diagnose.attribution import LayerWatch
     from gradwatch.diagnose.findings import Finding
-    from gradwatch.report import Variant, heat_variants
+    from gradwatch.report.tables import Variant, heat_variants
 
     def variant(clip, param, losses):
         rows = [{"step": k + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0, "clip_ratio": 1.0,
@@ -307,7 +307,7 @@ def test_the_heat_maps_show_the_chosen_and_the_worst_variant_that_did_not_diverg
 
 
 def test_a_variant_that_diverges_to_1e35_does_not_flatten_the_others_and_the_picture_is_drawn(tmp_path):
-    from gradwatch.report import Variant, loss_axis, plot
+    from gradwatch.report.tables import Variant, loss_axis, plot
 
     def variant(clip, param, losses):
         return Variant(clip, param, [{"step": k + 1, "epoch": 1, "loss": v, "grad_norm": 1.0, "clipped_norm": 1.0,

@@ -248,7 +248,7 @@ def test_dropout_runs_in_training_mode(models_dir):
     import keras
     import tensorflow as tf
 
-    from gradwatch import models
+    from gradwatch.load import models
 
     keras.utils.set_random_seed(25)
     model = keras.Sequential([keras.Input((16,)), keras.layers.Dropout(0.5), keras.layers.Dense(4)])

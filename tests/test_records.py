@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from gradwatch.errors import GradwatchError
 from gradwatch.diagnose.spikes import SpikeRule
-from gradwatch.records import COLUMNS, read_rows, summarize
-from gradwatch.sinks import rows_to_csv
+from gradwatch.record.rows import COLUMNS, read_rows, summarize
+from gradwatch.record.sinks import rows_to_csv
 
 
 def _numpy_rule(values, rule):
@@ -200,7 +200,7 @@ def test_read_rows_names_missing_columns(tmp_path):
 
 def test_row_store_reads_like_the_list_of_rows_it_was_given():
     """Runs keep rows column-wise; what comes back (and its summary) equals the rows put in."""
-    from gradwatch.records import RowStore, summarize
+    from gradwatch.record.rows import RowStore, summarize
 
     rng = np.random.default_rng(1)
     rows = [{"step": i, "epoch": 1 + i // 7, "loss": float(rng.normal()), "reg_loss": 0.0, "grad_norm": float(abs(rng.normal())), "grad_norm_rows": 1.0,
@@ -221,7 +221,7 @@ def test_row_store_reads_like_the_list_of_rows_it_was_given():
 
 
 def test_files_of_earlier_versions_and_the_description_columns(tmp_path):
-    from gradwatch.records import CSV_COLUMNS, META_COLUMNS, describe_meta, setup_text
+    from gradwatch.record.rows import CSV_COLUMNS, META_COLUMNS, describe_meta, setup_text
 
     rows = make_rows([1.0, 2.0], [0.5, 0.25])
     old = tmp_path / "old.csv"  # a run CSV of 0.2: no variant, no description

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gradwatch.errors import GradwatchError, OutputError
-from gradwatch.records import COLUMNS, read_rows
-from gradwatch.sinks import CsvSink, check_outputs
+from gradwatch.record.rows import COLUMNS, read_rows
+from gradwatch.record.sinks import CsvSink, check_outputs
 
 from test_records import make_rows
 
@@ -84,8 +84,8 @@ def test_a_write_failing_mid_run_keeps_the_rows_written_before(tmp_path):
         "import resource, signal, sys\n"
         "sys.path.insert(0, 'tests')\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "from gradwatch.sinks import CsvSink\n"
-        "from gradwatch.records import COLUMNS\n"
+        "from gradwatch.record.sinks import CsvSink\n"
+        "from gradwatch.record.rows import COLUMNS\n"
         "from gradwatch.errors import OutputError\n"
         "from test_records import make_rows\n"
         f"sink = CsvSink({str(tmp_path / 'steps.csv')!r}, COLUMNS)\n"
@@ -135,7 +135,7 @@ def test_outputs_that_are_inputs_are_refused(tmp_path):
 def test_a_whole_file_replaces_an_old_one_only_when_complete(tmp_path):
     """write_whole (findings, plots): a write that fails leaves the old file as it was and no
     temporary beside it; one that succeeds replaces it; a device is written, never replaced."""
-    from gradwatch.sinks import write_whole
+    from gradwatch.record.sinks import write_whole
 
     target = tmp_path / "findings.json"
     target.write_text("old\n")
@@ -156,7 +156,7 @@ def test_a_whole_file_replaces_an_old_one_only_when_complete(tmp_path):
 
 
 def test_every_output_file_path_is_checked_the_same_way(tmp_path):
-    from gradwatch.sinks import check_file_target
+    from gradwatch.record.sinks import check_file_target
 
     (tmp_path / "afile").write_text("")
     for path, expected in [(tmp_path, "is a folder; give a file name such as"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import read_csv
-from gradwatch import data, streams
+from gradwatch.load import data, streams
 
 SKIP = {"time_ms", "data"}
 

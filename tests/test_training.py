@@ -51,7 +51,7 @@ def test_one_trace_per_strategy_whatever_the_threshold_or_block(keras_export_mod
 
 def test_pipeline_yields_the_batches_of_data_batches(keras_export_model, regression_npz):
     """The prefetching tf.data pipeline holds the rows that gradwatch.data.batches lists, epoch by epoch."""
-    from gradwatch import data as data_mod
+    from gradwatch.load import data as data_mod
 
     for shuffle in (False, True):
         trainer = trainer_for(keras_export_model, regression_npz, epochs=3, shuffle=shuffle, lr_decay=0.5)

@@ -271,13 +271,13 @@ class LayerWatch:
 
 def read_layers(path, variants: dict, rule: SpikeRule | None = None) -> dict:
     """Rebuild each variant's LayerWatch from a --layers-csv file and the variants' rows
-    (``{(clip, param): rows}`` as ``records.split_variants`` gives). Streams the file: memory
+    (``{(clip, param): rows}`` as ``record.rows.split_variants`` gives). Streams the file: memory
     stays that of the LayerWatches, whatever the file's size."""
     import csv
     from pathlib import Path
 
     from ..errors import GradwatchError
-    from ..records import _parse
+    from ..record.rows import _parse
 
     path = Path(path)
     if not path.is_file():

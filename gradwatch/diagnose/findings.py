@@ -409,7 +409,7 @@ def findings_of(variants, data=None, command: list | None = None) -> list[Findin
     """A run (one variant) or a comparison: the findings the verdict prints. ``command``: the
     user's ``gradwatch run ...`` as parts, without clipping (session.run_line_from_options), for
     the compare command no_baseline gives; without it, the one the rows' META_COLUMNS describe."""
-    from ..report import compare_decision
+    from ..report.tables import compare_decision
 
     variants = list(variants)
     if len(variants) == 1:

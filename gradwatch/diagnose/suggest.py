@@ -50,7 +50,7 @@ class Suggestion:
         """probe_diverged when the unclipped probe (``rows``) went non-finite or diverged, with
         what the proposal rests on (a list of findings.Finding); empty for a healthy probe.
         ``unclipped``: it broke down too early, and the proposal comes from the AutoClip probe."""
-        from ..records import summarize
+        from ..record.rows import summarize
         from .findings import Finding, _diverged, fmt
 
         summary = summarize(rows)
@@ -179,7 +179,7 @@ def keras_sentence(threshold: float, keras: float, strategy: str = "global") -> 
 
 
 def unclipped_variant(groups: dict, path) -> tuple:
-    """Of a CSV's variants (records.split_variants), the key of the unclipped one suggest reads:
+    """Of a CSV's variants (record.rows.split_variants), the key of the unclipped one suggest reads:
     compare's ``none`` baseline, else a ``run`` that never clipped."""
     from ..errors import GradwatchError
 

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import data as data_mod
-from . import distribute
+from ..load import data as data_mod
+from ..train import distribute
 from ..clip import Clipping
 from ..clip.base import norms
 from ..objective import check_lr, describe_optimizer, has_schedule, make_optimizer, optimizer_config
 from ..errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from ..diagnose.spikes import SpikeRule
-from ..records import RowStore, clip_ratio, summarize
+from ..record.rows import RowStore, clip_ratio, summarize
 from ..signals import deferred_interrupt
 from .pipeline import Pipeline
-from . import updates
+from ..train import updates
 from .step import INITIAL_LOSS_SCALE, ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, next_loss_scale, nonfinite_kinds, unscale
 
 # What the traced step records for every step, fetched once per block: (name, dtype).

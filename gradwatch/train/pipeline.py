@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
-from .. import data as data_mod
-from . import distribute
+from ..load import data as data_mod
+from ..train import distribute
 
 # How long an ending run lets tf.data's threads leave the pipeline's Python generators: a thread
 # waiting for the GIL gets it within the interpreter's switch interval (5 ms) once it is released.
@@ -145,7 +145,7 @@ class Pipeline:
     def _make(self, rows_of):
         import tensorflow as tf
 
-        from .. import streams
+        from ..load import streams
 
         options, per, size = self.options, self.steps_per_epoch, self.options.batch_size
         start, end = self.start, self.start + self.total_steps

@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from .diagnose.findings import COMPARISON_CODES, Finding, fmt, who
-from .records import META_COLUMNS, SUMMARY_COLUMNS, summarize
+from ..diagnose.findings import COMPARISON_CODES, Finding, fmt, who
+from ..record.rows import META_COLUMNS, SUMMARY_COLUMNS, summarize
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 # Strategies whose recorded threshold is a global norm, so it belongs on the grad-norm axis.
@@ -29,7 +29,7 @@ class Variant:
     param: float | None  # the strategy's parameter (N, V, λ, p or Z); None for the baseline
     rows: list
     stopped: str = "finished"  # "nonfinite": --on-nonfinite stop ended it early
-    meta: dict = field(default_factory=dict)  # records.META_COLUMNS: model, data, optimizer, loss_fn
+    meta: dict = field(default_factory=dict)  # record.rows.META_COLUMNS: model, data, optimizer, loss_fn
     given_summary: dict | None = None  # read from a --summary-csv file, which has no rows
     layers: object = None  # diagnose.LayerWatch, when per-variable norms were recorded
     rule: object = None  # the run's diagnose.spikes.SpikeRule (None: the default rule)
@@ -290,7 +290,7 @@ def compare_decision(variants: list[Variant], found: list[Finding], data=None) -
     is preferred; then the fewest jumps, then the lowest final loss (``recommended``). When every
     variant jumps: ``no_variant_calm``, with ``spikes_from_data`` when the same steps spike in all.
     """
-    from .diagnose.findings import recurring_finding
+    from ..diagnose.findings import recurring_finding
 
     out = []
     baseline = next((v for v in variants if v.is_baseline), None)
@@ -301,7 +301,7 @@ def compare_decision(variants: list[Variant], found: list[Finding], data=None) -
         if common:
             steps = {"kind": "every variant", "steps": common, "positions": [], "rows": []}
             if data is not None:
-                from .diagnose.findings import rank_rows
+                from ..diagnose.findings import rank_rows
 
                 rows = sorted({k for t in common for k in data.rows_of_step(t).tolist()})
                 steps["rows"] = rank_rows(data, rows)
@@ -371,7 +371,7 @@ def calmest(results):
 
 def _keras_form(v: Variant) -> list[Finding]:
     """The recommended threshold as the user types it into Keras, where that is another number."""
-    from .diagnose.suggest import keras_sentence, keras_threshold
+    from ..diagnose.suggest import keras_sentence, keras_threshold
 
     if v.clip not in ("global", "norm") or v.param is None or not v.rows:
         return []
@@ -468,7 +468,7 @@ def loss_axis(variants: list[Variant]) -> tuple[bool, float | None]:
     than 10x. When a variant diverged above them, the axis stops just above the highest loss of
     the others (3x on a log axis, 1.1x on a linear one); with every variant diverged, at
     LOSS_AXIS_SPAN x the highest median loss."""
-    from .diagnose.findings import _diverged
+    from ..diagnose.findings import _diverged
 
     finite = [r["loss"] for v in variants for r in v.rows if math.isfinite(r["loss"])]
     calm = [v for v in variants if not _diverged(v.summary)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GradwatchError
+from ..errors import GradwatchError
 
 # One row per training step; the same names are CLI options, CSV columns and attributes.
 COLUMNS = [
@@ -141,7 +141,7 @@ def summarize(rows: list[dict], rule=None) -> dict:
     :func:`_largest_jump`. Loss spikes are the run's ``loss_spike`` column; gradient spikes the
     same rule (``rule``, default ``SpikeRule()``) on the global norm before clipping.
     """
-    from .diagnose.spikes import SpikeRule
+    from ..diagnose.spikes import SpikeRule
 
     n = len(rows)
     col = {c: (rows.column(c) if isinstance(rows, RowStore) else [r.get(c, ADDED_COLUMNS.get(c)) for r in rows]) for c in COLUMNS}

@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BrokenPipe, GradwatchError, OutputError
+from ..errors import BrokenPipe, GradwatchError, OutputError
 
 
 def _cell(value) -> str:

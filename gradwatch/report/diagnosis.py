@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
-from .report import fmt, sparkline
+from .tables import fmt, sparkline
 
 SPIKES_TITLE = "Loss spikes, gradient spikes and non-finite steps: what drove them"
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import DataError, first_line
+from ..errors import DataError, first_line
 
 AUTO_STREAM_BYTES = 256 * 2**20  # --stream auto: data on disk larger than this is streamed
 CHUNK_BYTES = 8 * 2**20  # rows per read when scanning a whole array (checks before training)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import GradwatchError, OutputError
+from ..errors import GradwatchError, OutputError
 
 SCALARS = ("loss", "grad_norm", "clipped_norm", "clip_ratio", "lr", "threshold")
 PER_VARIABLE_TAGS = ("grad_norm", "clipped_norm", "weight_norm", "update_norm")

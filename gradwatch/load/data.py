@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, first_line
+from ..errors import DataError, first_line
 
 UNK = "<unk>"
 SAMPLE_WEIGHT = "sample_weight"  # an .npz array of this name weighs each row's loss, as fit's sample_weight

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ModelError, first_line
+from ..errors import ModelError, first_line
 
 ENDPOINT_ORDER = ("__call__", "serve", "serving_default")
 
