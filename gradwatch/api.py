@@ -198,7 +198,7 @@ def summarize(rows, rule=None) -> Summary:
 
     import pandas as pd
 
-    from .diagnose.findings import findings_of
+    from .diagnose.verdict import findings_of
     from .record.rows import META_COLUMNS
     from .report.tables import COMPARE_COLUMNS, Variant, summary_rows, verdict_lines
 

@@ -323,7 +323,7 @@ class _Diagnosis:
                         layers=r.layers, rule=self.info.get("rule")) for r in results]
 
     def of(self, results):
-        from .diagnose.findings import findings_of
+        from .diagnose.verdict import findings_of
 
         key = [(id(r), len(r.rows)) for r in results]
         if key != self._key:
@@ -729,7 +729,7 @@ def report(
     fail_on: FailOnOpt = None,
 ):
     """Re-render the summary and verdict of a saved run or comparison, without training."""
-    from .diagnose.findings import findings_of
+    from .diagnose.verdict import findings_of
     from .record.rows import META_COLUMNS, describe_meta, is_summary_csv, read_rows, setup_text, split_variants
     from .report.tables import Variant, plot as draw, print_compare, run_table, verdict_lines
     from .record.sinks import check_outputs, stdout_errors
@@ -953,7 +953,8 @@ def _suggestion(rows, watch, sparse_norm=None, clipped_probe=None, raw=False):
 def _suggest_from_csv(path: Path, layers: Path | None, verify: bool) -> None:
     from .diagnose.suggest import unclipped_variant
     from .record.rows import read_rows, split_variants
-    from .session import command_line, run_line_from_meta
+    from .record.rows import run_line_from_meta
+    from .session import command_line
 
     if verify:
         raise OptionError("--verify trains: give the MODEL and --data instead of a CSV")
@@ -976,7 +977,7 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
     import numpy as np
     from rich.table import Table
 
-    from .diagnose.findings import findings_of
+    from .diagnose.verdict import findings_of
     from .report.tables import Variant, fmt, print_compare, verdict_lines
     from .record.sinks import stdout_errors
 

@@ -249,20 +249,6 @@ def run_line_from_options(given: dict) -> list[str]:
     return parts
 
 
-def run_line_from_meta(meta: dict) -> list[str]:
-    """``gradwatch run`` of what a CSV row says it trained (record.rows.META_COLUMNS)."""
-    parts = ["gradwatch", "run"]
-    if meta.get("model", "").startswith("sample:"):
-        parts += ["--sample", meta["model"][len("sample:"):]]
-    elif meta.get("model"):
-        parts += [meta["model"], "--data", meta["data"]]
-    else:
-        parts += ["MODEL", "--data", "DATA"]
-    if meta.get("sparse_norm") == "rows":
-        parts += ["--sparse-norm", "rows"]
-    return parts
-
-
 def command_line(parts: list, clip: str, threshold: float) -> str:
     """A shell-quoted command line from ``parts`` with ``--clip CLIP --norm THRESHOLD`` at the end."""
     import shlex

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import interrupt_gradwatch, read_csv
 from gradwatch.diagnose.spikes import SpikeRule
-from gradwatch.diagnose.findings import findings_of
+from gradwatch.diagnose.verdict import findings_of
 from gradwatch.report.tables import Variant
 
 BASE = ["--loss", "mse", "--batch-size", "16", "--steps", "10", "--lr", "0.3", "-q"]

@@ -109,7 +109,7 @@ def who(variant) -> str:
 
 
 def run_findings(variant, data=None) -> list[Finding]:
-    """The findings of one run (a report.Variant: label, clip, param, rows, summary, layers, meta).
+    """The findings of one run (a report.tables.Variant: label, clip, param, rows, summary, layers, meta).
 
     ``data``: a :class:`DataView` of the rows it trained on, to name the rows behind
     spikes_from_data; without it, spikes that recur at the same batch are named by position.
@@ -395,38 +395,10 @@ def rank_rows(data: DataView, rows: list[int]) -> list[dict]:
 # --- a comparison ---------------------------------------------------------------------------
 
 
-def compare_findings(variants, decide, data=None) -> list[Finding]:
-    """Every variant's findings, then the comparison's: ``decide(variants)`` is the compare
-    rule (report.compare_decision), which says which variant is clearly better, if any."""
-    out = []
-    for v in variants:
-        out += run_findings(v, data)
-    out += decide(variants, out, data)
-    return out
-
-
-def findings_of(variants, data=None, command: list | None = None) -> list[Finding]:
-    """A run (one variant) or a comparison: the findings the verdict prints. ``command``: the
-    user's ``gradwatch run ...`` as parts, without clipping (session.run_line_from_options), for
-    the compare command no_baseline gives; without it, the one the rows' META_COLUMNS describe."""
-    from ..report.tables import compare_decision
-
-    variants = list(variants)
-    if len(variants) == 1:
-        found = run_findings(variants[0], data)
-        if not variants[0].is_baseline and variants[0].clip != "run":
-            found.append(no_baseline(variants[0], command))
-        return found
-    found = compare_findings(variants, compare_decision, data)
-    if not any(v.is_baseline for v in variants):
-        found.append(no_baseline(variants[0], command))
-    return found
-
-
 def no_baseline(variant, command: list | None = None) -> Finding:
     """The command that runs the missing baseline: the CLI's for files; for objects in memory
     (the Python API) gradwatch.compare; for a GradientWatch, the same fit watched unclipped."""
-    from ..session import run_line_from_meta
+    from ..record.rows import run_line_from_meta
 
     meta = variant.meta or {}
     clip = variant.clip if variant.clip not in ("run", "none") else "global"

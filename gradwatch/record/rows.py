@@ -362,3 +362,17 @@ def split_variants(rows: list[dict]) -> dict[tuple[str, float | None], list[dict
     for row in rows:
         groups.setdefault((row["clip"], row["param"]), []).append(row)
     return groups
+
+
+def run_line_from_meta(meta: dict) -> list[str]:
+    """``gradwatch run`` of what a CSV row says it trained (record.rows.META_COLUMNS)."""
+    parts = ["gradwatch", "run"]
+    if meta.get("model", "").startswith("sample:"):
+        parts += ["--sample", meta["model"][len("sample:"):]]
+    elif meta.get("model"):
+        parts += [meta["model"], "--data", meta["data"]]
+    else:
+        parts += ["MODEL", "--data", "DATA"]
+    if meta.get("sparse_norm") == "rows":
+        parts += ["--sparse-norm", "rows"]
+    return parts
