@@ -276,12 +276,13 @@ class GradientWatch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch + 1
 
-    # A Ctrl-C during fit is raised from the hooks Keras calls in the main thread, before the next
-    # step or at an epoch's end (the batch-end hooks may run in Keras' worker threads).
+    # A Ctrl-C, SIGTERM or SIGHUP during fit is acted on from the hooks Keras calls in the main
+    # thread, before the next step or at an epoch's end (the batch-end hooks may run in Keras'
+    # worker threads).
     def on_train_batch_begin(self, batch, logs=None):
         self._interrupt.raise_if_pending(self._stopped)
 
-    def on_test_batch_begin(self, batch, logs=None):  # fit's validation: a Ctrl-C there stops fit too
+    def on_test_batch_begin(self, batch, logs=None):  # fit's validation: a signal there stops fit too
         self._interrupt.raise_if_pending(self._stopped)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -306,7 +307,7 @@ class GradientWatch(keras.callbacks.Callback):
             sys.stderr.flush()
 
     def _finish(self) -> None:
-        """The end of a fit, finished or stopped by Ctrl-C: every row fetched, the CSV put in place."""
+        """The end of a fit, finished or stopped by a signal: every row fetched, the CSV put in place."""
         self._unwatch_compute_loss()
         self._fetch()
         if self._sink is not None:
