@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, one_line
+from .signals import signal_name
 
 app = typer.Typer(
     name="gradwatch",
@@ -511,7 +512,6 @@ def _steps(n: int) -> str:
     return f"{n} step{'s' * (n != 1)}"
 
 
-SIGNAL_NAMES = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}
 # Where a command is, for the line a signal outside training prints (main).
 _phase = {"now": "starting"}
 PHASE_TEXT = {
@@ -556,7 +556,7 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         keep(stop.results)
         kept = sum(len(r.rows) for r in stop.results)
         where = f" in {', '.join(str(s.path) for s in sinks)}" if sinks else ""
-        what = SIGNAL_NAMES.get(stop.signum, f"signal {stop.signum}")
+        what = signal_name(stop.signum)
         _stderr().print(escape(f"gradwatch: interrupted by {what}; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
         show(stop.results, f"interrupted by {what} after {_steps(kept)}")
         raise _RowsKept(stop.signum) from None  # not a KeyboardInterrupt: typer would make it a bare 130
@@ -1111,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stopped_by(signum: int) -> int:
     """A signal outside a training block: one line saying what it stopped, and 128 + the signal."""
-    what = SIGNAL_NAMES.get(signum, f"signal {signum}")
+    what = signal_name(signum)
     sys.stderr.write(f"gradwatch: interrupted by {what}{PHASE_TEXT.get(_phase['now'], '')}\n")
     sys.stderr.flush()
     return 128 + signum

@@ -61,6 +61,13 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.rows = None
 
+    def __str__(self) -> str:
+        from .signals import signal_name
+
+        kept = sum(len(r.rows) for r in self.results)
+        where = "; they are in this exception's .rows" if self.rows is not None else ""
+        return f"interrupted by {signal_name(self.signum)} after {kept} recorded steps{where}"
+
 
 def one_line(message: str) -> str:
     """Fold a message onto one line (error texts from TF and files may contain newlines)."""

@@ -45,7 +45,7 @@ from .objective import describe_optimizer, refuse_hidden_options
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
 from .record.rows import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
-from .signals import PendingInterrupt
+from .signals import PendingInterrupt, signal_name
 
 # What the watched apply writes per step into the device buffer, in this order.
 _BUFFERED = ("loss", "grad_norm", "grad_norm_rows", "clipped_norm", "threshold", "lr", "clipped", "nonfinite",
@@ -303,7 +303,7 @@ class GradientWatch(keras.callbacks.Callback):
         if signum != signal.SIGINT:
             kept = (f"kept {sink.rows_written} recorded rows in {sink.path}" if sink is not None else
                     f"{len(self._rows)} rows recorded and not kept (GradientWatch(csv=...) keeps them in a file)")
-            sys.stderr.write(f"gradwatch: fit stopped by {signal.Signals(signum).name}; {kept}\n")
+            sys.stderr.write(f"gradwatch: fit stopped by {signal_name(signum)}; {kept}\n")
             sys.stderr.flush()
 
     def _finish(self) -> None:

@@ -14,6 +14,12 @@ from contextlib import contextmanager
 from .errors import Signalled
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what a user, `timeout`, a scheduler or a closed terminal send
+_NAMES = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}
+
+
+def signal_name(signum: int) -> str:
+    """How gradwatch names a stop signal in what it prints: Ctrl-C, SIGTERM, SIGHUP."""
+    return _NAMES.get(signum, f"signal {signum}")
 
 
 def _heeded(names) -> list[int]:

@@ -105,6 +105,7 @@ try:
     gradwatch.run(sys.argv[1], (x, y), loss="mse", steps=2_000_000, batch_size=8)
 except KeyboardInterrupt as stop:  # what a notebook cell gets back: Ctrl-C as Python raises it, with the rows
     assert isinstance(stop, gradwatch.Interrupted) and stop.signum == 2
+    assert str(stop) == f"interrupted by Ctrl-C after {len(stop.rows)} recorded steps; they are in this exception's .rows"
     assert stop.rows["step"].tolist() == list(range(1, len(stop.rows) + 1)) and stop.rows["loss"].notna().all()
     print("stopped", type(stop).__name__, len(stop.rows), flush=True)
 rows = gradwatch.run(sys.argv[1], (x, y), loss="mse", steps=3, batch_size=8)
