@@ -343,3 +343,19 @@ def test_piped_report_takes_the_width_its_content_needs(cli, keras_export_model,
     monkeypatch.setenv("COLUMNS", "80")
     code, narrow, _ = cli("report", long_csv)
     assert "…" not in narrow and max(len(line) for line in narrow.splitlines()) <= 80
+
+
+def test_a_gradient_spike_is_reported_at_the_norm_it_jumped_to_not_at_the_runs_maximum():
+    """Step 1 has the run's largest norm (50) but no history, so it is no spike; the spikes are
+    steps 6 (4.0) and 9 (3.0), each more than twice the median of the steps before it. The
+    sentence names the highest spike (4), not 50, and the run's median (1.025 by NumPy)."""
+    norms = [50.0, 1.0, 1.1, 0.9, 1.0, 4.0, 1.0, 1.05, 3.0, 1.0]
+    rows = [{"step": i + 1, "epoch": 1, "loss": 1.0, "grad_norm": g, "clipped_norm": g, "clip_ratio": 1.0,
+             "clipped": False, "lr": 1.0, "nonfinite": False, "loss_spike": False, "time_ms": 1.0}
+            for i, g in enumerate(norms)]
+    (found,) = [f for f in findings_of([Variant("none", None, rows)]) if f.code == "gradient_spikes"]
+    assert found.steps == (6, 9)
+    assert found.message == ("2 gradient spikes: the global norm before clipping jumped (first at step 6), "
+                             "to at most 4 against the run's median of 1.025")
+    assert found.numbers["spike_grad_norm_max"] == 4.0 and found.numbers["grad_norm_max"] == 50.0
+    assert found.numbers["grad_norm_median"] == pytest.approx(float(np.median(norms)))

@@ -128,14 +128,18 @@ def run_findings(variant, data=None) -> list[Finding]:
     out += trouble
     if s["grad_spikes"]:
         steps = s["grad_spike_steps"]
-        clipped = sum(1 for r in variant.rows if r["step"] in set(steps) and r["clipped"])
+        at_spikes = [r for r in variant.rows if r["step"] in set(steps)]
+        clipped = sum(1 for r in at_spikes if r["clipped"])
+        # the highest the norm jumped to: at a spike, not the run's maximum (often step 1, no spike)
+        highest = max(float(r["grad_norm"]) for r in at_spikes)
         cut = f"; clipping cut {clipped} of them" if not variant.is_baseline else ""
         out.append(Finding("gradient_spikes", label,
                            f"{_n(s['grad_spikes'], 'gradient spike')}: the global norm before clipping jumped"
-                           f"{_first(steps)}, to at most {fmt(s['grad_norm_max'])} against a median of "
+                           f"{_first(steps)}, to at most {fmt(highest)} against the run's median of "
                            f"{fmt(s['grad_norm_median'])}{cut}", tuple(steps),
                            {"count": s["grad_spikes"], "first": steps[0], "clipped": clipped,
-                            "grad_norm_max": s["grad_norm_max"], "grad_norm_median": s["grad_norm_median"]}))
+                            "spike_grad_norm_max": highest, "grad_norm_max": s["grad_norm_max"],
+                            "grad_norm_median": s["grad_norm_median"]}))
     if not any(f.kind == "problem" or f.code == "loss_not_recorded" for f in trouble):
         quiet = ", although the gradient norm spiked" if s["grad_spikes"] else ""
         out.insert(0, Finding("stable", label, f"loss is stable: no loss spikes, no non-finite steps{quiet}"))
