@@ -351,7 +351,7 @@ def _check_findings(path: Path | None) -> None:
 
 
 def _write_findings(path: Path, found) -> None:
-    """The findings as a JSON list, written whole (sinks.write_whole); OS errors exit 74."""
+    """The findings as a JSON list, written whole (record.sinks.write_whole); OS errors exit 74."""
     import json
 
     from .record.sinks import write_whole
@@ -826,7 +826,7 @@ def _check_plot(plot: Path | None) -> None:
 
 
 def _write_plot(draw, plot: Path) -> None:
-    """Draw the plot whole (sinks.write_whole); OS errors exit 74."""
+    """Draw the plot whole (record.sinks.write_whole); OS errors exit 74."""
     from .record.sinks import write_whole
 
     kind = plot.suffix.lower().lstrip(".")

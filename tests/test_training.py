@@ -50,7 +50,7 @@ def test_one_trace_per_strategy_whatever_the_threshold_or_block(keras_export_mod
 
 
 def test_pipeline_yields_the_batches_of_data_batches(keras_export_model, regression_npz):
-    """The prefetching tf.data pipeline holds the rows that gradwatch.data.batches lists, epoch by epoch."""
+    """The prefetching tf.data pipeline holds the rows that gradwatch.load.data.batches lists, epoch by epoch."""
     from gradwatch.load import data as data_mod
 
     for shuffle in (False, True):

@@ -1,6 +1,6 @@
 """Data sets larger than memory, read as streams: memory does not grow with their size.
 
-Two kinds of stream stand in for the in-memory arrays of :class:`gradwatch.data.Dataset`:
+Two kinds of stream stand in for the in-memory arrays of :class:`gradwatch.load.data.Dataset`:
 
 * **Rows read where they lie** (:class:`NpzMember`): an array inside an uncompressed ``.npz``
   (``numpy.savez``) is read with positional reads at its offset in the file, only the rows of

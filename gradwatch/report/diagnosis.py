@@ -73,7 +73,7 @@ def layers_table(watch, title: str = "Gradient norm per layer", spark: int = 24)
 
 
 def print_section(console, variants) -> None:
-    """Under the summary of a run or comparison (report.Variant with ``layers``): each run's
+    """Under the summary of a run or comparison (report.tables.Variant with ``layers``): each run's
     spikes and what drove them, flagged update ratios, then the per-layer table of the
     unclipped baseline (else the first variant)."""
     with_layers = [v for v in variants if v.layers is not None]

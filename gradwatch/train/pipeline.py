@@ -1,7 +1,7 @@
 """The batches of every step as a prefetching ``tf.data`` pipeline: ``(x, y, learning rate)``.
 
 Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the rows
-:func:`gradwatch.data.batches` yields, whether the data is in memory, read where it lies
+:func:`gradwatch.load.data.batches` yields, whether the data is in memory, read where it lies
 (an uncompressed ``.npz``) or a record stream; under a ``tf.distribute`` strategy each replica
 gets its consecutive share of every global batch (:func:`distribute.split_batches`).
 """
@@ -130,7 +130,7 @@ class Pipeline:
         """Batches of every step as a prefetching tf.data pipeline: ``(x, y, learning rate)``.
 
         Batch k of epoch e holds rows ``data.epoch_order(e)[k*B:(k+1)*B]``, the same rows
-        :func:`gradwatch.data.batches` yields; the row order of an epoch is made on the host
+        :func:`gradwatch.load.data.batches` yields; the row order of an epoch is made on the host
         once per epoch, the gathering runs in tf.data's threads ahead of the training step.
         ``rows_of(rows)`` (a worker under a strategy) keeps the part of each batch it trains on;
         that pipeline comes back without its prefetching, which :func:`distribute.split_batches`
