@@ -250,3 +250,36 @@ def test_the_diagnosis_tables_keep_names_and_numbers_whole(width):
         assert name == "embedding/embeddings" and f"{100 * share:.0f}%" in words and f"(×{ratio:.3g})," in words
     for entry in watch.by_layer():
         assert f"{100 * entry['share']:.1f}" in words
+
+
+def test_the_spike_caption_counts_each_kind_in_words_and_the_layer_table_names_the_baseline_unclipped():
+    """12 steps whose loss and gradient both jump (steps 21, 28, ..., 98) and one loss-only
+    spike (step 50): the caption counts them in plural words; in a comparison the per-layer
+    table is the baseline's and says so as the spike tables do, 'unclipped (none)'."""
+    import io
+
+    from rich.console import Console
+
+    from gradwatch.report.tables import Variant
+    from gradwatch.report.diagnosis import print_section
+
+    names = ["dense/kernel", "dense/bias"]
+    watch = LayerWatch(names, ["dense", "dense"], shapes=[(4, 4), (4,)])
+    rng = np.random.default_rng(2)
+    both = list(range(21, 100, 7))
+    rows = []
+    for step in range(1, 101):
+        norms = np.abs(rng.normal(1.0, 0.05, size=(1, 4, 2)))
+        if step in both:
+            norms[0, :2] *= 80
+        rows.append({"step": step, "loss": 2.0 + 9 * (step in both or step == 50),
+                     "grad_norm": float(np.sqrt((norms[0, 0] ** 2).sum())), "loss_spike": step in both or step == 50,
+                     "nonfinite": False, "clipped": False})
+        watch.update(rows[-1:], norms)
+    assert [s.step for s in watch.spikes] == sorted(both + [50])
+    out = io.StringIO()
+    print_section(Console(file=out, width=200, highlight=False),
+                  [Variant("none", None, rows, layers=watch), Variant("global", 1.0, rows, layers=watch)])
+    text = " ".join(out.getvalue().split())
+    assert "the first 5 of 13 steps (12 loss + gradient spikes, 1 loss spike)" in text
+    assert "Gradient norm per layer: unclipped (none)" in text

@@ -111,7 +111,8 @@ def test_outlier_rows_that_spike_every_epoch_are_named(cli, lab, tmp_path, shuff
     y = data["y"][:, 0].astype(np.float64)
     mad = np.median(np.abs(y - np.median(y)))
     assert named["target_mads"] == pytest.approx(abs(y[43] - np.median(y)) / mad, rel=1e-6)
-    assert "row 43 (inputs" in finding["message"] and "[spikes_from_data]" in out
+    said = f"row 43 ({named['input_mads']:.3g} MADs from the median in its inputs, {named['target_mads']:.3g} in its targets)"
+    assert said in finding["message"] and "[spikes_from_data]" in out
 
 
 def test_global_clipping_calms_an_exploding_rnn_and_is_recommended_with_its_numbers(cli, tmp_path):

@@ -354,7 +354,8 @@ def recurring_finding(label: str, found: dict, why: str = "recur with the same d
     if found["rows"]:
         named = found["rows"][:ROWS_NAMED]
         rows_text = "; ".join(
-            f"row {r['row']} (inputs {fmt(r['input_mads'], 3)} MADs from the median, targets {fmt(r['target_mads'], 3)})"
+            f"row {r['row']} ({fmt(r['input_mads'], 3)} MADs from the median in its inputs, {fmt(r['target_mads'], 3)} "
+            "in its targets)"
             for r in named)
         more = f", and {len(found['rows']) - len(named)} more" if len(found["rows"]) > len(named) else ""
         where = f"the batches holding {rows_text}{more}"

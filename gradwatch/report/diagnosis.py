@@ -23,6 +23,11 @@ def _driver(name: str, share: float, ratio: float) -> str:
     return f"{name} {share_text}{ratio_text}"
 
 
+def _plural(kind: str) -> str:
+    """'loss spike' -> 'loss spikes', 'loss + gradient spike' -> 'loss + gradient spikes'; 'non-finite' stays."""
+    return kind + "s" if kind.endswith("spike") else kind
+
+
 def spikes_table(watch, title: str = SPIKES_TITLE, limit: int = SPIKES_SHOWN) -> Table | None:
     """Step, kind (loss spike, gradient spike, both, non-finite), the jump against the median it
     rose above, and the variables with the largest share of that step's norm²."""
@@ -33,7 +38,7 @@ def spikes_table(watch, title: str = SPIKES_TITLE, limit: int = SPIKES_SHOWN) ->
     counts = {}
     for spike in watch.spikes:
         counts[spike.kind] = counts.get(spike.kind, 0) + 1
-    listed = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    listed = ", ".join(f"{n} {_plural(kind) if n != 1 else kind}" for kind, n in counts.items())
     caption = (f"the first {len(shown)} of {len(watch.spikes)} steps ({listed}); --layers-csv records every step of "
                "every variable" if more else None)
     table = Table(title=escape(title), caption=caption, header_style="bold", title_justify="left")
@@ -84,7 +89,7 @@ def print_section(console, variants) -> None:
         name = "" if single else ("unclipped (none)" if v.is_baseline else v.label)
         print_diagnosis(console, v.layers, name, SPIKES_SHOWN if single else SPIKES_SHOWN // 2)
     base = next((v for v in with_layers if v.is_baseline), with_layers[0])
-    title = "Gradient norm per layer" + ("" if single else f": {base.label}")
+    title = "Gradient norm per layer" + ("" if single else f": {'unclipped (none)' if base.is_baseline else base.label}")
     for spark in (24, 12, 0):  # the sparkline shrinks before a name or number would wrap
         table = layers_table(base.layers, title, spark)
         if Measurement.get(console, console.options.update_width(1_000_000), table).maximum <= console.width or not spark:
