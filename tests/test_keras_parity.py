@@ -519,6 +519,26 @@ def test_sample_weights_weigh_the_compiled_loss_as_fit_does(cli, weighted_classi
     assert (rows["loss_fn"] == "the model's compiled loss, each row weighted by the data's sample_weight").all()
 
 
+def test_a_csv_sample_weight_column_weighs_the_loss_as_fit_does(cli, weighted_classifier, tmp_path):
+    """The same rows as a CSV: six feature columns, a sample_weight column, the target last."""
+    import pandas as pd
+
+    path, _, x, y, w = weighted_classifier
+    table = pd.DataFrame(x, columns=[f"f{k}" for k in range(6)])
+    table.insert(3, "sample_weight", w)  # anywhere among the columns: by its name
+    table["label"] = y
+    table.to_csv(tmp_path / "weighted.csv", index=False)
+    rows, out, err = gradwatch_rows(cli, path, tmp_path / "weighted.csv", tmp_path, 8, 5, "--clip", "global", "--norm", 0.5)
+    want = keras_train(compiled_as_saved(path, "global_clipnorm", 0.5), x, y, 8, 5, w)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert (rows["loss_fn"] == "the model's compiled loss, each row weighted by the data's sample_weight").all()
+    table.loc[7, "sample_weight"] = -1.0
+    table.to_csv(tmp_path / "negative.csv", index=False)
+    code, _, err = cli("run", path, "--data", tmp_path / "negative.csv", "--steps", 1)
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "negative.csv: line 9, column 'sample_weight' is -1; sample weights must be finite and >= 0")
+
+
 def test_sample_weights_weigh_a_loss_given_by_name_and_the_python_api_takes_them(cli, weighted_classifier, tmp_path):
     import keras
 

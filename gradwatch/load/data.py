@@ -3,7 +3,8 @@
 The kind of file is recognised from the path (see ``LOADERS``):
 
 * ``.npz``: arrays ``x`` and ``y`` (or ``--x-key`` / ``--y-key``), read with allow_pickle=False;
-* ``.csv``: numeric feature columns plus a target column (``--target``; default: the last column);
+* ``.csv``: numeric feature columns plus a target column (``--target``; default: the last column)
+  and, optionally, a ``sample_weight`` column;
 * a folder written by ``tf.data.Dataset.save`` whose elements are ``(x, y)`` pairs;
 * ``.txt``: a whitespace-tokenised corpus for word language models, cut into windows the way
   the PTB reader of TensorFlow's ``ptb_word_lm`` tutorial does (:func:`ptb_windows`).
@@ -162,12 +163,17 @@ def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
         raise DataError(
             f"{path} has no column {target!r} (columns: {', '.join(map(str, frame.columns))}); pass --target NAME"
         )
-    features = frame.drop(columns=[target])
+    weighted = SAMPLE_WEIGHT in frame.columns and SAMPLE_WEIGHT != target  # a column of that name: each row's weight
+    features = frame.drop(columns=[target] + [SAMPLE_WEIGHT] * weighted)
+    if features.shape[1] == 0:
+        raise DataError(f"{path} has no feature column beside {target!r} and {SAMPLE_WEIGHT!r}; give the inputs as columns")
+    kept = [target] + [SAMPLE_WEIGHT] * weighted
     text = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
-    if text or not pd.api.types.is_numeric_dtype(frame[target]):
-        bad = text + ([] if pd.api.types.is_numeric_dtype(frame[target]) else [str(target)])
-        raise DataError(f"{path}: columns {', '.join(bad)} are not numeric; encode them as numbers first")
-    dataset = _checked(features.to_numpy(np.float32), frame[target].to_numpy(), "csv", path)
+    text += [str(c) for c in kept if not pd.api.types.is_numeric_dtype(frame[c])]
+    if text:
+        raise DataError(f"{path}: columns {', '.join(text)} are not numeric; encode them as numbers first")
+    w = frame[SAMPLE_WEIGHT].to_numpy(np.float32) if weighted else None
+    dataset = _checked(features.to_numpy(np.float32), frame[target].to_numpy(), "csv", path, w=w)
     dataset.columns = [str(c) for c in features.columns], str(target)
     return dataset
 
@@ -493,7 +499,7 @@ def _check_weights(data: Dataset) -> None:
         if bad.any():
             at = _first(bad)
             index = _first_in(start, at)
-            raise DataError(f"{data.path}: {SAMPLE_WEIGHT}[{', '.join(map(str, index))}] is {chunk[at]:g}; "
+            raise DataError(f"{data.path}: {_where(data, SAMPLE_WEIGHT, index)} is {chunk[at]:g}; "
                             "sample weights must be finite and >= 0")
 
 
@@ -533,7 +539,7 @@ def _first(mask: np.ndarray) -> tuple:
 def _where(data: Dataset, name: str, index: tuple) -> str:
     if data.columns is not None:  # a CSV: the line in the file (header is line 1) and the column name
         features, target = data.columns
-        column = target if name == "y" else features[index[1]]
+        column = target if name == "y" else SAMPLE_WEIGHT if name == SAMPLE_WEIGHT else features[index[1]]
         return f"line {index[0] + 2}, column {column!r}"
     return f"{name}[{', '.join(str(int(i)) for i in index)}]"
 

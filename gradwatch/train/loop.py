@@ -135,9 +135,10 @@ class Trainer:
         self.loss_source = self._pick_objective(model, loss)
         uses_own_loss = loss is None and model.compiled_loss is None  # the targets go to the model's loss(x, y)
         if uses_own_loss and dataset.w is not None:
-            raise OptionError(f"{dataset.path} has a {data_mod.SAMPLE_WEIGHT} array, but the model's own "
+            held = "column" if dataset.kind == "csv" else "array"
+            raise OptionError(f"{dataset.path} has a {data_mod.SAMPLE_WEIGHT} {held}, but the model's own "
                               "loss(inputs, targets) takes no weights; pass --loss NAME (a Keras loss weighs "
-                              f"its rows), or drop the {data_mod.SAMPLE_WEIGHT} array")
+                              f"its rows), or drop the {data_mod.SAMPLE_WEIGHT} {held}")
         target_spec = _second_input(model.own_loss) if uses_own_loss else None
         self.data = data_mod.fit_to_model(dataset, model, target_spec)
         if self.data.w is not None:  # the rows say so too (loss_fn)
