@@ -134,25 +134,33 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("script", ["api", "watch"])
-def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_model, tmp_path):
-    path = tmp_path / "script.py"
-    path.write_text(API_SCRIPT if script == "api" else WATCH_SCRIPT)
-    kept = tmp_path / "fit_steps.csv"
+def _signal_script(text: str, module_model, kept, sig):
+    """Run a Python script (it prints "ready SECONDS [ROWS]" once warm), send ``sig`` while it
+    trains, and return (exit status, stdout, stderr, the ready line's words, when it was sent)."""
+    path = kept.with_name("script.py")
+    path.write_text(text)
     proc = subprocess.Popen([sys.executable, str(path), str(module_model), str(kept)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals)
     try:
         ready = proc.stdout.readline().split()
         assert ready[0] == "ready"
         time.sleep(2 + 2 * float(ready[1]))  # loading and tracing again, then training (scaled to this machine)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err, ready, sent
+
+
+@pytest.mark.parametrize("script", ["api", "watch"])
+def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_model, tmp_path):
+    kept = tmp_path / "fit_steps.csv"
+    code, out, err, ready, sent = _signal_script(API_SCRIPT if script == "api" else WATCH_SCRIPT, module_model, kept,
+                                                 signal.SIGINT)
+    assert code == 0, err
     stopped = next(line for line in out.splitlines() if line.startswith("stopped"))
     before = int(ready[2]) if len(ready) > 2 else 0  # the watch's rows of the warm-up fit
     assert int(stopped.split()[-1]) > before  # the rows recorded before the Ctrl-C came back
@@ -167,22 +175,9 @@ def test_ctrl_c_in_the_python_api_and_in_fit_returns_control(script, module_mode
 def test_sigterm_inside_a_watched_fit_keeps_the_csv_then_ends_the_process_as_sigterm_does(tmp_path, module_model):
     """A scheduler's SIGTERM during fit: the rows so far are put in place as the CSV and a line says
     so, then the process ends as SIGTERM ends it (status -15), as it would have without the watch."""
-    path = tmp_path / "script.py"
-    path.write_text(WATCH_SCRIPT)
     kept = tmp_path / "fit_steps.csv"
-    proc = subprocess.Popen([sys.executable, str(path), str(module_model), str(kept)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=heed_stop_signals)
-    try:
-        ready = proc.stdout.readline().split()
-        assert ready[0] == "ready"
-        time.sleep(2 + 2 * float(ready[1]))
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGTERM, err
+    code, out, err, _, _ = _signal_script(WATCH_SCRIPT, module_model, kept, signal.SIGTERM)
+    assert code == -signal.SIGTERM, err
     said = re.search(r"gradwatch: fit stopped by SIGTERM; kept (\d+) recorded rows in (\S+)", err)
     assert said and said.group(2) == str(kept), err
     with open(kept, newline="") as handle:

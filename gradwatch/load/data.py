@@ -212,20 +212,18 @@ def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
         ws.extend(element[2:])
     if not xs:
         raise DataError(f"{path} holds no elements")
-    if isinstance(spec[0], dict):
-        x = {k: np.stack([e[k] for e in xs]) for k in spec[0]}
-    elif isinstance(spec[0], (tuple, list)):
-        x = tuple(np.stack([e[i] for e in xs]) for i in range(len(spec[0])))
-    else:
-        x = np.stack(xs)
-    if isinstance(spec[1], dict):
-        y = {k: np.stack([e[k] for e in ys]) for k in spec[1]}
-    elif isinstance(spec[1], (tuple, list)):
-        y = tuple(np.stack([e[i] for e in ys]) for i in range(len(spec[1])))
-    else:
-        y = np.stack(ys)
+    x, y = _stacked(xs, spec[0]), _stacked(ys, spec[1])
     return _checked(_by_input(x, options, path), _by_output(y, options, path), "tf.data", path,
                     np.stack(ws) if ws else None)
+
+
+def _stacked(elements: list, spec):
+    """The examples of one side (x or y) as arrays of the same structure: a dict, a tuple or one array."""
+    if isinstance(spec, dict):
+        return {k: np.stack([e[k] for e in elements]) for k in spec}
+    if isinstance(spec, (tuple, list)):
+        return tuple(np.stack([e[i] for e in elements]) for i in range(len(spec)))
+    return np.stack(elements)
 
 
 def _by_output(y, options: DataOptions, path):
