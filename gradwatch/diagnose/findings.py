@@ -128,7 +128,8 @@ def run_findings(variant, data=None) -> list[Finding]:
     out += trouble
     if s["grad_spikes"]:
         steps = s["grad_spike_steps"]
-        at_spikes = [r for r in variant.rows if r["step"] in set(steps)]
+        spike_steps = set(steps)
+        at_spikes = [r for r in variant.rows if r["step"] in spike_steps]
         clipped = sum(1 for r in at_spikes if r["clipped"])
         # the highest the norm jumped to: at a spike, not the run's maximum (often step 1, no spike)
         highest = max(float(r["grad_norm"]) for r in at_spikes)
@@ -187,12 +188,14 @@ def _trouble(variant, data) -> list[Finding]:
                            (onset,) if onset else (), {"final_loss": final, "loss_first": first, "onset": onset}))
     bad_input = [r["step"] for r in rows if r.get("nonfinite_input", False)]
     broken = s["nonfinite_steps"]
-    own = [t for t in broken if t not in set(bad_input)]
+    from_data = set(bad_input)
+    own = [t for t in broken if t not in from_data]
     if own:
         out.append(Finding("nonfinite", label, f"the loss or a gradient was not finite on {_n(len(own), 'step')}"
                            f"{_first(own)}", tuple(own), {"count": len(own), "first": own[0]}))
     if bad_input:
-        spiked = [t for t in bad_input if t in set(s["spike_steps"]) or t in set(broken)]
+        hit = set(s["spike_steps"]) | set(broken)
+        spiked = [t for t in bad_input if t in hit]
         out.append(Finding("spikes_from_data", label,
                            f"{_n(len(bad_input), 'step')} trained on batches with NaN/inf input values, "
                            f"{len(spiked)} of them non-finite or a loss spike: the data, not the training, "
