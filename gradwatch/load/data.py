@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import DataError, first_line
 
 UNK = "<unk>"
-SAMPLE_WEIGHT = "sample_weight"  # an .npz array of this name weighs each row's loss, as fit's sample_weight
+SAMPLE_WEIGHT = "sample_weight"  # an .npz array or CSV column of this name weighs each row's loss, as fit's sample_weight
 EOS = "<eos>"
 
 
@@ -39,7 +39,7 @@ class Dataset:
     path: str
     columns: tuple | None = None  # (feature names, target name) of a CSV, to name cells in errors
     stream: object = None  # a streams.RecordStream when x and y are streams.Columns (read as a stream)
-    w: np.ndarray | None = None  # Keras' sample_weight of every row (an .npz's array of that name), if given
+    w: np.ndarray | None = None  # Keras' sample_weight of every row (the .npz array or CSV column of that name), if given
 
     @property
     def streamed(self) -> bool:
