@@ -484,6 +484,60 @@ def test_keras_hub_bert_classifier_equals_keras_with_clipnorm_on_raw_rows(cli, h
     assert rows["clipped"].all() and (rows["grad_norm_rows"] != rows["grad_norm"]).all()  # ids repeat in a batch
 
 
+@pytest.fixture(scope="session")
+def masked_tagger(models_dir, data_dir):
+    """A sequence tagger on padded windows: Embedding(mask_zero=True) -> Bidirectional(GRU) ->
+    Dense per position. Keras carries the mask to the output, so fit's loss is the mean over the
+    positions that are not padding (Keras' apply_mask), not over every position."""
+    import keras
+
+    keras.utils.set_random_seed(33)
+    vocabulary, length, n = 30, 12, 32
+    model = keras.Sequential([
+        keras.Input((length,), dtype="int32"),
+        keras.layers.Embedding(vocabulary, 8, mask_zero=True),
+        keras.layers.Bidirectional(keras.layers.GRU(8, return_sequences=True)),
+        keras.layers.Dense(vocabulary),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = models_dir / "masked_tagger.keras"
+    model.save(path)
+    rng = np.random.default_rng(33)
+    x = rng.integers(1, vocabulary, size=(n, length)).astype(np.int32)
+    for row, kept in zip(x, rng.integers(3, length, size=n)):
+        row[kept:] = 0  # padded tails of 1 to 9 positions
+    y = rng.integers(0, vocabulary, size=(n, length)).astype(np.int32)
+    data = data_dir / "padded.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_a_padding_mask_leaves_padded_positions_out_of_the_loss_as_fit_does(cli, masked_tagger, tmp_path):
+    import keras
+
+    path, data, x, y = masked_tagger
+    # Ids repeat in every batch (the padding most): Keras' clipnorm measures raw rows (--sparse-norm rows)
+    # and keeps them apart for Adam, which squares them one by one.
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 4, "--clip", "norm", "--norm", 0.02,
+                                    "--sparse-norm", "rows")
+    want = keras_train(compiled_as_saved(path, "clipnorm", 0.02), x, y, 8, 4)
+    np.testing.assert_allclose(rows["loss"], want, rtol=RTOL)
+    assert rows["clipped"].any()
+    # Step 1 by hand: the mean of the per-position losses where the id is not padding. The mean over
+    # every position, padding included (a SavedModel's output carries no mask), is another number.
+    model = keras.saving.load_model(str(path))
+    every = np.asarray(keras.losses.sparse_categorical_crossentropy(y[:8], model(x[:8]), from_logits=True))
+    kept = x[:8] != 0
+    assert rows["loss"][0] == pytest.approx(every[kept].mean(), rel=1e-6)
+    assert abs(every.mean() - every[kept].mean()) > 1e-4 and not kept.all()
+    # The README's warning: exported, the model has no mask, and every position counts.
+    served = tmp_path / "tagger_served"
+    model.export(str(served), verbose=False)
+    exported, _, _ = gradwatch_rows(cli, served, data, tmp_path, 8, 1, "--clip", "none",
+                                    "--loss", "sparse_categorical_crossentropy", "--from-logits")
+    assert exported["loss"][0] == pytest.approx(every.mean(), rel=1e-6)
+
+
 # --- sample weights, as fit takes them --------------------------------------------------------
 
 

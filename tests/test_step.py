@@ -316,6 +316,31 @@ def test_rows_thresholds_are_keras_global_clipnorm():
     assert np.abs(summed["loss"] - expected).max() > 1e-4  # the default measures another norm
 
 
+def test_what_keras_global_clipnorm_changes_for_adam_is_the_second_moment():
+    """The README's one difference from Keras, as Keras does it: global_clipnorm (not clipnorm or
+    clipvalue) hands Adam the embedding gradient densified, each id's rows summed. Adam's first
+    moment is the same either way; its second moment then holds the square of the sum where the
+    raw rows give the sum of the squares."""
+    import keras
+    import tensorflow as tf
+
+    raw = tf.IndexedSlices(tf.constant([[3.0, 4.0], [3.0, 4.0]]), tf.constant([1, 1]), tf.constant([3, 2]))
+    for option in ({"clipnorm": 100.0}, {"clipvalue": 100.0}):
+        assert isinstance(keras.optimizers.Adam(**option)._clip_gradients([raw])[0], tf.IndexedSlices)
+    densified = keras.optimizers.Adam(global_clipnorm=100.0)._clip_gradients([raw])[0]
+    np.testing.assert_allclose(np.asarray(densified), np.asarray(tf.convert_to_tensor(raw)))  # not clipped, yet dense
+    moments = []
+    for grad in (raw, densified):
+        weights = keras.Variable(np.ones((3, 2), "float32"))
+        adam = keras.optimizers.Adam(0.1)
+        adam.apply([grad], [weights])
+        moments.append((adam._momentums[0].numpy(), adam._velocities[0].numpy()))
+    (m_raw, v_raw), (m_dense, v_dense) = moments
+    np.testing.assert_allclose(m_raw, m_dense)
+    np.testing.assert_allclose(v_raw[1], 0.001 * (2 * np.array([3.0, 4.0]) ** 2), rtol=1e-6)  # (1 - beta_2) Σ raw²
+    np.testing.assert_allclose(v_dense[1], 0.001 * (2 * np.array([3.0, 4.0])) ** 2, rtol=1e-6)  # (1 - beta_2) (Σ raw)²
+
+
 def test_gradientwatch_hands_the_raw_rows_on_too():
     import keras
 
