@@ -638,3 +638,103 @@ def test_sample_weights_that_cannot_weigh_are_one_line_errors(cli, weighted_clas
     code, out, err = cli("run", embedding_module_model, "--data", ids, "--steps", 1)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "the model's own loss(inputs, targets) takes no weights; pass --loss NAME" in err, err
+
+
+# --- a model that takes text ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def text_classifier(models_dir, data_dir):
+    """Keras' end-to-end text classifier: a TextVectorization layer inside the model, so it takes
+    raw strings (one per row), then Embedding, pooling and logits; SGD and sparse CE."""
+    import keras
+
+    rng = np.random.default_rng(34)
+    vocabulary = ["red", "green", "blue", "cat", "dog", "sat", "ran", "big", "small", "the", "a", "on"]
+    texts = np.array([" ".join(rng.choice(vocabulary, size=rng.integers(2, 7))) for _ in range(48)])
+    keras.utils.set_random_seed(34)
+    vectorize = keras.layers.TextVectorization(max_tokens=16, output_sequence_length=6)
+    vectorize.adapt(texts)
+    inputs = keras.Input((1,), dtype="string")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(16, 4)(vectorize(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(pooled))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = models_dir / "text_classifier.keras"
+    model.save(path)
+    x, y = texts.reshape(-1, 1), rng.integers(0, 3, size=48)
+    data = data_dir / "texts.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+def test_a_model_that_takes_strings_trains_on_text_as_fit_does(cli, text_classifier, tmp_path):
+    """Text in an .npz (NumPy unicode), in a tf.data folder (tf.string, read as bytes), streamed,
+    and in TFRecord files of tf.train.Example: each is Keras' own training of the same batches."""
+    import tensorflow as tf
+
+    path, data, x, y = text_classifier
+    want = keras_train(compiled_as_saved(path, "global_clipnorm", 0.3), x, y, 8, 5)
+    folder = tmp_path / "texts_tfdata"
+    tf.data.Dataset.from_tensor_slices((x, y)).save(str(folder))
+    records = tmp_path / "texts.tfrecord"
+    with tf.io.TFRecordWriter(str(records)) as writer:
+        for text, label in zip(x[:, 0], y):
+            feature = {"x": tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
+                       "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    clip = ["--clip", "global", "--norm", 0.3, "--sparse-norm", "rows"]  # ids repeat: Keras measures raw rows
+    for source, extra in ((data, []), (folder, []), (folder, ["--stream"]), (records, ["--features", "x:string:1,y:int64"])):
+        rows, out, err = gradwatch_rows(cli, path, source, tmp_path, 8, 5, *clip, *extra)
+        np.testing.assert_allclose(rows["loss"], want, rtol=RTOL, err_msg=f"{source} {extra}")
+    assert rows["clipped"].any()
+
+
+def test_text_where_numbers_go_and_numbers_where_text_goes_are_one_line_errors(cli, text_classifier, conv_bn_model,
+                                                                               data_dir):
+    path, _, x, y = text_classifier
+    numbers = data_dir / "numbers_for_text.npz"
+    np.savez(numbers, x=np.ones((48, 1), np.float32), y=y)
+    code, _, err = cli("run", path, "--data", numbers, "--steps", 2)
+    assert code == 2 and "the model takes text for x but the data has float32; store strings" in err
+    assert len(err.strip().splitlines()) == 1
+    image_model = conv_bn_model[0]
+    words = data_dir / "words_for_images.npz"
+    np.savez(words, x=np.full((8, 8, 8, 1), "a"), y=np.zeros(8, np.int64))
+    code, _, err = cli("run", image_model, "--data", words, "--steps", 2)
+    assert code == 2 and "the data's x is text (<U1) but the model takes float32 there" in err
+    labels = data_dir / "text_labels.npz"
+    np.savez(labels, x=x, y=np.array(["a"] * 48))
+    code, _, err = cli("run", path, "--data", labels, "--steps", 2)
+    assert code == 2 and "y has dtype <U1; store numbers" in err  # targets stay numbers, as Keras' losses need
+
+
+def test_spikes_from_text_rows_name_the_row_by_its_targets(cli, models_dir, data_dir, tmp_path):
+    """Text has no median: a row behind recurring spikes is ranked by its targets alone, and the
+    sentence says that its inputs are text (the known cause: row 5's target is 60, the rest N(0, 1))."""
+    import json
+
+    import keras
+
+    rng = np.random.default_rng(35)
+    vocabulary = ["red", "green", "blue", "cat", "dog", "sat", "ran", "big", "small", "the", "a", "on"]
+    texts = np.array([" ".join(rng.choice(vocabulary, size=rng.integers(2, 6))) for _ in range(64)])
+    y = rng.normal(size=(64, 1)).astype(np.float32)
+    y[5] = 60.0
+    keras.utils.set_random_seed(35)
+    vectorize = keras.layers.TextVectorization(max_tokens=16, output_sequence_length=6)
+    vectorize.adapt(texts)
+    inputs = keras.Input((1,), dtype="string")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(16, 4)(vectorize(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    path, data = models_dir / "text_regressor.keras", data_dir / "text_outlier.npz"
+    model.save(path)
+    np.savez(data, x=texts.reshape(-1, 1), y=y)
+    findings = tmp_path / "findings.json"
+    code, out, err = cli("run", path, "--data", data, "--epochs", 8, "--batch-size", 8, "--findings", findings)
+    assert code == 0, err
+    found = [f for f in json.loads(findings.read_text()) if f["code"] == "spikes_from_data"]
+    assert len(found) == 1 and found[0]["numbers"]["rows"][0]["row"] == 5
+    assert found[0]["numbers"]["rows"][0]["input_mads"] is None
+    assert "the batches holding row 5 (" in found[0]["message"]
+    assert "MADs from the median in its targets; its inputs are text)" in found[0]["message"]

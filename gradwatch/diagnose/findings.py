@@ -358,7 +358,8 @@ def recurring_finding(label: str, found: dict, why: str = "recur with the same d
         named = found["rows"][:ROWS_NAMED]
         rows_text = "; ".join(
             f"row {r['row']} ({fmt(r['input_mads'], 3)} MADs from the median in its inputs, {fmt(r['target_mads'], 3)} "
-            "in its targets)"
+            "in its targets)" if r["input_mads"] is not None else
+            f"row {r['row']} ({fmt(r['target_mads'], 3)} MADs from the median in its targets; its inputs are text)"
             for r in named)
         more = f", and {len(found['rows']) - len(named)} more" if len(found["rows"]) > len(named) else ""
         where = f"the batches holding {rows_text}{more}"
@@ -372,14 +373,14 @@ def recurring_finding(label: str, found: dict, why: str = "recur with the same d
                    {"cause": found["kind"], "positions": [p + 1 for p in found["positions"]], "rows": found["rows"]})
 
 
-def _flat(values) -> np.ndarray:
+def _flat(values) -> np.ndarray | None:
+    """The numbers of every row as one (rows, features) float64 matrix; text inputs (a model
+    that takes strings) have no median and are left out: None when nothing else is left."""
     if isinstance(values, dict):
         values = list(values.values())
-    if isinstance(values, (list, tuple)):
-        parts = [np.asarray(v) for v in values]
-        return np.concatenate([p.reshape(len(p), -1).astype(np.float64) for p in parts], axis=1)
-    values = np.asarray(values)
-    return values.reshape(len(values), -1).astype(np.float64)
+    parts = [np.asarray(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    parts = [p.reshape(len(p), -1).astype(np.float64) for p in parts if p.dtype.kind not in "USO"]
+    return np.concatenate(parts, axis=1) if parts else None
 
 
 def rank_rows(data: DataView, rows: list[int]) -> list[dict]:
@@ -387,6 +388,8 @@ def rank_rows(data: DataView, rows: list[int]) -> list[dict]:
     features from that feature's median, in median absolute deviations (inputs and targets)."""
     def mads(values, picked):
         values = _flat(values)
+        if values is None:  # text alone
+            return np.full(len(picked), np.nan)
         sample = values if len(values) <= 50_000 else values[np.random.default_rng(0).choice(len(values), 50_000, replace=False)]
         median = np.median(sample, axis=0)
         mad = np.median(np.abs(sample - median), axis=0)
@@ -396,8 +399,8 @@ def rank_rows(data: DataView, rows: list[int]) -> list[dict]:
 
     picked = np.array(sorted(rows), dtype=np.int64)
     inputs, targets = mads(data.x, picked), mads(data.y, picked)
-    ranked = sorted(zip(picked.tolist(), inputs.tolist(), targets.tolist()), key=lambda t: -max(t[1], t[2]))
-    return [{"row": k, "input_mads": a, "target_mads": b} for k, a, b in ranked]
+    ranked = sorted(zip(picked.tolist(), inputs.tolist(), targets.tolist()), key=lambda t: -np.nanmax([t[1], t[2]]))
+    return [{"row": k, "input_mads": None if math.isnan(a) else a, "target_mads": b} for k, a, b in ranked]
 
 
 # --- a comparison ---------------------------------------------------------------------------

@@ -446,6 +446,8 @@ def _checked(x, y, kind: str, path: Path, w=None) -> Dataset:
         rows = len(array) if rows is None else rows
         if len(array) != rows:
             raise DataError(f"{path}: {name} has {len(array)} rows but {first} has {rows}; they must match")
+        if is_text(array) and name.startswith("x"):
+            continue  # text for a model that takes strings (a TextVectorization inside): checked against its input
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
     for name, target in dataset.targets() if w is not None else ():  # one weight array weighs every output's loss
@@ -598,7 +600,23 @@ def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
     return _cast(array, spec.dtype, name)
 
 
+def is_text(array) -> bool:
+    """Strings: NumPy's fixed-width unicode or bytes (.npz), or the bytes objects a tf.data
+    folder's tf.string elements read as (the only way data here can hold objects, since
+    .npz files are read without pickle): the inputs of a model that takes text."""
+    return array.dtype.kind in "USO"
+
+
 def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
+    import tensorflow as tf
+
+    if dtype == tf.string or is_text(array):
+        if dtype != tf.string:
+            raise DataError(f"the data's {name} is text ({array.dtype}) but the model takes {dtype.name} there; store "
+                            "numbers, or give the model whose input takes strings (a TextVectorization layer inside)")
+        if not is_text(array):
+            raise DataError(f"the model takes text for {name} but the data has {array.dtype}; store strings")
+        return array
     target = np.dtype(dtype.as_numpy_dtype)
     # bool is 0/1 for an integer input, as Keras casts it (keras-hub's padding_mask is bool)
     if np.issubdtype(target, np.integer) and not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):

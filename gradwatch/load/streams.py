@@ -230,7 +230,7 @@ def parse_features(text: str, target: str | None):
             raise DataError(f"--features item {item!r} is not NAME:DTYPE[:SHAPE], e.g. x:float32:20 or y:int64")
         name, dtype = parts[0], parts[1]
         if dtype not in ("float32", "int64", "string"):
-            raise DataError(f"--features {name}: dtype {dtype!r} is not one tf.train.Example holds (float32, int64)")
+            raise DataError(f"--features {name}: dtype {dtype!r} is not one tf.train.Example holds (float32, int64, string)")
         try:
             shape = [int(d) for d in parts[2].split("x")] if len(parts) == 3 and parts[2] else []
         except ValueError:
