@@ -359,3 +359,19 @@ def test_a_gradient_spike_is_reported_at_the_norm_it_jumped_to_not_at_the_runs_m
                              "to at most 4 against the run's median of 1.025")
     assert found.numbers["spike_grad_norm_max"] == 4.0 and found.numbers["grad_norm_max"] == 50.0
     assert found.numbers["grad_norm_median"] == pytest.approx(float(np.median(norms)))
+
+
+def test_the_loss_spike_sentence_names_the_largest_rise_among_the_spikes_not_the_runs():
+    """Step 2 has the run's largest rise (+8) but too little history to be a spike; the spikes
+    are steps 7 (3.0 after 1.0: +2) and 10 (2.5 after 1.05: +1.45), each more than twice the
+    median before it. The sentence names +2 at step 7; the run's +8 stays in the numbers."""
+
+    losses = [1.0, 9.0, 1.0, 1.1, 0.9, 1.0, 3.0, 1.0, 1.05, 2.5, 1.0]
+    rows = [{"step": i + 1, "epoch": 1, "loss": x, "grad_norm": 1.0, "clipped_norm": 1.0, "clip_ratio": 1.0,
+             "clipped": False, "lr": 1.0, "nonfinite": False, "loss_spike": spike, "time_ms": 1.0}
+            for i, (x, spike) in enumerate(zip(losses, SpikeRule().mark(losses)))]
+    (found,) = [f for f in findings_of([Variant("none", None, rows)]) if f.code == "loss_spikes"]
+    assert found.steps == (7, 10)
+    assert found.message == "loss is jumping: 2 loss spikes (first at step 7); the largest rise among them +2 at step 7"
+    assert found.numbers["spike_rise"] == pytest.approx(2.0) and found.numbers["spike_rise_step"] == 7
+    assert found.numbers["largest_jump"] == pytest.approx(8.0) and found.numbers["largest_jump_step"] == 2

@@ -643,6 +643,21 @@ def test_sample_weights_that_cannot_weigh_are_one_line_errors(cli, weighted_clas
 # --- a model that takes text ------------------------------------------------------------------
 
 
+def text_model(rng, rows: int, outputs: int, seed: int):
+    """Keras' end-to-end text model: TextVectorization (adapted to ``rows`` random sentences of 2
+    to 6 words), Embedding, average pooling, a Dense of ``outputs``; and the sentences."""
+    import keras
+
+    vocabulary = ["red", "green", "blue", "cat", "dog", "sat", "ran", "big", "small", "the", "a", "on"]
+    texts = np.array([" ".join(rng.choice(vocabulary, size=rng.integers(2, 7))) for _ in range(rows)])
+    keras.utils.set_random_seed(seed)
+    vectorize = keras.layers.TextVectorization(max_tokens=16, output_sequence_length=6)
+    vectorize.adapt(texts)
+    inputs = keras.Input((1,), dtype="string")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(16, 4)(vectorize(inputs)))
+    return keras.Model(inputs, keras.layers.Dense(outputs)(pooled)), texts
+
+
 @pytest.fixture(scope="session")
 def text_classifier(models_dir, data_dir):
     """Keras' end-to-end text classifier: a TextVectorization layer inside the model, so it takes
@@ -650,14 +665,7 @@ def text_classifier(models_dir, data_dir):
     import keras
 
     rng = np.random.default_rng(34)
-    vocabulary = ["red", "green", "blue", "cat", "dog", "sat", "ran", "big", "small", "the", "a", "on"]
-    texts = np.array([" ".join(rng.choice(vocabulary, size=rng.integers(2, 7))) for _ in range(48)])
-    keras.utils.set_random_seed(34)
-    vectorize = keras.layers.TextVectorization(max_tokens=16, output_sequence_length=6)
-    vectorize.adapt(texts)
-    inputs = keras.Input((1,), dtype="string")
-    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(16, 4)(vectorize(inputs)))
-    model = keras.Model(inputs, keras.layers.Dense(3)(pooled))
+    model, texts = text_model(rng, rows=48, outputs=3, seed=34)
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     path = models_dir / "text_classifier.keras"
     model.save(path)
@@ -716,16 +724,9 @@ def test_spikes_from_text_rows_name_the_row_by_its_targets(cli, models_dir, data
     import keras
 
     rng = np.random.default_rng(35)
-    vocabulary = ["red", "green", "blue", "cat", "dog", "sat", "ran", "big", "small", "the", "a", "on"]
-    texts = np.array([" ".join(rng.choice(vocabulary, size=rng.integers(2, 6))) for _ in range(64)])
+    model, texts = text_model(rng, rows=64, outputs=1, seed=35)
     y = rng.normal(size=(64, 1)).astype(np.float32)
     y[5] = 60.0
-    keras.utils.set_random_seed(35)
-    vectorize = keras.layers.TextVectorization(max_tokens=16, output_sequence_length=6)
-    vectorize.adapt(texts)
-    inputs = keras.Input((1,), dtype="string")
-    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(16, 4)(vectorize(inputs)))
-    model = keras.Model(inputs, keras.layers.Dense(1)(pooled))
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     path, data = models_dir / "text_regressor.keras", data_dir / "text_outlier.npz"
     model.save(path)

@@ -203,11 +203,13 @@ def _trouble(variant, data) -> list[Finding]:
                            {"count": len(bad_input), "nonfinite_or_spike": len(spiked), "cause": "nonfinite_input"}))
     spikes = s["spike_steps_clean"]
     if spikes:
-        jump = s["largest_jump"]
-        where = (f"; the largest rise of the loss +{fmt(jump)} at step {s['largest_jump_step']}"
-                 if math.isfinite(jump) else "")
+        # the largest rise onto a spike, not the run's largest rise, which may be at no spike
+        rise = s["spike_rise"]
+        where = (f"; the largest rise among them +{fmt(rise)} at step {s['spike_rise_step']}"
+                 if math.isfinite(rise) else "")
         out.append(Finding("loss_spikes", label, f"loss is jumping: {_n(len(spikes), 'loss spike')}{_first(spikes)}{where}",
-                           tuple(spikes), {"count": len(spikes), "first": spikes[0], "largest_jump": jump,
+                           tuple(spikes), {"count": len(spikes), "first": spikes[0], "spike_rise": rise,
+                                           "spike_rise_step": s["spike_rise_step"], "largest_jump": s["largest_jump"],
                                            "largest_jump_step": s["largest_jump_step"]}))
     recurring = recurring_spikes(rows, spikes, data)
     if recurring is not None:

@@ -110,13 +110,17 @@ def _reg_share(loss, reg) -> float:
     return float(np.median(reg[keep] / loss[keep])) if keep.any() else float("nan")
 
 
-def _largest_jump(loss: np.ndarray, steps) -> tuple[float, int | None]:
+def _largest_jump(loss: np.ndarray, steps, among=None) -> tuple[float, int | None]:
     """The largest rise of the loss between consecutive finite losses (across any non-finite
-    steps between them), and the later step; (NaN, None) when the loss never rises."""
+    steps between them), and the later step; (NaN, None) when the loss never rises. With
+    ``among`` (steps), only the rises onto those steps count (the loss spikes')."""
     at = np.flatnonzero(np.isfinite(loss))
     if at.size < 2:
         return float("nan"), None
     rises = np.diff(loss[at])
+    if among is not None:
+        wanted = set(among)
+        rises = np.where([int(steps[k]) in wanted for k in at[1:]], rises, -np.inf)
     k = int(np.argmax(rises))
     if not rises[k] > 0:
         return float("nan"), None
@@ -138,7 +142,7 @@ def summarize(rows: list[dict], rule=None) -> dict:
 
     Losses and norms are summarised over finite values; non-finite steps are counted apart,
     never also as spikes. ``final_loss``: see :func:`final_loss`. ``largest_jump``: see
-    :func:`_largest_jump`. Loss spikes are the run's ``loss_spike`` column; gradient spikes the
+    :func:`_largest_jump`; ``spike_rise`` is the same over the rises onto loss spikes. Loss spikes are the run's ``loss_spike`` column; gradient spikes the
     same rule (``rule``, default ``SpikeRule()``) on the global norm before clipping.
     """
     from ..diagnose.spikes import SpikeRule
@@ -154,6 +158,8 @@ def summarize(rows: list[dict], rule=None) -> dict:
     grad_spike = (rule or SpikeRule()).mark(grad_norm)
     overflow = [bool(v) for v in col["overflow"]]
     grad_spike = [g and not o for g, o in zip(grad_spike, overflow)]
+    clean = [int(step) for step, spike, bad in zip(col["step"], loss_spike, bad_input) if spike and not bad]
+    spike_rise, spike_rise_step = _largest_jump(loss, col["step"], among=clean) if clean else (float("nan"), None)
     return {
         "steps": n,
         "loss_first": float(loss[0]) if n else float("nan"),
@@ -164,7 +170,10 @@ def summarize(rows: list[dict], rule=None) -> dict:
         "largest_jump_step": jump_step,
         "loss_spikes": sum(loss_spike),
         "spike_steps": [int(step) for step, spike in zip(col["step"], loss_spike) if spike],
-        "spike_steps_clean": [int(step) for step, spike, bad in zip(col["step"], loss_spike, bad_input) if spike and not bad],
+        "spike_steps_clean": clean,
+        # the largest rise onto one of those spikes (the run's largest rise may be at no spike)
+        "spike_rise": spike_rise,
+        "spike_rise_step": spike_rise_step,
         "grad_spikes": sum(grad_spike),
         "grad_spike_steps": [int(step) for step, spike in zip(col["step"], grad_spike) if spike],
         "nonfinite": int(sum(bool(v) for v in col["nonfinite"])),
