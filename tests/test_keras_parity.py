@@ -613,11 +613,37 @@ def test_sample_weights_weigh_a_loss_given_by_name_and_the_python_api_takes_them
 
     folder = tmp_path / "weighted_tfdata"
     tf.data.Dataset.from_tensor_slices((x, y, w)).batch(16).save(str(folder))
-    rows, _, _ = gradwatch_rows(cli, path, folder, tmp_path, 8, 4, "--no-stream")
+    for stream in ("--no-stream", "--stream"):
+        rows, _, err = gradwatch_rows(cli, path, folder, tmp_path, 8, 4, stream)
+        np.testing.assert_allclose(rows["loss"], reference, rtol=RTOL, err_msg=stream)
+        assert "each row weighted by the data's sample_weight" in err
+    # TFRecord files of tf.train.Example with a feature named sample_weight, streamed
+    records = tmp_path / "weighted.tfrecord"
+    with tf.io.TFRecordWriter(str(records)) as writer:
+        for features, label, weight in zip(x, y, w):
+            feature = {"x": tf.train.Feature(float_list=tf.train.FloatList(value=features.tolist())),
+                       "sample_weight": tf.train.Feature(float_list=tf.train.FloatList(value=[float(weight)])),
+                       "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    rows, _, err = gradwatch_rows(cli, path, records, tmp_path, 8, 4, "--features", "x:float32:6,sample_weight:float32,y:int64")
     np.testing.assert_allclose(rows["loss"], reference, rtol=RTOL)
+    assert "each row weighted by the data's sample_weight" in err
+
+
+def test_streamed_sample_weights_are_checked_as_the_in_memory_ones(cli, weighted_classifier, tmp_path):
+    import tensorflow as tf
+
+    path, data, x, y, w = weighted_classifier
+    negative = np.where(np.arange(64) == 9, -1.0, w).astype(np.float32)
+    folder = tmp_path / "negative_tfdata"
+    tf.data.Dataset.from_tensor_slices((x, y, negative)).save(str(folder))
     code, _, err = cli("run", path, "--data", folder, "--stream", "--steps", 1)
-    assert code == 2 and "carry sample weights (x, y, sample_weight), which a streamed tf.data folder does not " \
-                         "read yet; pass --no-stream" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "sample_weight[9] is -1; sample weights must be finite and >= 0" in err, err
+    wide = tmp_path / "wide_tfdata"
+    tf.data.Dataset.from_tensor_slices((x, y, np.ones((64, 2), np.float32))).save(str(wide))
+    code, _, err = cli("run", path, "--data", wide, "--stream", "--steps", 1)
+    assert code == 2 and "sample_weight has shape (64, 2), which does not weigh y of shape (64,)" in err, err
 
 
 def test_sample_weights_that_cannot_weigh_are_one_line_errors(cli, weighted_classifier, embedding_module_model,

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, first_line
+from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, first_bad_weight
 
 UNK = "<unk>"
-SAMPLE_WEIGHT = "sample_weight"  # an .npz array or CSV column of this name weighs each row's loss, as fit's sample_weight
 EOS = "<eos>"
 
 
@@ -398,7 +398,9 @@ def _streams(p: Path, options: DataOptions) -> bool:
 
 
 def _of_stream(found, path) -> Dataset:
-    return Dataset(found.x, found.y, found.kind, str(path), stream=found.stream)
+    if found.w is not None:
+        _check_weight_shape(path, found.w, [("y", found.y)])
+    return Dataset(found.x, found.y, found.kind, str(path), stream=found.stream, w=found.w)
 
 
 def load(path, options: DataOptions, model_assets: Path | None = None) -> Dataset:
@@ -450,12 +452,18 @@ def _checked(x, y, kind: str, path: Path, w=None) -> Dataset:
             continue  # text for a model that takes strings (a TextVectorization inside): checked against its input
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: {name} has dtype {array.dtype}; store numbers")
-    for name, target in dataset.targets() if w is not None else ():  # one weight array weighs every output's loss
+    if w is not None:
+        _check_weight_shape(path, w, dataset.targets())
+    return dataset
+
+
+def _check_weight_shape(path, w, targets) -> None:
+    """One weight array weighs every output's loss: one weight per row, or per target element."""
+    for name, target in targets:
         if tuple(w.shape[1:]) != tuple(target.shape[1:w.ndim]):
             raise DataError(f"{path}: {SAMPLE_WEIGHT} has shape {tuple(w.shape)}, which does not weigh {name} of shape "
                             f"{tuple(target.shape)}; give one weight per row {(len(target),)}, or per target element "
                             f"{tuple(target.shape[:2])}, as Keras' sample_weight")
-    return dataset
 
 
 # --- checks before training -----------------------------------------------------------------
@@ -494,13 +502,10 @@ def _check_weights(data: Dataset) -> None:
     """Sample weights must be finite and not negative, whatever --allow-nonfinite-data says: a
     weight scales a row's loss, and NaN or a negative weight trains on nothing a user meant."""
     for start, chunk in _chunks(data.w):
-        chunk = np.asarray(chunk, dtype=np.float64)
-        bad = ~np.isfinite(chunk) | (chunk < 0)
-        if bad.any():
-            at = _first(bad)
-            index = _first_in(start, at)
-            raise DataError(f"{data.path}: {_where(data, SAMPLE_WEIGHT, index)} is {chunk[at]:g}; "
-                            "sample weights must be finite and >= 0")
+        at = first_bad_weight(chunk)
+        if at is not None:
+            raise DataError(f"{data.path}: {_where(data, SAMPLE_WEIGHT, _first_in(start, at))} is "
+                            f"{np.asarray(chunk)[at]:g}; {WEIGHTS_RULE}")
 
 
 def _nonfinite(array):

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import DataError, first_line
 
+SAMPLE_WEIGHT = "sample_weight"  # an .npz array, CSV column or TFRecord feature of this name weighs each row's loss, as fit's sample_weight
 AUTO_STREAM_BYTES = 256 * 2**20  # --stream auto: data on disk larger than this is streamed
 CHUNK_BYTES = 8 * 2**20  # rows per read when scanning a whole array (checks before training)
 
@@ -163,16 +164,18 @@ class Column:
 
 
 class RecordStream:
-    """A tf.data pipeline of single ``(x, y)`` examples in file order, made afresh on demand."""
+    """A tf.data pipeline of single ``(x, y)`` examples in file order, made afresh on demand
+    (``(x, (y, sample_weight))`` where the data weighs its rows)."""
 
     def __init__(self, make, rows: int, buffer: int):
-        self.make = make  # () -> tf.data.Dataset of (x, y) examples
+        self.make = make  # () -> tf.data.Dataset of (x, y) or (x, (y, w)) examples
         self.rows = rows
         self.buffer = buffer
 
     def batches(self, x, y, epochs: int, batch_size: int, shuffle: bool, seed: int, keep, parallel_calls: int):
         """Global batches of ``epochs`` epochs (``len // batch_size`` each, the rest dropped),
-        cast to the dtypes of the ``x``/``y`` columns, each cut by ``keep`` (a worker's rows),
+        cast to the dtypes of the ``x``/``y`` columns (``y``: ``(y, w)`` for weighted rows), each
+        cut by ``keep`` (a worker's rows),
         ``parallel_calls`` batches at once."""
         import tensorflow as tf
 
@@ -199,20 +202,21 @@ def load_saved(path, options, by_input):
     except (tf.errors.OpError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({first_line(exc)})") from None
     spec = loaded.element_spec
-    if isinstance(spec, tuple) and len(spec) == 3:
-        raise DataError(f"{path}: its elements carry sample weights (x, y, sample_weight), which a streamed "
-                        "tf.data folder does not read yet; pass --no-stream to read it into memory")
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], (dict, tuple, list)):
+    parts = len(spec) if isinstance(spec, tuple) else 0
+    if parts in (2, 3) and isinstance(spec[1], (dict, tuple, list)):
         raise DataError(f"{path}: its elements carry one target per output (x, {{output: y}}), which a streamed "
                         "tf.data folder does not read yet; pass --no-stream to read it into memory")
-    flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) == 2 else []
-    if not (flat_x and isinstance(spec[1], tf.TensorSpec) and all(isinstance(s, tf.TensorSpec) for s in flat_x)):
-        raise DataError(f"{path}: elements must be (x, y) pairs, found {spec}; save dataset.map(lambda ...: (x, y))")
+    flat_x = tf.nest.flatten(spec[0]) if parts in (2, 3) else []
+    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in flat_x + list(spec[1:]))):
+        raise DataError(f"{path}: elements must be (x, y) pairs or (x, y, sample_weight) triples, found {spec}; "
+                        "save dataset.map(lambda ...: (x, y))")
     batched = bool(flat_x[0].shape.rank) and flat_x[0].shape[0] is None
+    weighted = parts == 3  # (x, y, sample_weight), as fit takes a dataset
 
     def make():
         data = tf.data.Dataset.load(str(path))
-        return data.unbatch() if batched else data
+        data = data.unbatch() if batched else data
+        return data.map(lambda x, y, w: (x, (y, w))) if weighted else data
 
     return _stream(make, path, options, by_input, "tf.data (streamed)")
 
@@ -250,6 +254,10 @@ def load_tfrecord(path, options, by_input):
     import tensorflow as tf
 
     features, inputs, target = parse_features(options.features, options.target)
+    weighted = SAMPLE_WEIGHT in inputs  # a feature of that name weighs each row's loss, as fit's sample_weight
+    inputs = [n for n in inputs if n != SAMPLE_WEIGHT]
+    if not inputs:
+        raise DataError(f"--features names no input beside {target!r} and {SAMPLE_WEIGHT!r}; add the inputs")
     files = sorted(str(p) for p in path.iterdir() if p.suffix in TFRECORD_SUFFIXES) if path.is_dir() else [str(path)]
     if not files:
         raise DataError(f"{path} holds no .tfrecord files")
@@ -258,7 +266,7 @@ def load_tfrecord(path, options, by_input):
         def parse(record):
             example = tf.io.parse_single_example(record, features)
             x = example[inputs[0]] if len(inputs) == 1 else {n: example[n] for n in inputs}
-            return x, example[target]
+            return x, ((example[target], example[SAMPLE_WEIGHT]) if weighted else example[target])
 
         return tf.data.TFRecordDataset(files).map(parse)
 
@@ -281,18 +289,24 @@ class Streamed:
     y: object
     kind: str
     stream: "RecordStream"
+    w: object = None  # the sample weights' column, where the records carry them
 
 
 def _stream(make, path, options, by_input, kind):
-    """Count the rows and check every value is finite in one pass, a few thousand rows at a time."""
+    """Count the rows and check every value is finite (and every sample weight finite and >= 0)
+    in one pass, a few thousand rows at a time."""
     import tensorflow as tf
 
     if options.allow_nonfinite:
         raise DataError(f"{path} is streamed: --allow-nonfinite-data is not supported for it yet; clean the data")
     examples = make()
     spec = examples.element_spec
+    weighted = isinstance(spec[1], tuple)  # (x, (y, sample_weight))
     rows, bad, first = 0, 0, None
     for bx, by in examples.batch(4096).as_numpy_iterator():
+        if weighted:
+            by, bw = by
+            _check_weights(path, bw, rows)
         for name, array in _flat_named(bx) + [("y", by)]:
             if np.issubdtype(array.dtype, np.floating):
                 finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
@@ -311,7 +325,30 @@ def _stream(make, path, options, by_input, kind):
 
     x = tf.nest.map_structure(column, spec[0])
     x = by_input(x if not isinstance(x, (tuple, list)) else tuple(x), options, path)
-    return Streamed(x, column(spec[1]), kind, RecordStream(make, rows, options.shuffle_buffer))
+    y, w = (column(spec[1][0]), column(spec[1][1])) if weighted else (column(spec[1]), None)
+    return Streamed(x, y, kind, RecordStream(make, rows, options.shuffle_buffer), w)
+
+
+WEIGHTS_RULE = "sample weights must be finite and >= 0"
+
+
+def first_bad_weight(weights) -> tuple | None:
+    """Index of the first sample weight that is not finite or is negative (None: none is): the
+    one rule for weights, read into memory (data._check_weights) or streamed. A weight scales a
+    row's loss: NaN or a negative weight trains on nothing a user meant."""
+    weights = np.asarray(weights, np.float64)
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.reshape(-1))), bad.shape))
+
+
+def _check_weights(path, weights, start: int) -> None:
+    """A batch of a stream's sample weights whose first row is row ``start`` of the stream."""
+    at = first_bad_weight(weights)
+    if at is not None:
+        where = ", ".join(str(i) for i in (start + at[0],) + at[1:])
+        raise DataError(f"{path}: {SAMPLE_WEIGHT}[{where}] is {np.asarray(weights)[at]:g}; {WEIGHTS_RULE}")
 
 
 def _flat_named(x):

@@ -176,7 +176,7 @@ class Pipeline:
                 yield order[: per * size].reshape(per, size).astype(np.int64)
 
         if self.data.stream is not None:  # a record stream: bounded shuffle buffer (streams.RecordStream)
-            batches = self.data.stream.batches(self.data.x, self.data.y, epochs, size, options.shuffle, options.seed,
+            batches = self.data.stream.batches(self.data.x, self.targets(), epochs, size, options.shuffle, options.seed,
                                                keep, PARALLEL_CALLS).skip(start)
         elif streams.is_rows(self.data.x):  # rows read where they lie, a batch at a time, ahead of the step
             targets = self.targets()
