@@ -27,7 +27,6 @@ that ``compile`` adds is watched instead, so the unscaled gradient is measured. 
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import threading
@@ -41,15 +40,15 @@ from .api import Summary, clipping_of, summarize, typed
 from .train import distribute
 from .clip import map_values
 from .errors import GradwatchError, OptionError
-from .objective import describe_optimizer, refuse_hidden_options
+from .objective import describe_optimizer, refuse_hidden_options, regularization
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
 from .record.rows import COLUMNS, CSV_COLUMNS, RowStore, clip_ratio
 from .signals import PendingInterrupt, signal_name
 
 # What the watched apply writes per step into the device buffer, in this order.
-_BUFFERED = ("loss", "grad_norm", "grad_norm_rows", "clipped_norm", "threshold", "lr", "clipped", "nonfinite",
-             "loss_scale", "overflow")
+_BUFFERED = ("loss", "reg_loss", "grad_norm", "grad_norm_rows", "clipped_norm", "threshold", "lr", "clipped",
+             "nonfinite", "loss_scale", "overflow")
 class GradientWatch(keras.callbacks.Callback):
     """Optimizer wrapper (``wrap``) and callback in one: records every step of ``fit``."""
 
@@ -80,6 +79,8 @@ class GradientWatch(keras.callbacks.Callback):
         self.async_safe = True
         self._loss = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_loss")
         self._loss_seen = _variable(tf.constant(False), "gradwatch_loss_seen")  # this step's loss came
+        # the regularization part of this step's loss (model.losses), where compute_loss computed it
+        self._reg = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_reg_loss")
         self._compute_loss = None  # the model's own compute_loss while fit runs (see _watch_compute_loss)
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
         self._optimizer = None  # the optimizer wrap() was given
@@ -167,6 +168,9 @@ class GradientWatch(keras.callbacks.Callback):
             training = kwargs.get("training", args[4] if len(args) > 4 else True)
             if loss is not None and training is True:
                 self._record_loss(loss)
+                # its regularization part, as gradwatch's own step records it: each replica's own,
+                # their mean under a strategy (Keras divides only the total by the replica count)
+                self._reg.assign(_all_reduced(regularization(model.losses)) / _replicas())
             return loss
 
         model.compute_loss, self._compute_loss = compute_loss, compute_loss
@@ -206,7 +210,9 @@ class GradientWatch(keras.callbacks.Callback):
         tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, m.state)
         overflow, nonfinite = nonfinite_kinds(m.finite, m.grads_finite, judged, scale is not None)
         self._loss_seen.assign(False)
-        values = {"loss": loss, "grad_norm": m.grad_norm, "grad_norm_rows": m.grad_norm_rows,
+        reg = self._reg.read_value()
+        self._reg.assign(tf.constant(float("nan")))  # a step that does not call compute_loss records NaN
+        values = {"loss": loss, "reg_loss": reg, "grad_norm": m.grad_norm, "grad_norm_rows": m.grad_norm_rows,
                   "clipped_norm": m.clipped_norm, "threshold": m.threshold, "lr": lr, "clipped": m.clipped,
                   "nonfinite": nonfinite, "loss_scale": 1.0 if scale is None else scale, "overflow": overflow}
         row = tf.stack([tf.cast(values[name], tf.float64) for name in _BUFFERED])  # by name: the order is _BUFFERED's
@@ -339,7 +345,7 @@ class GradientWatch(keras.callbacks.Callback):
             got = dict(zip(_BUFFERED, got))
             loss, grad_norm, clipped_norm = float(np.float32(got["loss"])), got["grad_norm"], got["clipped_norm"]
             rows.append({
-                "step": len(self._rows) + len(rows) + 1, "epoch": self._epoch, "loss": loss, "reg_loss": math.nan,
+                "step": len(self._rows) + len(rows) + 1, "epoch": self._epoch, "loss": loss, "reg_loss": float(np.float32(got["reg_loss"])),
                 "grad_norm": grad_norm, "grad_norm_rows": got["grad_norm_rows"], "clipped_norm": clipped_norm,
                 "clip_ratio": clip_ratio(grad_norm, clipped_norm), "clipped": bool(got["clipped"]),
                 "threshold": got["threshold"], "lr": float(np.float32(got["lr"])),

@@ -50,6 +50,16 @@ def make_loss(name: str, from_logits: bool = False):
     return _FunctionLoss(found, name)
 
 
+def regularization(losses):
+    """The regularization part of a Keras model's loss: the sum of ``model.losses`` (weight and
+    activity regularizers, ``add_loss`` terms), in float32; 0 where there are none. Written once
+    for gradwatch's own step (train.loop) and for GradientWatch inside ``fit``."""
+    import tensorflow as tf
+
+    terms = [tf.reduce_sum(tf.cast(t, tf.float32)) for t in losses]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
 def _loss_class(found):
     """The Keras Loss class behind an identifier (``mse`` -> MeanSquaredError), if there is one."""
     import keras

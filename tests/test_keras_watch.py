@@ -174,7 +174,8 @@ for case in sys.argv[2].split(","):
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if mirrored else tf.distribute.get_strategy()
     with strategy.scope():
         keras.utils.set_random_seed(3)
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(12, activation="tanh"), keras.layers.Dense(1)])
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(12, activation="tanh"),
+                                  keras.layers.Dense(1, kernel_regularizer=keras.regularizers.L2(1e-2))])
         watch = GradientWatch(clip="global", norm=0.5) if watched else None
         optimizer = watch.wrap(keras.optimizers.SGD(0.2)) if watched else keras.optimizers.SGD(0.2, global_clipnorm=0.5)
         model.compile(optimizer=optimizer, loss="mse")
@@ -202,8 +203,9 @@ def test_under_a_mirrored_strategy_the_global_gradient_is_clipped(tmp_path):
     one, two = results["single_watch"], results["mirrored_watch"]
     for a, b in zip(one[0], two[0]):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    for column in ("loss", "grad_norm", "clipped_norm", "clip_ratio", "threshold", "lr"):
+    for column in ("loss", "reg_loss", "grad_norm", "clipped_norm", "clip_ratio", "threshold", "lr"):
         np.testing.assert_allclose(two[1][column], one[1][column], rtol=1e-5, err_msg=column)
+    assert (one[1]["reg_loss"] > 0).all()
     assert (two[1]["clipped"] == one[1]["clipped"]).all() and len(two[1]) == 20
     for a, b in zip(one[0], results["single_keras"][0]):  # one device: Keras' global_clipnorm agrees
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
@@ -225,6 +227,42 @@ def test_the_optimizer_column_names_it_as_the_cli_does_schedule_and_weight_decay
         "AdamW(learning_rate=schedule ExponentialDecay, weight_decay=0.004, beta_1=0.8, beta_2=0.999), "
         "the wrapped optimizer of model.fit"}
     np.testing.assert_allclose(watch.rows["lr"], [0.02 * 0.5 ** (k / 5) for k in range(20)], rtol=1e-6)
+
+
+def test_the_regularization_part_is_recorded_as_gradwatch_records_it():
+    """reg_loss inside fit: model.losses (a weight and an activity regularizer) of each step, equal
+    to gradwatch's own training of the same model and batches, and at step 1 to Keras' own
+    model.losses after a forward pass on the first batch."""
+    import keras
+
+    import gradwatch
+    from gradwatch.keras import GradientWatch
+
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=64)
+
+    def model():
+        keras.utils.set_random_seed(21)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh",
+                                                                       kernel_regularizer=keras.regularizers.L2(1e-2)),
+                                 keras.layers.Dense(3, activity_regularizer=keras.regularizers.L2(1e-2))])
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    first = model()
+    first(x[:8], training=True)
+    step_one = float(sum(float(v) for v in first.losses))
+    watch = GradientWatch(clip="global", norm=0.5)
+    watched = model()
+    watched.compile(optimizer=watch.wrap(keras.optimizers.SGD(0.1)), loss=loss)
+    watched.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[watch])
+    own = model()
+    own.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    rows = gradwatch.run(own, (x, y), batch_size=8, steps=8, shuffle=False, clip="global", norm=0.5)
+    assert watch.rows["reg_loss"][0] == pytest.approx(step_one, rel=1e-6)
+    np.testing.assert_allclose(watch.rows["reg_loss"], rows["reg_loss"], rtol=1e-5)
+    np.testing.assert_allclose(watch.rows["loss"], rows["loss"], rtol=1e-5)
+    assert watch.rows["reg_loss"].nunique() > 1  # it follows the weights
 
 
 def own_train_step_models():
@@ -284,9 +322,10 @@ def test_a_train_step_of_ones_own_is_recorded_as_it_trains(which):
     assert "compute_loss" not in vars(watched)  # the model's own method is back
     if which == "compute_loss":
         np.testing.assert_allclose(rows["loss"], losses, rtol=1e-6)
+        assert (rows["reg_loss"] == 0).all()  # no regularizers: compute_loss saw none
         assert not any("[loss_not_recorded]" in line for line in verdict)
     else:
-        assert rows["loss"].isna().all()
+        assert rows["loss"].isna().all() and rows["reg_loss"].isna().all()
         assert verdict[0].startswith("No loss was recorded (the model's train_step calls neither "
                                      "self.compute_loss(...) nor self.optimizer.scale_loss(...))")
         assert not any(code in line for line in verdict for code in ("[stable]", "[diverged]", "[nonfinite]"))

@@ -21,7 +21,7 @@ from ..load import data as data_mod
 from ..train import distribute
 from ..clip import Clipping
 from ..clip.base import norms
-from ..objective import check_lr, describe_optimizer, has_schedule, make_optimizer, optimizer_config
+from ..objective import check_lr, describe_optimizer, has_schedule, make_optimizer, optimizer_config, regularization
 from ..errors import DataError, GradwatchError, Interrupted, ModelError, NonFiniteStop, OptionError, first_line
 from ..diagnose.spikes import SpikeRule
 from ..record.rows import RowStore, clip_ratio, summarize
@@ -339,12 +339,7 @@ class Trainer:
             return value if replicas == 1 else value / tf.cast(replicas, value.dtype)
 
         def extra_loss():
-            import tensorflow as tf
-
-            if model.extra_losses is None:
-                return None
-            terms = [tf.reduce_sum(tf.cast(t, tf.float32)) for t in model.extra_losses()]
-            return tf.add_n(terms) if terms else tf.constant(0.0)
+            return None if model.extra_losses is None else regularization(model.extra_losses())
 
         def weighed(y):  # (targets, sample weights or None): the pipeline's y, or (y, w) (Pipeline.targets)
             return y if isinstance(y, tuple) else (y, None)
