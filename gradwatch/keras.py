@@ -82,6 +82,7 @@ class GradientWatch(keras.callbacks.Callback):
         # the regularization part of this step's loss (model.losses), where compute_loss computed it
         self._reg = _variable(tf.constant(float("nan"), tf.float32), "gradwatch_reg_loss")
         self._compute_loss = None  # the model's own compute_loss while fit runs (see _watch_compute_loss)
+        self._weighing = set()  # of every traced training step: were its rows weighted (fit's sample_weight)?
         self._state_vars = None  # the strategy's state as variables, made in on_train_begin
         self._optimizer = None  # the optimizer wrap() was given
         self._outer = None  # a LossScaleOptimizer around it (mixed precision), watched in its place
@@ -168,6 +169,8 @@ class GradientWatch(keras.callbacks.Callback):
             training = kwargs.get("training", args[4] if len(args) > 4 else True)
             if loss is not None and training is True:
                 self._record_loss(loss)
+                # seen while the step is traced: fit gives sample_weight (or class_weight, as weights)
+                self._weighing.add(kwargs.get("sample_weight", args[3] if len(args) > 3 else None) is not None)
                 # its regularization part, as gradwatch's own step records it: each replica's own,
                 # their mean under a strategy (Keras divides only the total by the replica count)
                 self._reg.assign(_all_reduced(regularization(model.losses)) / _replicas())
@@ -366,7 +369,8 @@ class GradientWatch(keras.callbacks.Callback):
         optimizer = getattr(self._optimizer, "inner_optimizer", None) or self._optimizer
         text = describe_optimizer(optimizer, "the wrapped optimizer of model.fit")
         return {"model": f"keras.Model {self.model.name}", "data": "model.fit", "optimizer": text,
-                "loss_fn": "the model's compiled loss (model.fit)", "sparse_norm": self.sparse_norm}
+                "loss_fn": "the model's compiled loss (model.fit)" + _WEIGHING.get(frozenset(self._weighing), ""),
+                "sparse_norm": self.sparse_norm}
 
     # -- results -------------------------------------------------------------------------------
 
@@ -391,6 +395,11 @@ class GradientWatch(keras.callbacks.Callback):
 def _variable(initial, name: str):
     """A variable every replica may assign the same value to (the first replica's is kept)."""
     return tf.Variable(initial, trainable=False, name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+# What the rows' loss_fn adds for the weighting its traced steps saw (none seen: nothing to add).
+_WEIGHING = {frozenset({True}): ", each row weighted by fit's sample_weight (or class_weight)",
+             frozenset({True, False}): ", in some fits weighted by their sample_weight (or class_weight)"}
 
 
 def _replicas() -> int:

@@ -265,6 +265,35 @@ def test_the_regularization_part_is_recorded_as_gradwatch_records_it():
     assert watch.rows["reg_loss"].nunique() > 1  # it follows the weights
 
 
+def test_the_loss_fn_column_says_when_fit_weighed_the_rows():
+    """fit's sample_weight and class_weight (which Keras turns into sample weights) reach
+    compute_loss: the rows' loss_fn says so, as the CLI's says a data set's sample_weight."""
+    import keras
+
+    from gradwatch.keras import GradientWatch
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 2, 64)
+    plain = "the model's compiled loss (model.fit)"
+    labels = {}
+    for case in ("none", "sample_weight", "class_weight", "both fits"):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+        watch = GradientWatch(clip="none")
+        model.compile(optimizer=watch.wrap(keras.optimizers.SGD(0.1)),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        weights = {"sample_weight": {"sample_weight": rng.uniform(0, 2, 64)},
+                   "class_weight": {"class_weight": {0: 1.0, 1: 3.0}}}.get(case, {})
+        if case == "both fits":
+            model.fit(x, y, batch_size=8, verbose=0, callbacks=[watch])
+            weights = {"class_weight": {0: 1.0, 1: 3.0}}
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[watch], validation_data=(x, y), **weights)
+        labels[case] = set(watch.rows["loss_fn"])
+    weighted = plain + ", each row weighted by fit's sample_weight (or class_weight)"
+    assert labels == {"none": {plain}, "sample_weight": {weighted}, "class_weight": {weighted},
+                      "both fits": {plain + ", in some fits weighted by their sample_weight (or class_weight)"}}
+
+
 def own_train_step_models():
     """Two model classes with their own train_step, as Keras' guide "Customizing what happens in
     fit()" writes one: with self.compute_loss, and with a loss computed by hand."""
