@@ -348,7 +348,8 @@ class GradientWatch(keras.callbacks.Callback):
             got = dict(zip(_BUFFERED, got))
             loss, grad_norm, clipped_norm = float(np.float32(got["loss"])), got["grad_norm"], got["clipped_norm"]
             rows.append({
-                "step": len(self._rows) + len(rows) + 1, "epoch": self._epoch, "loss": loss, "reg_loss": float(np.float32(got["reg_loss"])),
+                "step": len(self._rows) + len(rows) + 1, "epoch": self._epoch, "loss": loss,
+                "reg_loss": float(np.float32(got["reg_loss"])),
                 "grad_norm": grad_norm, "grad_norm_rows": got["grad_norm_rows"], "clipped_norm": clipped_norm,
                 "clip_ratio": clip_ratio(grad_norm, clipped_norm), "clipped": bool(got["clipped"]),
                 "threshold": got["threshold"], "lr": float(np.float32(got["lr"])),
