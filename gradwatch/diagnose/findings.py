@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..load.data import is_text
+
 FAIL_ON_EXIT = 4  # `--fail-on` found one of its codes (documented in the README's exit codes)
 
 # code -> (kind, the rule). kind: "problem" (the training is in trouble), "warning" (a result
@@ -381,7 +383,7 @@ def _flat(values) -> np.ndarray | None:
     if isinstance(values, dict):
         values = list(values.values())
     parts = [np.asarray(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
-    parts = [p.reshape(len(p), -1).astype(np.float64) for p in parts if p.dtype.kind not in "USO"]
+    parts = [p.reshape(len(p), -1).astype(np.float64) for p in parts if not is_text(p)]
     return np.concatenate(parts, axis=1) if parts else None
 
 
