@@ -142,8 +142,9 @@ def summarize(rows: list[dict], rule=None) -> dict:
 
     Losses and norms are summarised over finite values; non-finite steps are counted apart,
     never also as spikes. ``final_loss``: see :func:`final_loss`. ``largest_jump``: see
-    :func:`_largest_jump`; ``spike_rise`` is the same over the rises onto loss spikes. Loss spikes are the run's ``loss_spike`` column; gradient spikes the
-    same rule (``rule``, default ``SpikeRule()``) on the global norm before clipping.
+    :func:`_largest_jump`; ``spike_rise`` is the same over the rises onto loss spikes. Loss
+    spikes are the run's ``loss_spike`` column; gradient spikes the same rule (``rule``,
+    default ``SpikeRule()``) on the global norm before clipping.
     """
     from ..diagnose.spikes import SpikeRule
 
@@ -159,7 +160,7 @@ def summarize(rows: list[dict], rule=None) -> dict:
     overflow = [bool(v) for v in col["overflow"]]
     grad_spike = [g and not o for g, o in zip(grad_spike, overflow)]
     clean = [int(step) for step, spike, bad in zip(col["step"], loss_spike, bad_input) if spike and not bad]
-    spike_rise, spike_rise_step = _largest_jump(loss, col["step"], among=clean) if clean else (float("nan"), None)
+    spike_rise, spike_rise_step = _largest_jump(loss, col["step"], among=clean)  # (NaN, None) without spikes
     return {
         "steps": n,
         "loss_first": float(loss[0]) if n else float("nan"),
