@@ -328,6 +328,7 @@ def test_what_keras_global_clipnorm_changes_for_adam_is_the_second_moment():
     for option in ({"clipnorm": 100.0}, {"clipvalue": 100.0}):
         assert isinstance(keras.optimizers.Adam(**option)._clip_gradients([raw])[0], tf.IndexedSlices)
     densified = keras.optimizers.Adam(global_clipnorm=100.0)._clip_gradients([raw])[0]
+    assert not isinstance(densified, tf.IndexedSlices)
     np.testing.assert_allclose(np.asarray(densified), np.asarray(tf.convert_to_tensor(raw)))  # not clipped, yet dense
     moments = []
     for grad in (raw, densified):
