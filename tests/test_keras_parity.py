@@ -224,6 +224,12 @@ def test_two_inputs_by_x_key_and_from_tf_data(cli, two_input_model, tmp_path):
     tf.data.Dataset.from_tensor_slices(({"ids": x["ids"], "numbers": x["numbers"]}, y)).save(str(folder))
     second, _, err = gradwatch_rows(cli, path, folder, tmp_path, 8, 4)
     np.testing.assert_allclose(first["loss"], second["loss"], rtol=1e-6)
+    # a tuple of inputs in the model's input order (numbers, ids), in memory and read as a stream
+    ordered = tmp_path / "two_inputs_in_order"
+    tf.data.Dataset.from_tensor_slices(((x["numbers"], x["ids"]), y)).save(str(ordered))
+    for stream in ("--no-stream", "--stream"):
+        third, _, err = gradwatch_rows(cli, path, ordered, tmp_path, 8, 4, stream)
+        np.testing.assert_allclose(first["loss"], third["loss"], rtol=1e-6, err_msg=stream)
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, numbers=x["numbers"], ids=x["ids"][:, :3], y=y)
     code, _, err = cli("run", path, "--data", wrong, "--batch-size", 8, "--steps", 2)

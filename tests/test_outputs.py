@@ -53,6 +53,24 @@ def test_per_output_losses_and_weights_equal_keras_with_global_clipnorm(cli, two
     assert (rows["loss_fn"] == "the model's compiled loss").all()
 
 
+def test_a_streamed_tf_data_folder_carries_one_target_per_output(cli, two_heads, tmp_path):
+    """A tf.data folder of (x, {output: y}), of (x, (y per output in output order)) and of
+    (x, {output: y}, sample_weight), read as a stream: Keras' own training of the same batches."""
+    import tensorflow as tf
+
+    path, _, _, x, y = two_heads
+    w = np.linspace(0, 2, 64).astype(np.float32)
+    cases = {"named": ((x, y), None), "in output order": ((x, (y["amount"], y["kind"])), None),
+             "weighted": ((x, y, w), w)}
+    for name, (elements, weights) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        tf.data.Dataset.from_tensor_slices(elements).batch(16).save(str(folder))
+        rows, _, err = gradwatch_rows(cli, path, folder, tmp_path, 8, 6, "--clip", "global", "--norm", 1.0, "--stream")
+        want = keras_train(compiled_as_saved(path, "global_clipnorm", 1.0), x, y, 8, 6, weights)
+        np.testing.assert_allclose(rows["loss"], want, rtol=RTOL, err_msg=name)
+    assert (rows["loss_fn"] == "the model's compiled loss, each row weighted by the data's sample_weight").all()
+
+
 def test_a_list_of_outputs_gets_its_targets_in_its_order(cli, two_heads, tmp_path):
     """Targets named after the output layers, which Keras' compiled loss takes as a list in the
     model's order (value_head, class_head), not in the names' sorted order."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, first_line
-from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, first_bad_weight
+from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, first_bad_weight, is_batched
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -191,19 +191,9 @@ def load_tf_data(path: Path, options: DataOptions, model_assets: Path | None) ->
 def from_tf_dataset(dataset, options: DataOptions, path) -> Dataset:
     """A ``tf.data.Dataset`` of (x, y) or (x, y, sample_weight) examples or batches, as ``fit``
     takes them, read into arrays."""
-    import tensorflow as tf
-
     spec = dataset.element_spec
-    flat_x = tf.nest.flatten(spec[0]) if isinstance(spec, tuple) and len(spec) in (2, 3) else []
-    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(spec[1:]))
-            and all(isinstance(s, tf.TensorSpec) for s in flat_x)
-            and isinstance(spec[0], (tf.TensorSpec, dict, tuple, list))
-            and isinstance(spec[1], (tf.TensorSpec, dict, tuple, list)) and (len(spec) == 2 or isinstance(spec[2], tf.TensorSpec))):
-        raise DataError(
-            f"{path}: elements must be (x, y) pairs or (x, y, sample_weight), x a tensor or a dict/tuple of "
-            f"tensors (y too, for a model with several outputs), found {spec}; save dataset.map(lambda ...: (x, y))"
-        )
-    if flat_x[0].shape.rank and flat_x[0].shape[0] is None:
+    check_elements(spec, path)
+    if is_batched(spec):
         dataset = dataset.unbatch()  # saved after .batch(): go back to one example per element
     xs, ys, ws = [], [], []
     for element in dataset.as_numpy_iterator():
@@ -398,9 +388,10 @@ def _streams(p: Path, options: DataOptions) -> bool:
 
 
 def _of_stream(found, path) -> Dataset:
+    dataset = Dataset(found.x, found.y, found.kind, str(path), stream=found.stream, w=found.w)
     if found.w is not None:
-        _check_weight_shape(path, found.w, [("y", found.y)])
-    return Dataset(found.x, found.y, found.kind, str(path), stream=found.stream, w=found.w)
+        _check_weight_shape(path, found.w, dataset.targets())
+    return dataset
 
 
 def load(path, options: DataOptions, model_assets: Path | None = None) -> Dataset:
@@ -419,14 +410,14 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
 
     if p.suffix.lower() in streams.TFRECORD_SUFFIXES or (p.is_dir() and any(
             f.suffix in streams.TFRECORD_SUFFIXES for f in p.iterdir())):
-        return _of_stream(streams.load_tfrecord(p, options, _by_input), p)
+        return _of_stream(streams.load_tfrecord(p, options, _by_input, _by_output), p)
     if options.features:
         raise DataError("--features describes the records of a TFRecord file (.tfrecord); drop it for this data")
     if p.is_dir():
         if not (p / "dataset_spec.pb").exists() and not any(p.glob("*.snapshot")):
             raise DataError(f"{p} is a folder but not one written by tf.data.Dataset.save; give an .npz, .csv or .txt file")
         if _streams(p, options):
-            return _of_stream(streams.load_saved(p, options, _by_input), p)
+            return _of_stream(streams.load_saved(p, options, _by_input, _by_output), p)
         return load_tf_data(p, options, model_assets)
     if p.suffix.lower() == ".npz" and _streams(p, options):
         return load_npz_streamed(p, options, model_assets)

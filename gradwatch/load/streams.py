@@ -165,7 +165,7 @@ class Column:
 
 class RecordStream:
     """A tf.data pipeline of single ``(x, y)`` examples in file order, made afresh on demand
-    (``(x, (y, sample_weight))`` where the data weighs its rows)."""
+    (``(x, (y, sample_weight))`` where the data weighs its rows; see :func:`_stream`)."""
 
     def __init__(self, make, rows: int, buffer: int):
         self.make = make  # () -> tf.data.Dataset of (x, y) or (x, (y, w)) examples
@@ -193,32 +193,48 @@ class RecordStream:
                           num_parallel_calls=parallel_calls)
 
 
-def load_saved(path, options, by_input):
-    """A ``tf.data.Dataset.save`` folder of (x, y) examples (or batches) as a stream."""
+def check_elements(spec, path) -> None:
+    """What a ``tf.data`` data set may hold, as ``fit`` takes one: (x, y) pairs or (x, y,
+    sample_weight) triples, x a tensor or a dict / tuple of tensors (y too, for a model with
+    several outputs). Written once for a folder read into memory and one read as a stream."""
+    import tensorflow as tf
+
+    parts = len(spec) if isinstance(spec, tuple) else 0
+    flat_x = tf.nest.flatten(spec[0]) if parts in (2, 3) else []
+    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in flat_x + tf.nest.flatten(spec[1:]))
+            and isinstance(spec[0], (tf.TensorSpec, dict, tuple, list))
+            and isinstance(spec[1], (tf.TensorSpec, dict, tuple, list)) and (parts == 2 or isinstance(spec[2], tf.TensorSpec))):
+        raise DataError(
+            f"{path}: elements must be (x, y) pairs or (x, y, sample_weight), x a tensor or a dict/tuple of "
+            f"tensors (y too, for a model with several outputs), found {spec}; save dataset.map(lambda ...: (x, y))"
+        )
+
+
+def is_batched(spec) -> bool:
+    """Was the data set saved after ``.batch()`` (its first input's leading dimension unknown)?"""
+    import tensorflow as tf
+
+    first = tf.nest.flatten(spec[0])[0]
+    return bool(first.shape.rank) and first.shape[0] is None
+
+
+def load_saved(path, options, by_input, by_output):
+    """A ``tf.data.Dataset.save`` folder of (x, y) or (x, y, sample_weight) examples (or batches)
+    as a stream."""
     import tensorflow as tf
 
     try:
         loaded = tf.data.Dataset.load(str(path))
     except (tf.errors.OpError, ValueError, OSError) as exc:
         raise DataError(f"{path} is not a folder written by tf.data.Dataset.save ({first_line(exc)})") from None
-    spec = loaded.element_spec
-    parts = len(spec) if isinstance(spec, tuple) else 0
-    if parts in (2, 3) and isinstance(spec[1], (dict, tuple, list)):
-        raise DataError(f"{path}: its elements carry one target per output (x, {{output: y}}), which a streamed "
-                        "tf.data folder does not read yet; pass --no-stream to read it into memory")
-    flat_x = tf.nest.flatten(spec[0]) if parts in (2, 3) else []
-    if not (flat_x and all(isinstance(s, tf.TensorSpec) for s in flat_x + list(spec[1:]))):
-        raise DataError(f"{path}: elements must be (x, y) pairs or (x, y, sample_weight) triples, found {spec}; "
-                        "save dataset.map(lambda ...: (x, y))")
-    batched = bool(flat_x[0].shape.rank) and flat_x[0].shape[0] is None
-    weighted = parts == 3  # (x, y, sample_weight), as fit takes a dataset
+    check_elements(loaded.element_spec, path)
+    batched = is_batched(loaded.element_spec)
 
     def make():
         data = tf.data.Dataset.load(str(path))
-        data = data.unbatch() if batched else data
-        return data.map(lambda x, y, w: (x, (y, w))) if weighted else data
+        return data.unbatch() if batched else data
 
-    return _stream(make, path, options, by_input, "tf.data (streamed)")
+    return _stream(make, path, options, by_input, by_output, "tf.data (streamed)")
 
 
 def parse_features(text: str, target: str | None):
@@ -249,7 +265,7 @@ def parse_features(text: str, target: str | None):
     return features, [n for n in features if n != target], target
 
 
-def load_tfrecord(path, options, by_input):
+def load_tfrecord(path, options, by_input, by_output):
     """TFRecord file(s) of tf.train.Example, parsed with ``--features``, as a stream."""
     import tensorflow as tf
 
@@ -266,12 +282,12 @@ def load_tfrecord(path, options, by_input):
         def parse(record):
             example = tf.io.parse_single_example(record, features)
             x = example[inputs[0]] if len(inputs) == 1 else {n: example[n] for n in inputs}
-            return x, ((example[target], example[SAMPLE_WEIGHT]) if weighted else example[target])
+            return (x, example[target], example[SAMPLE_WEIGHT]) if weighted else (x, example[target])
 
         return tf.data.TFRecordDataset(files).map(parse)
 
     try:
-        return _stream(make, path, options, by_input, "tfrecord (streamed)")
+        return _stream(make, path, options, by_input, by_output, "tfrecord (streamed)")
     except tf.errors.OpError as exc:
         raise DataError(f"{path}: cannot read it as TFRecord files of tf.train.Example with --features "
                         f"{options.features} ({first_line(exc)})") from None
@@ -292,28 +308,29 @@ class Streamed:
     w: object = None  # the sample weights' column, where the records carry them
 
 
-def _stream(make, path, options, by_input, kind):
+def _stream(make, path, options, by_input, by_output, kind):
     """Count the rows and check every value is finite (and every sample weight finite and >= 0)
-    in one pass, a few thousand rows at a time."""
+    in one pass, a few thousand rows at a time. ``make()`` gives (x, y) or (x, y, sample_weight)
+    examples; the stream trains on (x, y) or (x, (y, sample_weight)), x and y in the structure
+    ``by_input`` / ``by_output`` give their columns (by the model's input and output names)."""
     import tensorflow as tf
 
     if options.allow_nonfinite:
         raise DataError(f"{path} is streamed: --allow-nonfinite-data is not supported for it yet; clean the data")
     examples = make()
     spec = examples.element_spec
-    weighted = isinstance(spec[1], tuple)  # (x, (y, sample_weight))
+    weighted = len(spec) == 3
     rows, bad, first = 0, 0, None
-    for bx, by in examples.batch(4096).as_numpy_iterator():
+    for element in examples.batch(4096).as_numpy_iterator():
         if weighted:
-            by, bw = by
-            _check_weights(path, bw, rows)
-        for name, array in _flat_named(bx) + [("y", by)]:
+            _check_weights(path, element[2], rows)
+        for name, array in _flat_named(element[0], "x") + _flat_named(element[1], "y"):
             if np.issubdtype(array.dtype, np.floating):
                 finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
                 if not finite.all():
                     bad += int((~finite).sum())
                     first = first or (name, rows + int(np.argmin(finite)))
-        rows += len(by)
+        rows += len(tf.nest.flatten(element[1])[0])
     if bad:
         raise DataError(f"{path}: {bad} row(s) hold non-finite values (NaN or inf), the first in {first[0]} of row "
                         f"{first[1]}; clean the data (streamed data cannot be trained on with --allow-nonfinite-data)")
@@ -323,10 +340,31 @@ def _stream(make, path, options, by_input, kind):
     def column(s):
         return Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype))
 
-    x = tf.nest.map_structure(column, spec[0])
-    x = by_input(x if not isinstance(x, (tuple, list)) else tuple(x), options, path)
-    y, w = (column(spec[1][0]), column(spec[1][1])) if weighted else (column(spec[1]), None)
-    return Streamed(x, y, kind, RecordStream(make, rows, options.shuffle_buffer), w)
+    saved_x, saved_y = (tf.nest.map_structure(column, side) for side in spec[:2])
+    x = by_input(tuple(saved_x) if isinstance(saved_x, (tuple, list)) else saved_x, options, path)
+    y = by_output(tuple(saved_y) if isinstance(saved_y, (tuple, list)) else saved_y, options, path)
+    w = column(spec[2]) if weighted else None
+    as_x, as_y = _follow(saved_x, x), _follow(saved_y, y)
+
+    def make_training():
+        if weighted:
+            return make().map(lambda ex, ey, ew: (as_x(ex), (as_y(ey), ew)))
+        return make().map(lambda ex, ey: (as_x(ex), as_y(ey)))
+
+    return Streamed(x, y, kind, RecordStream(make_training, rows, options.shuffle_buffer), w)
+
+
+def _follow(saved, columns):
+    """One side (x or y) of an example, structured as saved (``saved``: its columns), as the
+    structure ``by_input`` / ``by_output`` gave those columns: a dict by the model's names, from a
+    tuple in input order or from other names in that order. The identity where they kept it."""
+    import tensorflow as tf
+
+    if not isinstance(columns, dict):
+        return lambda side: side
+    at = {id(c): k for k, c in enumerate(tf.nest.flatten(saved))}
+    picks = [(name, at[id(c)]) for name, c in columns.items()]
+    return lambda side: {name: tf.nest.flatten(side)[k] for name, k in picks}
 
 
 WEIGHTS_RULE = "sample weights must be finite and >= 0"
@@ -351,9 +389,9 @@ def _check_weights(path, weights, start: int) -> None:
         raise DataError(f"{path}: {SAMPLE_WEIGHT}[{where}] is {np.asarray(weights)[at]:g}; {WEIGHTS_RULE}")
 
 
-def _flat_named(x):
-    if isinstance(x, dict):
-        return [(f"x[{k!r}]", v) for k, v in x.items()]
-    if isinstance(x, (tuple, list)):
-        return [(f"x[{k}]", v) for k, v in enumerate(x)]
-    return [("x", x)]
+def _flat_named(side, what: str):
+    if isinstance(side, dict):
+        return [(f"{what}[{k!r}]", v) for k, v in side.items()]
+    if isinstance(side, (tuple, list)):
+        return [(f"{what}[{k}]", v) for k, v in enumerate(side)]
+    return [(what, side)]
