@@ -351,7 +351,8 @@ def _stream(make, path, options, by_input, by_output, kind):
             return make().map(lambda ex, ey, ew: (as_x(ex), (as_y(ey), ew)))
         return make().map(lambda ex, ey: (as_x(ex), as_y(ey)))
 
-    return Streamed(x, y, kind, RecordStream(make_training, rows, options.shuffle_buffer), w)
+    kept = not weighted and not isinstance(x, dict) and not isinstance(y, dict)  # as saved: no stage to add
+    return Streamed(x, y, kind, RecordStream(make if kept else make_training, rows, options.shuffle_buffer), w)
 
 
 def _follow(saved, columns):
