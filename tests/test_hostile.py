@@ -156,6 +156,32 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, module_model, regressio
         assert "unexpected" not in err and "please report" not in err
 
 
+def test_a_class_id_beyond_the_classes_in_a_record_stream_stops_at_its_step(cli, tmp_path):
+    """A record stream's targets are not read before training: the class id 7 of row 20 (step 3
+    of batches of 8 in file order) against 3 classes stops the run there with the words of the
+    check before training, not "unexpected ... please report it"; steps 1 and 2 are kept."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.save(tmp_path / "three_classes.keras")
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(64, 6)).astype(np.float32), rng.integers(0, 3, size=64)
+    y[20] = 7
+    tf.data.Dataset.from_tensor_slices((x, y)).save(str(tmp_path / "labels"))
+    csv = tmp_path / "run.csv"
+    code, out, err = cli("run", tmp_path / "three_classes.keras", "--data", tmp_path / "labels", "--stream",
+                         "--no-shuffle", "--batch-size", 8, "--steps", 6, "--fetch-every", 1, "--csv", csv, "-q")
+    assert code == 2, err
+    assert ("the data of step 3 holds the class id 7, outside [0, 3) (the model's last output dimension is 3); "
+            "fix the labels or the model's number of outputs") in err
+    assert "unexpected" not in err and "please report" not in err
+    kept = read_csv(csv.with_name("run.csv.partial"))
+    assert kept["step"].tolist() == [1, 2]
+
+
 def test_a_folder_removed_under_a_running_csv_says_so(tmp_path, module_model, regression_npz):
     folder = tmp_path / "out"
     folder.mkdir()

@@ -767,17 +767,30 @@ def _position(iterations: int, start_step: int) -> str:
 
 
 def _raise_lookup_error(exc, where: str) -> None:
-    """An id outside a lookup table (an Embedding's rows) is the data's fault, not an unexpected
-    error: say which id, how many rows the table has, and what to check. (On a CPU TensorFlow
-    raises it; on a GPU the lookup returns zeros, which nothing after the fact can see.)"""
+    """An id the model cannot look up is the data's fault, not an unexpected error: say which id,
+    what the model has room for, and what to check. Two kinds, as TensorFlow reports them on a
+    CPU (on a GPU neither raises, and nothing after the fact can see them):
+
+    * an id outside a lookup table (an Embedding's rows, a tf.gather): the lookup returns zeros
+      on a GPU;
+    * a class id outside the model's classes, reaching a sparse cross-entropy from data not
+      checked before training (a record stream's targets are not read twice): NaN on a GPU,
+      recorded as a non-finite step. The words are those of the check before training.
+    """
     import re
 
-    found = re.search(r"indices\[[^\]]*\] = (-?\d+) is not in \[0, (\d+)\)", str(exc))
+    text = str(exc)
+    found = re.search(r"indices\[[^\]]*\] = (-?\d+) is not in \[0, (\d+)\)", text)
     if found:
         index, rows = found.groups()
         raise DataError(f"the data of {where} holds the id {index}, but the model's lookup table (an Embedding, a tf.gather) has {rows} rows, "
                         f"ids 0 to {int(rows) - 1}: give the vocabulary the model was trained with (--vocab) or ids "
                         f"below {rows}") from None
+    found = re.search(r"Received a label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)", text)
+    if found:
+        label, classes = found.groups()
+        raise DataError(f"the data of {where} holds the class id {label}, outside [0, {classes}) (the model's last "
+                        f"output dimension is {classes}); fix the labels or the model's number of outputs") from None
 
 
 def _xla_failed(exc) -> bool:
