@@ -351,8 +351,12 @@ def _stream(make, path, options, by_input, by_output, kind):
             return make().map(lambda ex, ey, ew: (as_x(ex), (as_y(ey), ew)))
         return make().map(lambda ex, ey: (as_x(ex), as_y(ey)))
 
-    kept = not weighted and not isinstance(x, dict) and not isinstance(y, dict)  # as saved: no stage to add
-    return Streamed(x, y, kind, RecordStream(make if kept else make_training, rows, options.shuffle_buffer), w)
+    as_saved = not weighted and as_x is _same and as_y is _same  # no stage to add
+    return Streamed(x, y, kind, RecordStream(make if as_saved else make_training, rows, options.shuffle_buffer), w)
+
+
+def _same(side):
+    return side
 
 
 def _follow(saved, columns):
@@ -362,7 +366,7 @@ def _follow(saved, columns):
     import tensorflow as tf
 
     if not isinstance(columns, dict):
-        return lambda side: side
+        return _same
     at = {id(c): k for k, c in enumerate(tf.nest.flatten(saved))}
     picks = [(name, at[id(c)]) for name, c in columns.items()]
     return lambda side: {name: tf.nest.flatten(side)[k] for name, k in picks}
