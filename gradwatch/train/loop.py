@@ -645,7 +645,7 @@ class Trainer:
                                                     capture_at)  # no local name: _drop holds the only reference
                     except Exception as exc:
                         first = options.start_step + len(result.rows) + 1
-                        _raise_lookup_error(exc, f"step {first}" if size == 1 else f"steps {first} to {first + size - 1}")
+                        _raise_bad_id(exc, f"step {first}" if size == 1 else f"steps {first} to {first + size - 1}")
                         if not (self.xla and not result.rows and _xla_failed(exc)):
                             raise
                         if options.xla:  # asked for: say why, and what to do
@@ -766,7 +766,7 @@ def _position(iterations: int, start_step: int) -> str:
             f"{start_step}): give --start-step {iterations} to continue where it stopped")
 
 
-def _raise_lookup_error(exc, where: str) -> None:
+def _raise_bad_id(exc, where: str) -> None:
     """An id the model cannot look up is the data's fault, not an unexpected error: say which id,
     what the model has room for, and what to check. Two kinds, as TensorFlow reports them on a
     CPU (on a GPU neither raises, and nothing after the fact can see them):
