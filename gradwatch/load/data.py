@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, first_line
+from . import targets
 from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, first_bad_weight, is_batched
+from .targets import first_true, in_whole
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -495,7 +497,7 @@ def _check_weights(data: Dataset) -> None:
     for start, chunk in _chunks(data.w):
         at = first_bad_weight(chunk)
         if at is not None:
-            raise DataError(f"{data.path}: {_where(data, SAMPLE_WEIGHT, _first_in(start, at))} is "
+            raise DataError(f"{data.path}: {_where(data, SAMPLE_WEIGHT, in_whole(start, at))} is "
                             f"{np.asarray(chunk)[at]:g}; {WEIGHTS_RULE}")
 
 
@@ -512,24 +514,14 @@ def _nonfinite(array):
         count += int(chunk.size - np.count_nonzero(finite))
         rows[start:start + len(chunk)] = ~finite.reshape(len(chunk), -1).all(axis=1)
         if first is None:
-            at = _first(~finite)
-            first = _first_in(start, at)
+            at = first_true(~finite)
+            first = in_whole(start, at)
     return rows, count, first
 
 
 def _chunks(array):
     """(first row, rows) of an array in one piece, or of a streamed one a chunk at a time."""
     return array.chunks() if hasattr(array, "chunks") else [(0, array)]
-
-
-def _first_in(start: int, at: tuple) -> tuple:
-    """The index in the whole array of ``at``, an index in the chunk that begins at row ``start``."""
-    return (start + int(at[0]),) + tuple(int(i) for i in at[1:])
-
-
-def _first(mask: np.ndarray) -> tuple:
-    """Index of the first True of a boolean array (in C order)."""
-    return np.unravel_index(int(np.argmax(mask.reshape(-1))), mask.shape)
 
 
 def _where(data: Dataset, name: str, index: tuple) -> str:
@@ -624,106 +616,20 @@ def _shape(dims) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in dims) + ")"
 
 
-SPARSE_CLASS_LOSSES = {"sparse_categorical_crossentropy"}
-PROBABILITY_LOSSES = {"binary_crossentropy"}
-# Losses that compare targets and outputs element by element: their shapes must agree (Keras
-# broadcasts a (N, 3) target against a 1-unit output, or a (N,) one against 3 units, silently).
-ELEMENTWISE_LOSSES = {
-    "mean_squared_error", "mse", "mean_absolute_error", "mae", "mean_absolute_percentage_error", "mape",
-    "mean_squared_logarithmic_error", "msle", "huber", "log_cosh", "logcosh", "binary_crossentropy",
-    "binary_focal_crossentropy", "categorical_crossentropy", "categorical_focal_crossentropy",
-    "kl_divergence", "kld", "kullback_leibler_divergence", "poisson", "cosine_similarity", "hinge",
-    "squared_hinge", "categorical_hinge", "kldivergence",
-}
-ONE_HOT_LOSSES = {"categorical_crossentropy", "categorical_focal_crossentropy"}
-
-
-def loss_key(name: str | None) -> str | None:
-    """A Keras loss identifier as one name: ``MeanSquaredError``, ``mean_squared_error`` -> ``mean_squared_error``."""
-    if not name:
-        return None
-    import re
-
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(name).strip()).lower()
-
-
 def check_targets(data: Dataset, loss: str | dict | None, classes: int | dict | None) -> None:
-    """Targets that do not fit the loss, where that is cheap to see: class ids that are not whole
-    numbers in [0, classes), binary targets outside [0, 1], targets whose shape the loss would
-    broadcast against the model's output, categorical_crossentropy over one unit (always 0),
-    one-hot targets for a sparse loss and class ids for a one-hot one. TensorFlow would fail with
-    a kernel trace, or silently train on garbage. For several outputs ``loss`` and ``classes``
-    may be {output name: ...}: each target is checked against its output's loss and units."""
+    """Targets that do not fit the loss (targets.TargetCheck: class ids outside [0, classes),
+    binary targets outside [0, 1], shapes the loss would broadcast, ...), read a chunk at a
+    time. For several outputs ``loss`` and ``classes`` may be {output name: ...}: each target
+    is checked against its output's loss and units."""
     if data.stream is not None:
-        return  # not scanned a second time; TensorFlow's own errors stay
+        return  # checked as it was counted (streams._stream)
     keys = list(data.y) if isinstance(data.y, dict) else [None]
     for key, (name, y) in zip(keys, data.targets()):
-        _check_one_target(data.path, name, y, loss.get(key) if isinstance(loss, dict) else loss,
-                          classes.get(key) if isinstance(classes, dict) else classes, key)
-
-
-def _check_one_target(path, name: str, y, loss: str | None, classes: int | None, output: str | None = None) -> None:
-    if not isinstance(y, np.ndarray):
-        y = y.read(np.arange(len(y)))  # the targets alone, read whole
-    loss = loss_key(loss)
-    if loss is None:
-        return
-    _check_target_shape(path, np.asarray(y), loss, classes, output)
-    if loss in SPARSE_CLASS_LOSSES:
-        values = np.asarray(y)
-        if np.issubdtype(values.dtype, np.floating):
-            fractional = values != np.round(values)
-            if fractional.any():
-                at = _first(fractional)
-                raise DataError(
-                    f"{path}: {loss} needs whole-number class ids, but {name}{list(map(int, at))} is {values[at]}; "
-                    "store class ids as integers (or use categorical_crossentropy for one-hot/soft targets)"
-                )
-        bad = values < 0
-        if classes is not None:
-            bad |= values >= classes
-        if bad.any():
-            at = _first(bad)
-            limit = f"[0, {classes}) (the model's last output dimension is {classes})" if classes else "[0, classes)"
-            raise DataError(
-                f"{path}: {int(bad.sum())} class id(s) outside {limit}, the first {name}{list(map(int, at))} = {values[at]}; "
-                "fix the labels or the model's number of outputs"
-            )
-    elif loss in PROBABILITY_LOSSES:
-        values = np.asarray(y, dtype=np.float64)
-        bad = (values < 0) | (values > 1)
-        if bad.any():
-            at = _first(bad)
-            raise DataError(
-                f"{path}: {loss} needs targets in [0, 1], but {int(bad.sum())} are outside, the first "
-                f"{name}{list(map(int, at))} = {values[at]}; rescale the labels or pick another --loss"
-            )
-
-
-def _check_target_shape(path, y: np.ndarray, loss: str | None, classes: int | None, output: str | None = None) -> None:
-    """``output``: which of a model's several outputs the targets are for (None: its only one)."""
-    if classes is None or loss is None:
-        return
-    targets = "the targets" if output is None else f"the targets y[{output!r}]"
-    model = "a model" if output is None else f"output {output!r}"
-    last = y.shape[-1] if y.ndim >= 2 else 1  # a (N,) target is one value a row, as (N, 1)
-    integral = y.size > 0 and bool(np.all(y == np.round(y)))
-    if loss in ONE_HOT_LOSSES and classes == 1:
-        raise DataError(f"{loss} over {model} with 1 output unit is 0 for every example (one class always has "
-                        "probability 1): use binary_crossentropy for one probability, or give the model one unit per class")
-    if loss in SPARSE_CLASS_LOSSES and y.ndim >= 2 and last == classes > 1 and integral and set(np.unique(y)) <= {0, 1} \
-            and np.all(y.sum(axis=-1) == 1):
-        raise DataError(f"{path}: {targets} are one-hot rows of {classes} (the model's outputs), but {loss} takes "
-                        "class ids: use --loss categorical_crossentropy, or store y.argmax(axis=-1)")
-    if loss not in ELEMENTWISE_LOSSES or last == classes:
-        return
-    if loss in ONE_HOT_LOSSES and last == 1 and integral:
-        raise DataError(f"{path}: {targets} are class ids (one a row) but {loss} takes one-hot rows of {classes}; "
-                        "use --loss sparse_categorical_crossentropy")
-    shape = str(tuple(int(d) for d in y.shape))  # (64,) for one value a row, as NumPy writes it
-    raise DataError(f"{path}: {targets} of shape {shape} against {model} with {classes} output unit(s): {loss} would "
-                    f"broadcast them and train on a loss you did not mean; give targets with {classes} value(s) a row "
-                    "(--y-key / --target), or the model as many outputs as targets")
+        check = targets.for_target(data.path, name, key, loss, classes)
+        if check.active:
+            for start, chunk in _chunks(y):
+                check.feed(start, chunk)
+            check.finish()
 
 
 # --- batch order ----------------------------------------------------------------------------

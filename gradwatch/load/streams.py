@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import DataError, first_line
+from . import targets
 
 SAMPLE_WEIGHT = "sample_weight"  # an .npz array, CSV column or TFRecord feature of this name weighs each row's loss, as fit's sample_weight
 AUTO_STREAM_BYTES = 256 * 2**20  # --stream auto: data on disk larger than this is streamed
@@ -383,7 +384,7 @@ def first_bad_weight(weights) -> tuple | None:
     bad = ~np.isfinite(weights) | (weights < 0)
     if not bad.any():
         return None
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.reshape(-1))), bad.shape))
+    return targets.first_true(bad)
 
 
 def _check_weights(path, weights, start: int) -> None:
