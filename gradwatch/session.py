@@ -178,6 +178,7 @@ def _prepare(spec: RunSpec, distribution):
     models.import_modules(spec.imports or ())  # the user's code that defines the model's custom classes
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
+    loss_name = spec.loss or model.compiled_loss_name
     options = data_mod.DataOptions(
         x_key=spec.x_key,
         input_names=model.input_names,
@@ -191,10 +192,10 @@ def _prepare(spec: RunSpec, distribution):
         features=spec.features,
         shuffle_buffer=spec.shuffle_buffer,
         allow_nonfinite=spec.allow_nonfinite_data,
+        targets=(loss_name, model.output_dim) if loss_name else None,
     )
     dataset = data_mod.load(spec.data, options, model.assets)
     bad_rows = data_mod.check_finite(dataset, spec.allow_nonfinite_data)
-    loss_name = spec.loss or model.compiled_loss_name
     if loss_name:
         data_mod.check_targets(dataset, loss_name, model.output_dim)
     if spec.shuffle is None:  # arrays shuffle, a text corpus keeps its order

@@ -141,3 +141,10 @@ def test_targets_that_do_not_fit_the_outputs_are_one_line_errors(cli, two_heads,
         np.savez(bad, **arrays)
         code, _, err = cli("run", path, "--data", bad, "--steps", 1, *extra)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+        if len(arrays) == 3 and not extra and "amount" in arrays:  # the same targets streamed, checked in the pass
+            import tensorflow as tf                                  # that counts them, against their own outputs
+
+            folder = tmp_path / f"bad{k}_tfdata"
+            tf.data.Dataset.from_tensor_slices((x, {"amount": arrays["amount"], "kind": arrays["kind"]})).save(str(folder))
+            code, _, err = cli("run", path, "--data", folder, "--stream", "--steps", 1)
+            assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err

@@ -83,6 +83,9 @@ class DataOptions:
     features: str | None = None  # --features of a TFRecord file: NAME:DTYPE[:SHAPE],...
     shuffle_buffer: int = 10000  # record streams: elements in the shuffle buffer
     allow_nonfinite: bool = False
+    # (loss name, output units), each one value or {output name: value}: what a record stream's
+    # targets are checked against in the pass that counts it (targets.TargetCheck); None: nothing
+    targets: tuple | None = None
 
 
 # --- loaders --------------------------------------------------------------------------------

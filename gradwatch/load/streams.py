@@ -310,8 +310,8 @@ class Streamed:
 
 
 def _stream(make, path, options, by_input, by_output, kind):
-    """Count the rows and check every value is finite (and every sample weight finite and >= 0)
-    in one pass, a few thousand rows at a time. ``make()`` gives (x, y) or (x, y, sample_weight)
+    """Count the rows and check every value is finite (every sample weight finite and >= 0, and
+    the targets against the loss, ``options.targets``) in one pass, a few thousand rows at a time. ``make()`` gives (x, y) or (x, y, sample_weight)
     examples; the stream trains on (x, y) or (x, (y, sample_weight)), x and y in the structure
     ``by_input`` / ``by_output`` give their columns (by the model's input and output names)."""
     import tensorflow as tf
@@ -321,6 +321,7 @@ def _stream(make, path, options, by_input, by_output, kind):
     examples = make()
     spec = examples.element_spec
     weighted = len(spec) == 3
+    checks = _target_checks(spec[1], options, path, by_output)
     rows, bad, first = 0, 0, None
     for element in examples.batch(4096).as_numpy_iterator():
         if weighted:
@@ -331,20 +332,21 @@ def _stream(make, path, options, by_input, by_output, kind):
                 if not finite.all():
                     bad += int((~finite).sum())
                     first = first or (name, rows + int(np.argmin(finite)))
+        for check, array in zip(checks, tf.nest.flatten(element[1])):
+            check.feed(rows, array)
         rows += len(tf.nest.flatten(element[1])[0])
     if bad:
         raise DataError(f"{path}: {bad} row(s) hold non-finite values (NaN or inf), the first in {first[0]} of row "
                         f"{first[1]}; clean the data (streamed data cannot be trained on with --allow-nonfinite-data)")
     if rows == 0:
         raise DataError(f"{path} holds no elements")
+    for check in checks:
+        check.finish()
 
-    def column(s):
-        return Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype))
-
-    saved_x, saved_y = (tf.nest.map_structure(column, side) for side in spec[:2])
-    x = by_input(tuple(saved_x) if isinstance(saved_x, (tuple, list)) else saved_x, options, path)
-    y = by_output(tuple(saved_y) if isinstance(saved_y, (tuple, list)) else saved_y, options, path)
-    w = column(spec[2]) if weighted else None
+    saved_x, saved_y = (_columns(side, rows) for side in spec[:2])
+    x = by_input(saved_x, options, path)
+    y = by_output(saved_y, options, path)
+    w = _columns(spec[2], rows) if weighted else None
     as_x, as_y = _follow(saved_x, x), _follow(saved_y, y)
 
     def make_training():
@@ -354,6 +356,31 @@ def _stream(make, path, options, by_input, by_output, kind):
 
     as_saved = not weighted and as_x is _same and as_y is _same  # no stage to add
     return Streamed(x, y, kind, RecordStream(make if as_saved else make_training, rows, options.shuffle_buffer), w)
+
+
+def _columns(side, rows: int):
+    """The Columns of one side (x, y or the weights) of a stream's element_spec, ``rows`` long;
+    a tuple where it holds several (as ``by_input`` / ``by_output`` take them)."""
+    import tensorflow as tf
+
+    columns = tf.nest.map_structure(lambda s: Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype)), side)
+    return tuple(columns) if isinstance(columns, list) else columns
+
+
+def _target_checks(side, options, path, by_output) -> list:
+    """A TargetCheck per target of a stream (``side``: the element_spec of its y), in the order
+    ``tf.nest.flatten`` gives them, each against the loss and units of the output it trains."""
+    import tensorflow as tf
+
+    if options.targets is None:
+        return []
+    loss, classes = options.targets
+    saved = _columns(side, 0)
+    flat = tf.nest.flatten(saved)
+    by_name = by_output(saved, options, path)  # which output each saved target trains
+    output = {id(c): key for key, c in by_name.items()} if isinstance(by_name, dict) else {id(flat[0]): None}
+    return [targets.for_target(path, "y" if output[id(c)] is None else f"y[{output[id(c)]!r}]", output[id(c)], loss,
+                               classes) for c in flat]
 
 
 def _same(side):

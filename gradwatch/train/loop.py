@@ -773,8 +773,8 @@ def _raise_bad_id(exc, where: str) -> None:
 
     * an id outside a lookup table (an Embedding's rows, a tf.gather): the lookup returns zeros
       on a GPU;
-    * a class id outside the model's classes, reaching a sparse cross-entropy from data not
-      checked before training (a record stream's targets are not read twice): NaN on a GPU,
+    * a class id outside the model's classes, reaching a sparse cross-entropy that the check
+      before training does not know by name (a SavedModel's own ``loss``): NaN on a GPU,
       recorded as a non-finite step. The words are those of the check before training.
     """
     import re
