@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, one_line
+from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, counted, one_line
 from .signals import signal_name
 
 app = typer.Typer(
@@ -509,7 +509,7 @@ def _tagged(clipping, rows, info: dict) -> list[dict]:
 
 
 def _steps(n: int) -> str:
-    return f"{n} step{'s' * (n != 1)}"
+    return counted(n, "step")
 
 
 # Where a command is, for the line a signal outside training prints (main).
@@ -557,7 +557,7 @@ def _train_then_keep(sinks, train, show, quiet, before_commit=None):
         kept = sum(len(r.rows) for r in stop.results)
         where = f" in {', '.join(str(s.path) for s in sinks)}" if sinks else ""
         what = signal_name(stop.signum)
-        _stderr().print(escape(f"gradwatch: interrupted by {what}; kept {kept} recorded rows of {len(stop.results)} variant(s){where}"))
+        _stderr().print(escape(f"gradwatch: interrupted by {what}; kept {counted(kept, 'recorded row')} of {counted(len(stop.results), 'variant')}{where}"))
         show(stop.results, f"interrupted by {what} after {_steps(kept)}")
         raise _RowsKept(stop.signum) from None  # not a KeyboardInterrupt: typer would make it a bare 130
     except NonFiniteStop as stop:
@@ -688,7 +688,7 @@ def _train_many(spec, variants, sink, quiet, progress, info: dict):
     _setup(spec, trainer, info)
     _warn_skipped(trainer)
     labels = ", ".join(v.label for v in variants)
-    _say(quiet, f"gradwatch: comparing {len(variants)} variants ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each; "
+    _say(quiet, f"gradwatch: comparing {counted(len(variants), 'variant')} ({labels}) on {_describe(spec)}, {_steps(trainer.total_steps)} each; "
                 f"{info['setup']}")
 
     def write(clipping, rows):
@@ -778,7 +778,7 @@ def report(
 
         print_section(console, variants)
     if unfinished:
-        _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({len(rows)} rows)"))
+        _stderr().print(escape(f"gradwatch: {file} holds the rows of a run that did not finish ({counted(len(rows), 'row')})"))
     if plot is not None:
         full = f"{title}\n{setup}" if setup else title
         _write_plot(lambda path, kind: draw(variants, path, full, kind, found), plot)
@@ -899,7 +899,7 @@ def suggest(
             if early.first is None:  # nothing broke down: the probe is just too short
                 raise GradwatchError(str(early)) from None
             info["early"] = early
-            _say(quiet, f"gradwatch: the unclipped probe was calm for only {early.calm} steps; probing again, "
+            _say(quiet, f"gradwatch: the unclipped probe was calm for only {counted(early.calm, 'step')}; probing again, "
                         "clipped by AutoClip (p=10)")
             progress.label = "AutoClip probe"
             clipped = trainer.run(Clipping("autoclip", 10.0), on_progress=progress.update)

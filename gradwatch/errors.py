@@ -66,7 +66,12 @@ class Interrupted(KeyboardInterrupt):
 
         kept = sum(len(r.rows) for r in self.results)
         where = "; they are in this exception's .rows" if self.rows is not None else ""
-        return f"interrupted by {signal_name(self.signum)} after {kept} recorded steps{where}"
+        return f"interrupted by {signal_name(self.signum)} after {counted(kept, 'recorded step')}{where}"
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 row``, ``3 rows``: a count and its noun (a plural made with -s), as every message writes it."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def one_line(message: str) -> str:

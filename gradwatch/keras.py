@@ -39,7 +39,7 @@ import tensorflow as tf
 from .api import Summary, clipping_of, summarize, typed
 from .train import distribute
 from .clip import map_values
-from .errors import GradwatchError, OptionError
+from .errors import GradwatchError, OptionError, counted
 from .objective import describe_optimizer, refuse_hidden_options, regularization
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
@@ -310,8 +310,8 @@ class GradientWatch(keras.callbacks.Callback):
         sink = self._sink
         self._finish()
         if signum != signal.SIGINT:
-            kept = (f"kept {sink.rows_written} recorded rows in {sink.path}" if sink is not None else
-                    f"{len(self._rows)} rows recorded and not kept (GradientWatch(csv=...) keeps them in a file)")
+            kept = (f"kept {counted(sink.rows_written, 'recorded row')} in {sink.path}" if sink is not None else
+                    f"{counted(len(self._rows), 'row')} recorded and not kept (GradientWatch(csv=...) keeps them in a file)")
             sys.stderr.write(f"gradwatch: fit stopped by {signal_name(signum)}; {kept}\n")
             sys.stderr.flush()
 

@@ -375,3 +375,20 @@ def test_the_loss_spike_sentence_names_the_largest_rise_among_the_spikes_not_the
     assert found.message == "loss is jumping: 2 loss spikes (first at step 7); the largest rise among them +2 at step 7"
     assert found.numbers["spike_rise"] == pytest.approx(2.0) and found.numbers["spike_rise_step"] == 7
     assert found.numbers["largest_jump"] == pytest.approx(8.0) and found.numbers["largest_jump_step"] == 2
+
+
+def test_counts_are_written_in_the_singular_for_one(cli, module_model, regression_npz, tmp_path):
+    """Words are output: a comparison of one variant (a threshold given twice is compared once)
+    says "1 variant", and a cut-short CSV of one row says "1 row"."""
+    csv = tmp_path / "one.csv"
+    code, out, err = cli("compare", module_model, "--data", regression_npz, "--loss", "mse", "--variants",
+                         "global:5,global:5.0", "--steps", 2, "--csv", csv)
+    assert code == 0, err
+    assert "gradwatch: comparing 1 variant (global 5) on " in err and "1 variants" not in err
+    assert read_csv(csv)["clip"].tolist() == ["global", "global"]
+    lines = csv.read_text().splitlines()
+    partial = tmp_path / "cut.csv.partial"
+    partial.write_text("\n".join(lines[:2]) + "\n")
+    code, out, err = cli("report", partial)
+    assert code == 0, err
+    assert "holds the rows of a run that did not finish (1 row)" in err

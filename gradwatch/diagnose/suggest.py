@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import counted
+
 MIN_CALM = 20
 
 
@@ -59,7 +61,7 @@ class Suggestion:
         if _diverged(summary):
             parts.append(f"diverged (final loss {fmt(summary['final_loss'])}, first {fmt(summary['loss_first'])})")
         if unclipped is not None:
-            parts.append(f"was calm for only {unclipped.calm} steps (its first spike or non-finite step: step {unclipped.first})")
+            parts.append(f"was calm for only {counted(unclipped.calm, 'step')} (its first spike or non-finite step: step {unclipped.first})")
         if not parts:
             return []
         rests = (f"the proposal comes from a second probe clipped by AutoClip, from {self.calm_steps} of its steps"
