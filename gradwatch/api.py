@@ -161,16 +161,40 @@ def compare(model=None, data=None, variants=None, *, clip=None, thresholds=None,
     """Every variant from the same start on the same batches; the long DataFrame (``compare --csv``).
 
     ``variants``: a list such as ``["none", "global:5", "agc:0.01"]`` (or one comma-separated
-    string), or ``clip="global,norm"`` with ``thresholds="none,1,5"`` as in the CLI."""
+    string), or ``clip="global,norm"`` with ``thresholds="none,1,5"`` as in the CLI (each also a
+    list: ``clip=["global"], thresholds=[None, 1, 5]``)."""
     from .clip import parse_variant_list, parse_variants
 
     if variants is not None:
         if clip is not None or thresholds is not None:
             raise OptionError("give variants, or clip with thresholds, not both")
-        chosen = parse_variant_list(variants if isinstance(variants, str) else ",".join(map(str, variants)))
+        chosen = parse_variant_list(_listed(variants, "variants"))
     else:
-        chosen = parse_variants(clip or "global", thresholds or "none,1,5,10", baseline)
+        chosen = parse_variants(_listed(clip, "clip") if clip is not None else "global",
+                                _listed(thresholds, "thresholds") if thresholds is not None else "none,1,5,10", baseline)
     return _train_frame(model, data, sample, chosen, options)
+
+
+def _listed(value, name: str) -> str:
+    """``compare``'s list options as the CLI's comma-separated text: a string as it is, a number,
+    or a list of strings and numbers (None is the unclipped baseline, ``none``)."""
+    import numbers
+
+    def item(v):
+        if v is None:
+            return "none"
+        if isinstance(v, (str, numbers.Real)) and not isinstance(v, bool):
+            return str(v)
+        raise OptionError(f"`{name}` items must be strings or numbers (None for the baseline). Received: {v!r} "
+                          f"({type(v).__name__})")
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(item(v) for v in value)
+    raise OptionError(f"`{name}` must be a comma-separated string or a list. Received: {value!r} ({type(value).__name__})")
 
 
 @dataclass

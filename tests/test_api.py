@@ -44,6 +44,15 @@ def test_compare_returns_the_long_csv_and_summarize_the_verdict(cli, module_mode
     assert list(summary.table["clip"]) == ["none", "global", "agc"]
     assert summary.table["final_loss"][1] == pytest.approx(summary.variants["global 0.5"]["final_loss"])
     assert str(summary).endswith(summary.verdict[-1])
+    # clip and thresholds as Python lists (None: the baseline) are the CLI's comma-separated text
+    listed = gradwatch.compare(str(module_model), str(regression_npz), clip=["global", "norm"], thresholds=[None, 0.5],
+                               **OPTIONS)
+    texted = gradwatch.compare(str(module_model), str(regression_npz), clip="global,norm", thresholds="none,0.5",
+                               **OPTIONS)
+    same_rows(listed, texted)
+    assert listed.groupby(["clip", "param"], dropna=False).ngroups == 3
+    with pytest.raises(OptionError, match=r"`thresholds` items must be strings or numbers"):
+        gradwatch.compare(str(module_model), str(regression_npz), clip="global", thresholds=[{"a": 1}], **OPTIONS)
 
 
 @pytest.fixture(scope="module")
