@@ -73,10 +73,23 @@ def make_spec(model=None, data=None, sample=None, **options):
         options["imports"] = (options["imports"],)
     if options.get("imports") is not None:
         options["imports"] = tuple(str(i) for i in options["imports"])
+    if options.get("optimizer") is not None and not isinstance(options["optimizer"], str):
+        options["optimizer"] = _optimizer_config(options["optimizer"])
     if options.get("opt") is not None:
         opt = options["opt"]
         options["opt"] = tuple(f"{k}={v}" for k, v in opt.items()) if isinstance(opt, dict) else tuple(opt)
     return resolve(RunSpec(model=model, data=data, sample=sample, **options))
+
+
+def _optimizer_config(optimizer) -> dict:
+    """A Keras optimizer object as the config gradwatch builds its own copy from (every variant
+    starts from it afresh; the object itself is never trained or changed)."""
+    import keras
+
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise OptionError(f"`optimizer` must be a Keras optimizer identifier (such as 'adam') or a "
+                          f"keras.optimizers.Optimizer. Received: {type(optimizer).__name__}")
+    return {"class_name": type(optimizer).__name__, "config": optimizer.get_config()}
 
 
 def prepare_trainer(spec, variants, per_variable: bool = False):

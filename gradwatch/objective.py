@@ -25,8 +25,9 @@ CLIP_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
 DEFAULT_LR = 0.01
 
 
-def make_loss(name: str, from_logits: bool = False):
-    """A Keras Loss object (reduction: mean over the batch, as ``compile`` uses) for an identifier."""
+def make_loss(name, from_logits: bool = False):
+    """A Keras Loss object (reduction: mean over the batch, as ``compile`` uses) for an identifier
+    (the Python API also takes a Keras Loss object or a function ``fn(y_true, y_pred)``)."""
     import keras
 
     try:
@@ -47,7 +48,19 @@ def make_loss(name: str, from_logits: bool = False):
         return found
     if cls is not None:
         return cls()
+    if not isinstance(name, str):  # a function of the user's: its name, as a TensorFlow scope may be named
+        import re
+
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", getattr(name, "__name__", type(name).__name__)).strip("_") or "loss"
     return _FunctionLoss(found, name)
+
+
+def loss_name(loss) -> str | None:
+    """The Keras name of a loss given as an identifier (``mse``) or made from one (a Loss
+    object's ``name``, ``mean_squared_error``), for the checks of its targets (load.targets)."""
+    if loss is None or isinstance(loss, str):
+        return loss
+    return getattr(loss, "name", None)
 
 
 def regularization(losses):
@@ -126,10 +139,13 @@ def parse_opt_args(items: list[str] | None) -> dict:
 def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: dict | None) -> tuple[dict, str]:
     """The Keras config (``{"class_name", "config"}``) of the run's optimizer, and where it came from.
 
-    ``name`` (``--optimizer``) wins; else the model's ``compiled`` optimizer; else SGD. ``lr``
+    ``name`` (``--optimizer``, or the ``{"class_name", "config"}`` of an optimizer object) wins; else the model's ``compiled`` optimizer; else SGD. ``lr``
     (``--lr``) and ``args`` (``--opt``) override its hyperparameters; clipping options are removed.
     """
-    if name is not None:
+    if isinstance(name, dict):  # a Keras optimizer object given to the Python API, as its config
+        config = {"class_name": name["class_name"], "config": dict(name["config"])}
+        source = f"the given {name['class_name']} (a copy: the object itself is not changed)"
+    elif name is not None:
         key = name.strip()
         extra = {"momentum": MOMENTUM} if key.lower() == "momentum" else {}
         class_name = "SGD" if key.lower() == "momentum" else key

@@ -140,6 +140,7 @@ def _prepare(spec: RunSpec, distribution):
     from .load import data as data_mod
     from .load import models
     from .diagnose.spikes import SpikeRule
+    from . import objective
     from .objective import make_loss, parse_opt_args
     from .train.loop import TrainOptions, Trainer
 
@@ -178,7 +179,7 @@ def _prepare(spec: RunSpec, distribution):
     models.import_modules(spec.imports or ())  # the user's code that defines the model's custom classes
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
-    loss_name = spec.loss or model.compiled_loss_name
+    loss_name = objective.loss_name(loss if spec.loss is not None else None) or model.compiled_loss_name
     options = data_mod.DataOptions(
         x_key=spec.x_key,
         input_names=model.input_names,

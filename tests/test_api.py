@@ -93,6 +93,39 @@ def test_in_memory_model_and_data_give_the_rows_of_the_files(keras_mlp, regressi
         np.testing.assert_array_equal(w, b)
 
 
+def test_keras_objects_for_the_optimizer_and_the_loss_train_as_their_identifiers(keras_mlp, regression_npz):
+    """In Python one passes objects: an optimizer object trains as its identifier with the same
+    hyperparameters (a copy: the object is not stepped), a schedule inside it gives the rows' lr
+    as Keras computes it, a Loss object or a plain function trains as the identifier and a Loss
+    object's targets are checked as the identifier's are."""
+    import keras
+    import tensorflow as tf
+
+    model, _ = keras_mlp
+    with np.load(regression_npz) as data:
+        x, y = data["x"], data["y"]
+    common = dict(batch_size=8, steps=6, shuffle=False)
+    numbers = ["step", "loss", "grad_norm", "clipped_norm", "lr"]
+    by_name = gradwatch.run(model, (x, y), loss="mse", optimizer="adam", lr=0.003, opt={"beta_1": 0.8}, **common)
+    given = keras.optimizers.Adam(0.003, beta_1=0.8)
+    by_object = gradwatch.run(model, (x, y), loss=keras.losses.MeanSquaredError(), optimizer=given, **common)
+    pd.testing.assert_frame_equal(by_object[numbers], by_name[numbers])
+    assert int(given.iterations.numpy()) == 0 and not given.built
+    assert by_object["optimizer"][0].endswith("the given Adam (a copy: the object itself is not changed)")
+    by_function = gradwatch.run(model, (x, y), loss=lambda t, p: tf.reduce_mean(tf.square(t - p), axis=-1),
+                                optimizer=given, **common)
+    np.testing.assert_allclose(by_function["loss"], by_name["loss"], rtol=1e-6)
+    assert by_function["loss_fn"][0].startswith("lambda")
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=2, decay_rate=0.5)
+    decayed = gradwatch.run(model, (x, y), loss="mse", optimizer=keras.optimizers.SGD(schedule), **common)
+    np.testing.assert_allclose(decayed["lr"], [float(schedule(k)) for k in range(6)], rtol=1e-6)
+    for loss in (keras.losses.MeanSquaredError(), keras.losses.Huber()):  # (N, 3) targets against 1 unit
+        with pytest.raises(DataError, match=r"of shape \(\d+, 3\) against a model with 1 output unit"):
+            gradwatch.run(model, (x, np.repeat(y, 3, axis=1)), loss=loss, **common)
+    with pytest.raises(OptionError, match="`optimizer` must be a Keras optimizer identifier"):
+        gradwatch.run(model, (x, y), loss="mse", optimizer=3, **common)
+
+
 def test_errors_are_gradwatch_errors(module_model, regression_npz):
     with pytest.raises(OptionError, match="unknown option batchsize"):
         gradwatch.run(str(module_model), str(regression_npz), batchsize=8)

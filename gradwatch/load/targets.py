@@ -22,7 +22,7 @@ PROBABILITY_LOSSES = {"binary_crossentropy"}
 # broadcasts a (N, 3) target against a 1-unit output, or a (N,) one against 3 units, silently).
 ELEMENTWISE_LOSSES = {
     "mean_squared_error", "mse", "mean_absolute_error", "mae", "mean_absolute_percentage_error", "mape",
-    "mean_squared_logarithmic_error", "msle", "huber", "log_cosh", "logcosh", "binary_crossentropy",
+    "mean_squared_logarithmic_error", "msle", "huber", "huber_loss", "log_cosh", "logcosh", "binary_crossentropy",
     "binary_focal_crossentropy", "categorical_crossentropy", "categorical_focal_crossentropy",
     "kl_divergence", "kld", "kullback_leibler_divergence", "poisson", "cosine_similarity", "hinge",
     "squared_hinge", "categorical_hinge", "kldivergence",
