@@ -179,7 +179,8 @@ def _prepare(spec: RunSpec, distribution):
     models.import_modules(spec.imports or ())  # the user's code that defines the model's custom classes
     model = models.load(spec.model, endpoint=spec.endpoint, output=spec.output)
     num_steps = spec.num_steps if spec.num_steps is not None else model.input_length
-    loss_name = objective.loss_name(loss if spec.loss is not None else None) or model.compiled_loss_name
+    # the user's own word for the loss (--loss mse), or a Loss object's Keras name (the Python API)
+    loss_name = objective.loss_name(spec.loss if isinstance(spec.loss, str) else loss) or model.compiled_loss_name
     options = data_mod.DataOptions(
         x_key=spec.x_key,
         input_names=model.input_names,
