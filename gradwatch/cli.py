@@ -367,7 +367,7 @@ def _fail_if(codes, found) -> None:
     hits = failing(found, codes)
     if hits:
         named = "; ".join(f"{f.code} ({f.variant or 'comparison'})" for f in hits[:5])
-        _stderr().print(escape(f"gradwatch: --fail-on: {len(hits)} finding{'s' * (len(hits) != 1)}: {named}"))
+        _stderr().print(escape(f"gradwatch: --fail-on: {counted(len(hits), 'finding')}: {named}"))
         raise typer.Exit(FAIL_ON_EXIT)
 
 

@@ -69,9 +69,10 @@ class Interrupted(KeyboardInterrupt):
         return f"interrupted by {signal_name(self.signum)} after {counted(kept, 'recorded step')}{where}"
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 row``, ``3 rows``: a count and its noun (a plural made with -s), as every message writes it."""
-    return f"{n} {noun}{'s' * (n != 1)}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 row``, ``3 rows``: a count and its noun (the plural with -s unless given), as every
+    message writes it."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
 
 
 def one_line(message: str) -> str:

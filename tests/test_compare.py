@@ -175,10 +175,23 @@ def test_verdict_names_the_jumping_baseline_and_the_calm_variant():
     # each step counted once: step 21 a loss spike, step 41 non-finite (not also a spike)
     assert _one(found, "loss_spikes", "none").steps == (21,)
     assert _one(found, "nonfinite", "none").steps == (41,)
-    assert _one(found, "loss_spikes", "none").message.startswith("loss is jumping: 1 loss spike (first at step 21)")
+    # one spike: its step and its rise from the step before (50 - 5 * 0.98**19 = 46.594)
+    assert _one(found, "loss_spikes", "none").message == "loss is jumping: 1 loss spike, at step 21, a rise of +46.59"
     best = _one(found, "recommended")
     assert best.variant == "global 5" and "global 5 calms the loss" in best.message
     assert {f.code for f in found if f.variant == "global 5"} >= {"stable", "clip_always_binds"}
+
+
+def test_one_spike_at_the_same_step_in_every_variant_is_written_in_the_singular():
+    smooth = [5 * 0.98**k for k in range(60)]
+    spiked = list(smooth)
+    spiked[20] = 50.0  # step 21, in both variants: the data's doing, not the clipping's
+    found = findings_of([_variant("none", "none", spiked), _variant("global", "5", spiked)])
+    common = [f for f in found if f.code == "spikes_from_data" and f.variant == ""]
+    assert len(common) == 1 and common[0].steps == (21,)
+    assert common[0].message.startswith("1 loss spike comes at the same step in every variant, clipped or not (step 21): ")
+    assert _one(found, "no_variant_calm").message.endswith(
+        "; 1 loss spike comes at the same step in all of them (spikes_from_data)")
 
 
 def test_verdict_says_when_clipping_only_slows_progress():

@@ -326,3 +326,53 @@ def test_a_variant_that_diverges_to_1e35_does_not_flatten_the_others_and_the_pic
     path = tmp_path / "p.png"
     plot([gone] + calm + [twin], str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_clipping_that_never_binds_trains_as_unclipped_and_one_that_binds_says_how_often(cli, lab, tmp_path):
+    """clip_never_binds and clip_active against NumPy on the norms each run recorded: a threshold
+    above every norm clips nothing and its losses are the unclipped run's, step for step (what
+    "it trained as unclipped would" claims); one at the unclipped median binds on the share of
+    steps whose norm exceeds it, with the mean clip ratio min(1, T / norm)."""
+    args = (lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse", "--lr", 0.05, "--batch-size", BATCH,
+            "--epochs", 3)
+    free, _, _ = _run(cli, tmp_path, *args)
+    high = 10 * float(free["grad_norm"].max())
+    rows, found, _ = _run(cli, tmp_path, *args, "--clip", "global", "--norm", high)
+    never = _one(found, "clip_never_binds")
+    assert not rows["clipped"].any()
+    np.testing.assert_array_equal(rows["loss"], free["loss"])
+    assert never["numbers"]["grad_norm_max"] == pytest.approx(float(rows["grad_norm"].max()), rel=1e-12)
+    assert never["message"] == (f"the clipping never bound (grad norm max {rows['grad_norm'].max():.4g}): "
+                                "it trained as unclipped would")
+    middle = float(np.percentile(free["grad_norm"], 90))
+    rows, found, _ = _run(cli, tmp_path, *args, "--clip", "global", "--norm", middle)
+    active = _one(found, "clip_active")
+    norms = rows["grad_norm"].to_numpy()
+    pct = 100 * float(np.mean(norms > middle))
+    assert 0 < pct < 90 and active["numbers"]["pct_clipped"] == pytest.approx(pct)
+    ratio = float(np.mean(np.minimum(1.0, middle / norms)))
+    assert active["numbers"]["mean_clip_ratio"] == pytest.approx(ratio, rel=1e-6)
+    assert active["message"].startswith(f"the clipping bound on {pct:.0f} % of steps (grad norm median "
+                                        f"{np.median(norms):.4g}, mean clip ratio {ratio:.3g})")
+
+
+def test_a_recommended_variant_that_diverged_too_says_so_and_gives_its_keras_threshold(cli, keras_file_model, ids_npz,
+                                                                                      tmp_path):
+    """An Embedding whose ids repeat, at a learning rate of 50: unclipped goes non-finite, global 1
+    stays finite (so it is the better of the two) but its loss still ends far above the first.
+    The recommendation says that clipping alone does not fix it, and gives the threshold as Keras
+    measures the gradient (by rows): 1 x the median ratio of the two norms the CSV holds."""
+    rows, found, out = _run(cli, tmp_path, keras_file_model, "--data", ids_npz, "--loss", "mse", "--lr", 50,
+                            "--thresholds", "none,1", "--steps", 60, "--batch-size", BATCH, command="compare")
+    clipped = rows[rows["clip"] == "global"]
+    loss = clipped["loss"].to_numpy()
+    assert np.isfinite(loss).all() and np.median(loss[-6:]) > 10 * loss[0]  # diverged, by the README's rule
+    assert rows[rows["clip"] == "none"]["nonfinite"].any()
+    best = _one(found, "recommended")
+    assert best["variant"] == "global 1" and "diverged" in _codes(found, "global 1")
+    assert best["message"].endswith("but it diverged too, so clipping alone does not fix this run (diverged)")
+    keras = _one(found, "keras_threshold")
+    ratio = float(np.median(clipped["grad_norm_rows"] / clipped["grad_norm"]))
+    assert abs(ratio - 1) > 0.01 and keras["numbers"]["keras"] == pytest.approx(ratio, rel=0.01)
+    assert f"global_clipnorm={keras['numbers']['keras']:g})" in keras["message"] and keras["message"].endswith("not 1; "
+           "with --sparse-norm rows gradwatch clips on that norm too")

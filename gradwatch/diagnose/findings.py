@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import counted
 from ..load.data import is_text
 
 FAIL_ON_EXIT = 4  # `--fail-on` found one of its codes (documented in the README's exit codes)
@@ -94,10 +95,6 @@ def fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _n(count: int, word: str, plural: str | None = None) -> str:
-    return f"{count} {word if count == 1 else (plural or word + 's')}"
-
-
 def _first(steps) -> str:
     return f" (first at step {steps[0]})" if steps else ""
 
@@ -137,7 +134,7 @@ def run_findings(variant, data=None) -> list[Finding]:
         highest = max(float(r["grad_norm"]) for r in at_spikes)
         cut = f"; clipping cut {clipped} of them" if not variant.is_baseline else ""
         out.append(Finding("gradient_spikes", label,
-                           f"{_n(s['grad_spikes'], 'gradient spike')}: the global norm before clipping jumped"
+                           f"{counted(s['grad_spikes'], 'gradient spike')}: the global norm before clipping jumped"
                            f"{_first(steps)}, to at most {fmt(highest)} against the run's median of "
                            f"{fmt(s['grad_norm_median'])}{cut}", tuple(steps),
                            {"count": s["grad_spikes"], "first": steps[0], "clipped": clipped,
@@ -169,9 +166,9 @@ def _summary_only(variant) -> list[Finding]:
     s, label = variant.summary, variant.label
     out = []
     if s.get("loss_spikes"):
-        out.append(Finding("loss_spikes", label, f"{_n(s['loss_spikes'], 'loss spike')}", (), {"count": s["loss_spikes"]}))
+        out.append(Finding("loss_spikes", label, f"{counted(s['loss_spikes'], 'loss spike')}", (), {"count": s["loss_spikes"]}))
     if s.get("nonfinite"):
-        out.append(Finding("nonfinite", label, f"{_n(s['nonfinite'], 'non-finite step')}", (), {"count": s["nonfinite"]}))
+        out.append(Finding("nonfinite", label, f"{counted(s['nonfinite'], 'non-finite step')}", (), {"count": s["nonfinite"]}))
     if not out:
         out.append(Finding("stable", label, "loss is stable: no loss spikes, no non-finite steps"))
     return out
@@ -193,13 +190,13 @@ def _trouble(variant, data) -> list[Finding]:
     from_data = set(bad_input)
     own = [t for t in broken if t not in from_data]
     if own:
-        out.append(Finding("nonfinite", label, f"the loss or a gradient was not finite on {_n(len(own), 'step')}"
+        out.append(Finding("nonfinite", label, f"the loss or a gradient was not finite on {counted(len(own), 'step')}"
                            f"{_first(own)}", tuple(own), {"count": len(own), "first": own[0]}))
     if bad_input:
         hit = set(s["spike_steps"]) | set(broken)
         spiked = [t for t in bad_input if t in hit]
         out.append(Finding("spikes_from_data", label,
-                           f"{_n(len(bad_input), 'step')} trained on batches with NaN/inf input values, "
+                           f"{counted(len(bad_input), 'step')} trained on batches with NaN/inf input values, "
                            f"{len(spiked)} of them non-finite or a loss spike: the data, not the training, "
                            f"produced {'it' if len(spiked) == 1 else 'them'}", tuple(bad_input),
                            {"count": len(bad_input), "nonfinite_or_spike": len(spiked), "cause": "nonfinite_input"}))
@@ -207,9 +204,12 @@ def _trouble(variant, data) -> list[Finding]:
     if spikes:
         # the largest rise onto a spike, not the run's largest rise, which may be at no spike
         rise = s["spike_rise"]
-        where = (f"; the largest rise among them +{fmt(rise)} at step {s['spike_rise_step']}"
-                 if math.isfinite(rise) else "")
-        out.append(Finding("loss_spikes", label, f"loss is jumping: {_n(len(spikes), 'loss spike')}{_first(spikes)}{where}",
+        if len(spikes) == 1:
+            said = f"1 loss spike, at step {spikes[0]}" + (f", a rise of +{fmt(rise)}" if math.isfinite(rise) else "")
+        else:
+            said = f"{counted(len(spikes), 'loss spike')}{_first(spikes)}" + (
+                f"; the largest rise among them +{fmt(rise)} at step {s['spike_rise_step']}" if math.isfinite(rise) else "")
+        out.append(Finding("loss_spikes", label, f"loss is jumping: {said}",
                            tuple(spikes), {"count": len(spikes), "first": spikes[0], "spike_rise": rise,
                                            "spike_rise_step": s["spike_rise_step"], "largest_jump": s["largest_jump"],
                                            "largest_jump_step": s["largest_jump_step"]}))
@@ -356,7 +356,8 @@ def recurring_spikes(rows, spikes, data: DataView | None = None) -> dict | None:
     return {"kind": "positions", "steps": steps, "positions": sorted(recur), "rows": []}
 
 
-def recurring_finding(label: str, found: dict, why: str = "recur with the same data") -> Finding:
+def recurring_finding(label: str, found: dict, why: tuple = ("recurs with the same data", "recur with the same data")) -> Finding:
+    """``why``: what the spikes do, for one spike and for several."""
     steps = found["steps"]
     if found["rows"]:
         named = found["rows"][:ROWS_NAMED]
@@ -370,7 +371,8 @@ def recurring_finding(label: str, found: dict, why: str = "recur with the same d
     else:
         where = "batch position" + "s" * (len(found["positions"]) > 1) + " " + ", ".join(
             str(p + 1) for p in found["positions"]) + " of every epoch"
-    message = (f"{_n(len(steps), 'loss spike')} {why} (steps {', '.join(map(str, steps[:8]))}"
+    message = (f"{counted(len(steps), 'loss spike')} {why[len(steps) != 1]} ({'step' if len(steps) == 1 else 'steps'} "
+               f"{', '.join(map(str, steps[:8]))}"
                f"{', ...' if len(steps) > 8 else ''}): {where}; the data, not the optimisation, is the likely cause: "
                "look at those rows before changing the clipping")
     return Finding("spikes_from_data", label, message, tuple(steps),

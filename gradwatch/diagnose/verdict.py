@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import counted
 from .findings import Finding, fmt, no_baseline, rank_rows, recurring_finding, run_findings, who
 from .suggest import keras_sentence, keras_threshold
 
@@ -87,8 +88,9 @@ def compare_decision(variants: list, found: list[Finding], data=None) -> list[Fi
     The rule (also in the README): a variant is clearly better than unclipped when it does not
     end worse (its final loss, the median of the last 10 % of steps, is not higher by more than
     1 %) and either jumps less (fewer loss spikes + non-finite steps) or, as stable, ends lower by
-    more than 1 %. Among those, one whose clipping is not a learning-rate cut (clip_always_binds)
-    is preferred; then the fewest jumps, then the lowest final loss (``recommended``). When every
+    more than 1 %. Among those, one that did not diverge is preferred, then one whose clipping is
+    not a learning-rate cut (clip_always_binds); then the fewest jumps, then the lowest final loss
+    (``recommended``; one that diverged all the same says so). When every
     variant jumps: ``no_variant_calm``, with ``spikes_from_data`` when the same steps spike in all.
     """
     out = []
@@ -102,8 +104,10 @@ def compare_decision(variants: list, found: list[Finding], data=None) -> list[Fi
             if data is not None:
                 rows = sorted({k for t in common for k in data.rows_of_step(t).tolist()})
                 steps["rows"] = rank_rows(data, rows)
-            out.append(recurring_finding("", steps, "come at the same steps in every variant, clipped or not"))
-            why = f"; {len(common)} loss spike{'s' * (len(common) != 1)} come at the same steps in all of them (spikes_from_data)"
+            out.append(recurring_finding("", steps, ("comes at the same step in every variant, clipped or not",
+                                                     "come at the same steps in every variant, clipped or not")))
+            same = "comes at the same step" if len(common) == 1 else "come at the same steps"
+            why = f"; {counted(len(common), 'loss spike')} {same} in all of them (spikes_from_data)"
         counts = ", ".join(f"{who(v)} {instability(v.summary)}" for v in variants)
         out.append(Finding("no_variant_calm", "", f"no variant is calm: each has loss spikes, non-finite steps or "
                            f"diverged (loss spikes + non-finite steps: {counts}){why}", tuple(common),
@@ -123,15 +127,19 @@ def compare_decision(variants: list, found: list[Finding], data=None) -> list[Fi
 
     better = [v for v in clipped if clearly_better(v)]
     if better:
-        honest = [v for v in better if "clip_always_binds" not in _codes(found, v)]
-        best = best_variant(honest or better)
+        # one that did not diverge first, then one whose clipping is not a learning-rate cut
+        kept = [v for v in better if "diverged" not in _codes(found, v)]
+        honest = [v for v in kept if "clip_always_binds" not in _codes(found, v)]
+        best = best_variant(honest or kept or better)
         s = best.summary
         if instability(s) == 0:
             how = "calms the loss" if instability(b) else "ends lower, as stable"
         else:
-            how = f"jumps less ({instability(s)} loss spikes + non-finite steps against {instability(b)})"
+            how = f"jumps less (loss spikes + non-finite steps: {instability(s)} against {instability(b)})"
         cut = ""
-        if "clip_always_binds" in _codes(found, best):
+        if "diverged" in _codes(found, best):
+            cut = "; but it diverged too, so clipping alone does not fix this run (diverged)"
+        elif "clip_always_binds" in _codes(found, best):
             cut = "; but it clips nearly every step, so its calm is a learning-rate cut (clip_always_binds)"
         out.append(Finding("recommended", best.label,
                            f"recommended: {best.label} {how} ({_reason(s)}; unclipped {final_text(b)}){cut}", (),
@@ -174,5 +182,5 @@ def _keras_form(v) -> list[Finding]:
 
 def _reason(s: dict) -> str:
     spikes = s["loss_spikes"]
-    return (f"{spikes} loss spike{'s' * (spikes != 1)}, {s['nonfinite']} non-finite, "
+    return (f"{counted(spikes, 'loss spike')}, {s['nonfinite']} non-finite, "
             f"final loss {final_text(s)}, clipped on {s['pct_clipped']:.0f}% of steps")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, first_line
+from ..errors import DataError, counted, first_line
 from . import targets
 from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, first_bad_weight, is_batched
 from .targets import first_true, in_whole
@@ -487,8 +487,8 @@ def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
             # a CSV's empty cell, or a line cut short, reads as NaN: name them, they are what the file shows
             kinds = "NaN, inf, an empty cell or a line cut short" if data.kind == "csv" else "NaN or inf"
             raise DataError(
-                f"{data.path}: {name} has {count} non-finite value{'s' * (count != 1)} ({kinds}) in "
-                f"{int(rows.sum())} row{'s' * (int(rows.sum()) != 1)}, the first at {_where(data, name, first)}; "
+                f"{data.path}: {name} has {counted(count, 'non-finite value')} ({kinds}) in "
+                f"{counted(int(rows.sum()), 'row')}, the first at {_where(data, name, first)}; "
                 "clean the data, or pass --allow-nonfinite-data to train on it anyway"
             )
     return bad_rows
