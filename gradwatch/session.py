@@ -197,12 +197,13 @@ def _prepare(spec: RunSpec, distribution):
         targets=(loss_name, model.output_dim) if loss_name else None,
     )
     dataset = data_mod.load(spec.data, options, model.assets)
-    bad_rows = data_mod.check_finite(dataset, spec.allow_nonfinite_data)
+    data_mod.check_finite(dataset, spec.allow_nonfinite_data)
     if loss_name:
         data_mod.check_targets(dataset, loss_name, model.output_dim)
     if spec.shuffle is None:  # arrays shuffle, a text corpus keeps its order
         train_options = replace(train_options, shuffle=dataset.kind != "text")
-    return Trainer(model, dataset, train_options, loss=loss, bad_rows=bad_rows, distribution=distribution)
+    return Trainer(model, dataset, train_options, loss=loss, mark_input=bool(spec.allow_nonfinite_data),
+                   distribution=distribution)
 
 
 def run_meta(spec: RunSpec) -> dict:

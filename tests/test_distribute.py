@@ -102,6 +102,25 @@ def test_mirrored_embedding_with_adam(tmp_path, keras_file_model, ids_npz):
     assert_same_rows(*[got[k][1] for k in ("single", "mirrored")])
 
 
+def test_mirrored_marks_a_nonfinite_input_row_in_the_second_replicas_share(tmp_path, regularized_mlp):
+    """--allow-nonfinite-data under mirrored: each replica looks at its share of the batch and the
+    flags are all-reduced, so rows 9 and 40 (in the second replica's half of batches 1 and 3)
+    mark the same steps as on one device, from a streamed tf.data folder."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(5).normal(size=(64, 4)).astype(np.float32)
+    x[9, 1], x[40, 0] = np.inf, np.nan
+    tf.data.Dataset.from_tensor_slices((x, np.zeros((64, 1), np.float32))).save(str(tmp_path / "bad_tfdata"))
+    rows = {}
+    for label, extra in {"single": (), "mirrored": ("--strategy", "mirrored")}.items():
+        csv = tmp_path / f"{label}.csv"
+        gradwatch("run", regularized_mlp, "--data", tmp_path / "bad_tfdata", "--stream", "--allow-nonfinite-data",
+                  "--no-shuffle", "--batch-size", 16, "--steps", 8, "--cpu-devices", 2, "--csv", csv, "-q", *extra)
+        rows[label] = read_csv(csv)
+    assert rows["single"]["nonfinite_input"].tolist() == [True, False, True, False] * 2
+    assert_same_rows(rows["single"], rows["mirrored"])
+
+
 TRAP = r'''
 import json, sys
 import numpy as np

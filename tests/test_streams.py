@@ -130,7 +130,6 @@ def test_stream_errors_are_one_line(cli, tmp_path, four_ways, keras_export_model
         (["--data", four_ways / "rows.tfrecord", "--features", "x:float32:4,y:float32:1", "--target", "z"], "is not among --features"),
         (["--data", four_ways / "rows.tfrecord", "--features", "x:float32:5,y:float32:1"], "cannot read it as TFRecord"),
         (["--data", four_ways / "rows.npz", "--features", "x:float32:4,y:float32:1"], "drop it for this data"),
-        (["--data", four_ways / "rows_tfdata", "--stream", "--allow-nonfinite-data"], "not supported for it yet"),
     ]
     for args, message in cases:
         code, out, err = cli("run", keras_export_model, "--steps", 2, "--loss", "mse", *args)
@@ -138,14 +137,37 @@ def test_stream_errors_are_one_line(cli, tmp_path, four_ways, keras_export_model
 
 
 def test_streamed_nonfinite_rows_are_marked_when_allowed(cli, tmp_path, keras_export_model):
-    """--allow-nonfinite-data on a streamed .npz marks the same steps as in memory."""
+    """--allow-nonfinite-data on a streamed .npz marks the same steps as in memory; record streams
+    (a tf.data folder, TFRecord) too, in file order the same rows as in memory, and shuffled the
+    one bad row in one batch of every epoch."""
+    import tensorflow as tf
+
     x = np.random.default_rng(5).normal(size=(64, 4)).astype(np.float32)
     x[9, 1] = np.inf
-    np.savez(tmp_path / "inf.npz", x=x, y=x[:, :1])
+    y = x[:, :1].copy()
+    y[9] = 0.0
+    np.savez(tmp_path / "inf.npz", x=x, y=y)
     runs = [csv_of(cli, tmp_path, f"inf{k}", keras_export_model, "--data", tmp_path / "inf.npz",
                    "--allow-nonfinite-data", flag) for k, flag in enumerate(["--no-stream", "--stream"])]
     same_rows(*runs)
     assert runs[0]["nonfinite_input"].sum() == 5  # one row: one batch an epoch, 5 epochs of 4 steps
+    tf.data.Dataset.from_tensor_slices((x, y)).save(str(tmp_path / "inf_tfdata"))
+    write_tfrecord(tmp_path / "inf.tfrecord", x, y)
+    records = [("tfdata", ["--data", tmp_path / "inf_tfdata", "--stream"]),
+               ("tfrecord", ["--data", tmp_path / "inf.tfrecord", "--features", "x:float32:4,y:float32:1"])]
+    in_order = csv_of(cli, tmp_path, "inf_memory", keras_export_model, "--data", tmp_path / "inf.npz",
+                      "--allow-nonfinite-data", "--no-shuffle")
+    assert in_order["nonfinite_input"].tolist() == [(step - 1) % 4 == 0 for step in in_order["step"]]  # row 9: batch 1
+    for name, args in records:
+        same_rows(csv_of(cli, tmp_path, f"inf_{name}", keras_export_model, *args, "--allow-nonfinite-data",
+                         "--no-shuffle"), in_order)
+        shuffled = csv_of(cli, tmp_path, f"inf_{name}_shuffled", keras_export_model, *args, "--allow-nonfinite-data")
+        marked = shuffled["nonfinite_input"].to_numpy()
+        assert marked.sum() == 5 and all(marked[4 * e:4 * e + 4].sum() == 1 for e in range(5))
+        assert (shuffled["nonfinite"] == marked).all()  # an inf input gives a non-finite step, and nothing else does
+        code, _, err = cli("run", keras_export_model, "--steps", 2, "--loss", "mse", *args)
+        assert code == 2 and "1 row holds non-finite values (NaN or inf), the first in x of row 9; clean the data, " \
+            "or pass --allow-nonfinite-data to train on it anyway" in err, err
 
 
 @pytest.mark.parametrize("source,stream", [("rows.npz", False), ("rows.npz", True), ("rows_tfdata", True)])

@@ -465,33 +465,29 @@ def _check_weight_shape(path, w, targets) -> None:
 # --- checks before training -----------------------------------------------------------------
 
 
-def check_finite(data: Dataset, allow: bool) -> np.ndarray | None:
-    """Rows holding NaN or inf in x or y: an error saying how many and where, unless ``allow``.
-
-    Returns a boolean mask of those rows (None when every value is finite), so the training
-    loop can mark the steps that trained on them.
-    """
+def check_finite(data: Dataset, allow: bool) -> None:
+    """NaN or inf in x or y: an error saying how many, in how many rows and where, unless
+    ``allow`` (--allow-nonfinite-data: then every step marks its own batch, train.loop's
+    holds_nonfinite). Sample weights must be finite whatever ``allow`` says."""
     if data.stream is not None:
-        return None  # checked as it was counted (streams._stream)
-    bad_rows = None
+        return  # checked as it was counted (streams._stream)
     if data.w is not None:
         _check_weights(data)
+    if allow:
+        return
     for name, array in data.inputs() + data.targets():
         if not np.issubdtype(array.dtype, np.floating):
             continue
         rows, count, first = _nonfinite(array)
         if rows is None:
             continue
-        bad_rows = rows if bad_rows is None else bad_rows | rows
-        if not allow:
-            # a CSV's empty cell, or a line cut short, reads as NaN: name them, they are what the file shows
-            kinds = "NaN, inf, an empty cell or a line cut short" if data.kind == "csv" else "NaN or inf"
-            raise DataError(
-                f"{data.path}: {name} has {counted(count, 'non-finite value')} ({kinds}) in "
-                f"{counted(int(rows.sum()), 'row')}, the first at {_where(data, name, first)}; "
-                "clean the data, or pass --allow-nonfinite-data to train on it anyway"
-            )
-    return bad_rows
+        # a CSV's empty cell, or a line cut short, reads as NaN: name them, they are what the file shows
+        kinds = "NaN, inf, an empty cell or a line cut short" if data.kind == "csv" else "NaN or inf"
+        raise DataError(
+            f"{data.path}: {name} has {counted(count, 'non-finite value')} ({kinds}) in "
+            f"{counted(int(rows.sum()), 'row')}, the first at {_where(data, name, first)}; "
+            "clean the data, or pass --allow-nonfinite-data to train on it anyway"
+        )
 
 
 def _check_weights(data: Dataset) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import DataError, first_line
+from ..errors import DataError, counted, first_line
 from . import targets
 
 SAMPLE_WEIGHT = "sample_weight"  # an .npz array, CSV column or TFRecord feature of this name weighs each row's loss, as fit's sample_weight
@@ -316,8 +316,6 @@ def _stream(make, path, options, by_input, by_output, kind):
     ``by_input`` / ``by_output`` give their columns (by the model's input and output names)."""
     import tensorflow as tf
 
-    if options.allow_nonfinite:
-        raise DataError(f"{path} is streamed: --allow-nonfinite-data is not supported for it yet; clean the data")
     examples = make()
     spec = examples.element_spec
     weighted = len(spec) == 3
@@ -335,9 +333,10 @@ def _stream(make, path, options, by_input, by_output, kind):
         for check, array in zip(checks, tf.nest.flatten(element[1])):
             check.feed(rows, array)
         rows += len(tf.nest.flatten(element[1])[0])
-    if bad:
-        raise DataError(f"{path}: {bad} row(s) hold non-finite values (NaN or inf), the first in {first[0]} of row "
-                        f"{first[1]}; clean the data (streamed data cannot be trained on with --allow-nonfinite-data)")
+    if bad and not options.allow_nonfinite:  # allowed: each step marks its own batch (train.loop.holds_nonfinite)
+        raise DataError(f"{path}: {counted(bad, 'row')} hold{'s' * (bad == 1)} non-finite values (NaN or inf), the first "
+                        f"in {first[0]} of row {first[1]}; clean the data, or pass --allow-nonfinite-data to train on it "
+                        "anyway")
     if rows == 0:
         raise DataError(f"{path} holds no elements")
     for check in checks:

@@ -35,6 +35,7 @@ RECORDED = (
     ("loss", "float32"), ("grad_norm", "float64"), ("clipped_norm", "float64"), ("threshold", "float64"),
     ("reg_loss", "float32"), ("lr", "float32"), ("loss_scale", "float32"),
     ("clipped", "bool"), ("overflow", "bool"), ("nonfinite", "bool"), ("grad_norm_rows", "float64"),
+    ("nonfinite_input", "bool"),
 )
 # With per-variable records on, each step also gives a (4, V) matrix: for every variable that
 # gets a gradient, these norms (fetched with the block, streamed to --layers-csv).
@@ -123,14 +124,16 @@ class Trainer:
     signatures: thresholds, block lengths and learning rates are tensors.
     """
 
-    def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None, bad_rows=None,
+    def __init__(self, model, dataset: data_mod.Dataset, options: TrainOptions, loss=None, mark_input: bool = False,
                  distribution=None):
         self.model = model
         # A tf.distribute strategy (the model's and optimizer's variables made in its scope), or None.
         self.distribution = distribution
         distribute.check_batch(distribution, options.batch_size)
-        self.bad_rows = bad_rows  # rows with NaN/inf values (--allow-nonfinite-data), or None
-        self._bad_steps: dict[int, np.ndarray] = {}
+        # --allow-nonfinite-data: every step looks at its own batch for NaN/inf values (the
+        # nonfinite_input column), whatever the data's kind (in memory, read where it lies, a
+        # record stream in its shuffle buffer's order); otherwise the data was checked before training.
+        self.mark_input = mark_input
         self.options = options
         self.loss_source = self._pick_objective(model, loss)
         uses_own_loss = loss is None and model.compiled_loss is None  # the targets go to the model's loss(x, y)
@@ -400,6 +403,7 @@ class Trainer:
         distribution = self.distribution
         replicas = distribute.replicas(distribution)
         sparse_norm = self.options.sparse_norm
+        mark_input = self.mark_input
         # Update norms from the optimizer's writes (train.updates), or from a copy of each weight.
         follow = per_variable and self.follow_writes and distribution is None
 
@@ -420,6 +424,11 @@ class Trainer:
                 grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             m = measured_step(grads, used, strategy, param, state, loss, sparse_norm)
             loss = tf.cast(loss, tf.float32)
+            bad_input = tf.constant(False)
+            if mark_input:
+                bad_input = holds_nonfinite((x, y))
+                if replicas > 1:  # any replica's share of the global batch (a SUM: not every all-reduce has MAX)
+                    bad_input = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(bad_input, tf.float32)) > 0
             measured = {
                 "loss": loss,
                 "reg": tf.constant(float("nan")) if reg is None else tf.cast(reg, tf.float32),
@@ -432,6 +441,7 @@ class Trainer:
                 "finite": m.finite,
                 "lr": tf.cast(optimizer.learning_rate, tf.float32),  # before the update: the rate this step uses
                 "state": m.state,
+                "nonfinite_input": bad_input,
             }
             if per_variable:
                 measured["grad_norms"] = tf.cast(m.grad_norms, tf.float32)
@@ -498,6 +508,7 @@ class Trainer:
                 "overflow": overflow,
                 "nonfinite": nonfinite,
                 "grad_norm_rows": got["grad_norm_rows"],
+                "nonfinite_input": got["nonfinite_input"],
             }
             if per_variable:
                 if follow:
@@ -725,7 +736,7 @@ class Trainer:
                 "loss_scale": got["loss_scale"],
                 "overflow": got["overflow"],
                 "nonfinite": got["nonfinite"],
-                "nonfinite_input": self._bad_input(epoch, (step_no - 1) % self.steps_per_epoch),
+                "nonfinite_input": got["nonfinite_input"],
                 "loss_spike": detector.update(loss),
                 "time_ms": time_ms,
             })
@@ -747,15 +758,15 @@ class Trainer:
 
         return None if self.data.streamed else DataView(self.rows_of_step, self.data.x, self.data.y)
 
-    def _bad_input(self, epoch: int, k: int) -> bool:
-        """Did batch ``k`` of ``epoch`` hold a row with non-finite values? (the rows of data.batches)"""
-        if self.bad_rows is None:
-            return False
-        if epoch not in self._bad_steps:
-            order = data_mod.epoch_order(len(self.data), epoch, self.options.shuffle, self.options.seed)
-            per, size = self.steps_per_epoch, self.options.batch_size
-            self._bad_steps = {epoch: self.bad_rows[order[: per * size]].reshape(per, size).any(axis=1)}
-        return bool(self._bad_steps[epoch][k])
+
+def holds_nonfinite(batch):
+    """Does a batch (any structure of tensors) hold a NaN or inf? Integer and text tensors cannot."""
+    import tensorflow as tf
+
+    floats = [t for t in tf.nest.flatten(batch) if t.dtype.is_floating]
+    if not floats:
+        return tf.constant(False)
+    return tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in floats]))
 
 
 def _position(iterations: int, start_step: int) -> str:
