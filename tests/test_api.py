@@ -133,6 +133,9 @@ def test_errors_are_gradwatch_errors(module_model, regression_npz):
         gradwatch.run(str(module_model), str(regression_npz), clip="global", value=1.0, loss="mse")
     with pytest.raises(DataError, match="x has 5 rows but y has 3"):
         gradwatch.run(str(module_model), (np.zeros((5, 4), np.float32), np.zeros((3, 1), np.float32)), loss="mse")
+    with pytest.raises(DataError, match=r"x is a list of 5 items, which Keras reads as one array per input, but the "
+                                        r"model takes one input; give its rows as one array \(numpy.asarray\(x\)\)"):
+        gradwatch.run(str(module_model), (np.zeros((5, 4)).tolist(), np.zeros((5, 1), np.float32)), loss="mse")
     with pytest.raises(GradwatchError, match="model must be a path or a keras.Model"):
         gradwatch.run(object(), str(regression_npz), loss="mse")
 

@@ -331,6 +331,9 @@ def from_arrays(pair, options: DataOptions) -> Dataset:
     if len(pair) not in (2, 3):
         raise DataError(f"data must be an (x, y) pair of arrays, or (x, y, sample_weight), got a sequence of {len(pair)}")
     x, y = pair[:2]
+    if isinstance(x, (tuple, list)) and not options.input_names and len(x) != 1:
+        raise DataError(f"x is a {type(x).__name__} of {len(x)} items, which Keras reads as one array per input, but "
+                        "the model takes one input; give its rows as one array (numpy.asarray(x))")
     w = None if len(pair) == 2 or pair[2] is None else np.asarray(pair[2])
     if isinstance(x, dict):
         x = {k: np.asarray(v) for k, v in x.items()}
