@@ -376,3 +376,18 @@ def test_a_recommended_variant_that_diverged_too_says_so_and_gives_its_keras_thr
     assert abs(ratio - 1) > 0.01 and keras["numbers"]["keras"] == pytest.approx(ratio, rel=0.01)
     assert f"global_clipnorm={keras['numbers']['keras']:g})" in keras["message"] and keras["message"].endswith("not 1; "
            "with --sparse-norm rows gradwatch clips on that norm too")
+
+
+def test_a_run_too_short_for_the_spike_rule_is_not_called_stable(cli, lab, tmp_path):
+    """The spike rule judges a loss by the 3 finite losses before it: in a 3-step run no step can
+    be flagged whatever its loss does, so it is not called 'stable'; it says that nothing could
+    be judged. A 4-step run is judged on step 4."""
+    args = (lab / "linear.keras", "--data", lab / "noisy.npz", "--loss", "mse", "--batch-size", BATCH, "--no-shuffle")
+    rows, found, out = _run(cli, tmp_path, *args, "--steps", 3)
+    assert "stable" not in _codes(found) and not rows["loss_spike"].any()
+    short = _one(found, "too_short")
+    assert short["numbers"] == {"steps": 3, "spike_history": 3}
+    assert short["message"] == ("too short to say whether the loss is stable: the spike rule judges a loss by the 3 "
+                                "finite losses before it, and this run has 3 steps; run more --steps")
+    rows, found, out = _run(cli, tmp_path, *args, "--steps", 4)
+    assert "stable" in _codes(found) and "too_short" not in _codes(found)

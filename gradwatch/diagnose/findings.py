@@ -23,6 +23,7 @@ FAIL_ON_EXIT = 4  # `--fail-on` found one of its codes (documented in the README
 # that hides its cost or says nothing), "info" (what a result rests on), "ok".
 CODES = {
     "stable": ("ok", "no loss spike, no non-finite step, no divergence"),
+    "too_short": ("warning", "no loss spike, no non-finite step, no divergence, but the run is too short for the spike rule to judge any step (it judges a loss by the 3 finite ones before it): nothing is said about its stability"),
     "loss_spikes": ("problem", "the spike rule (README: The spike rule) fired on the loss of a step that did not train on NaN/inf input"),
     "gradient_spikes": ("info", "the spike rule fired on the global gradient norm before clipping"),
     "nonfinite": ("problem", "the loss or a gradient was not finite on a step"),
@@ -141,8 +142,15 @@ def run_findings(variant, data=None) -> list[Finding]:
                             "spike_grad_norm_max": highest, "grad_norm_max": s["grad_norm_max"],
                             "grad_norm_median": s["grad_norm_median"]}))
     if not any(f.kind == "problem" or f.code == "loss_not_recorded" for f in trouble):
-        quiet = ", although the gradient norm spiked" if s["grad_spikes"] else ""
-        out.insert(0, Finding("stable", label, f"loss is stable: no loss spikes, no non-finite steps{quiet}"))
+        if s.get("judged_losses", 1) == 0:  # (a CSV read back without the count: judged as before)
+            history = s["spike_history"]
+            out.insert(0, Finding("too_short", label, f"too short to say whether the loss is stable: the spike rule "
+                                  f"judges a loss by the {counted(history, 'finite loss', 'finite losses')} before it, and "
+                                  f"this run has {counted(s['steps'], 'step')}; run more --steps",
+                                  (), {"steps": s["steps"], "spike_history": history}))
+        else:
+            quiet = ", although the gradient norm spiked" if s["grad_spikes"] else ""
+            out.insert(0, Finding("stable", label, f"loss is stable: no loss spikes, no non-finite steps{quiet}"))
     out += _clipping(variant)
     share = s.get("reg_share", math.nan)
     if math.isfinite(share) and share >= REG_DOMINATES:

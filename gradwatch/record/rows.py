@@ -156,7 +156,8 @@ def summarize(rows: list[dict], rule=None) -> dict:
     jump, jump_step = _largest_jump(loss, col["step"])
     bad_input = [bool(v) for v in col["nonfinite_input"]]
     loss_spike = [bool(v) and math.isfinite(x) for v, x in zip(col["loss_spike"], loss)]  # files of 0.2 marked NaN too
-    grad_spike = (rule or SpikeRule()).mark(grad_norm)
+    rule = rule or SpikeRule()
+    grad_spike = rule.mark(grad_norm)
     overflow = [bool(v) for v in col["overflow"]]
     grad_spike = [g and not o for g, o in zip(grad_spike, overflow)]
     clean = [int(step) for step, spike, bad in zip(col["step"], loss_spike, bad_input) if spike and not bad]
@@ -170,6 +171,9 @@ def summarize(rows: list[dict], rule=None) -> dict:
         "largest_jump": jump,
         "largest_jump_step": jump_step,
         "loss_spikes": sum(loss_spike),
+        # finite losses the spike rule could judge: each needs min_history finite ones before it
+        "judged_losses": max(0, int(np.isfinite(loss).sum()) - min(rule.min_history, rule.window)),
+        "spike_history": min(rule.min_history, rule.window),
         "spike_steps": [int(step) for step, spike in zip(col["step"], loss_spike) if spike],
         "spike_steps_clean": clean,
         # the largest rise onto one of those spikes (the run's largest rise may be at no spike)
