@@ -138,6 +138,7 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, module_model, regressio
     ]
     (tmp_path / "afile").write_text("x")
     cases.append((base + ["--csv", tmp_path / "afile" / "run.csv"], "is a file, not a folder"))
+    cases.append((base + ["--csv", "-"], "--csv -: '-' is not standard output here; give a file name such as steps.csv"))
     header_only = tmp_path / "header.csv"
     header_only.write_text("a,b,c,d,y\n")
     cases.append((["run", module_model, "--data", header_only, "--loss", "mse"], "has a header but no rows"))

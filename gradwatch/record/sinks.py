@@ -41,6 +41,9 @@ PARTIAL_SUFFIX = ".partial"
 def check_file_target(option: str, path: Path, example: str) -> None:
     """An output file's path, checked before anything loads: not a folder, in a folder that exists
     (each wrong way named as it is). ``example`` is a file name the fix can suggest."""
+    if str(path) == "-":  # Unix tools' standard output: here it would be a file named '-'
+        raise GradwatchError(f"{option} -: '-' is not standard output here; give a file name such as {example} "
+                             "(--format csv or --format json print the rows on standard output)")
     if path.is_dir():
         raise GradwatchError(f"{option} {path} is a folder; give a file name such as {path / example}")
     parent = path.parent
