@@ -262,6 +262,43 @@ def test_a_class_id_a_loss_of_the_models_own_meets_stops_at_its_step(cli, tmp_pa
     assert kept["step"].tolist() == [1, 2]
 
 
+def test_data_cut_short_under_a_running_stream_is_a_data_error_and_keeps_the_rows(tmp_path, module_model):
+    """An .npz read where it lies, and a TFRecord file, cut to half while the run reads them (a
+    user rewriting the data): exit 2 with one line that names the file and says what happened,
+    the rows before it in the .partial (before: "unexpected UnknownError ... please report it")."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(20000, 4)).astype(np.float32)
+    y = x[:, :1] * 2.0
+    np.savez(tmp_path / "big.npz", x=x, y=y)
+    with tf.io.TFRecordWriter(str(tmp_path / "big.tfrecord")) as writer:
+        for a, b in zip(x, y):
+            writer.write(tf.train.Example(features=tf.train.Features(feature={
+                "x": tf.train.Feature(float_list=tf.train.FloatList(value=a)),
+                "y": tf.train.Feature(float_list=tf.train.FloatList(value=b))})).SerializeToString())
+    cases = [("big.npz", ["--stream"], "big.npz: unexpected end of file reading"),
+             ("big.tfrecord", ["--features", "x:float32:4,y:float32:1"], "truncated record at")]
+    for name, extra, words in cases:
+        target = tmp_path / f"{name}.csv"
+        data = tmp_path / name
+
+        def cut(proc):
+            wait_for_rows(target.with_name(target.name + ".partial"), proc)
+            with open(data, "r+b") as handle:
+                handle.truncate(data.stat().st_size // 2)
+            proc.wait(timeout=60)  # it stops by itself; the signal after it goes nowhere
+
+        code, err = interrupt_gradwatch(["run", module_model, "--data", data, *extra, "--loss", "mse", "--csv", target,
+                                         "--steps", 10**7, "-q", "--fetch-every", 1], cut)
+        assert code == 2, err
+        lines = [line for line in err.strip().splitlines() if line.startswith("gradwatch: error: ")]
+        assert len(lines) == 1 and "could not be read" in lines[0] and words in lines[0], err
+        assert "unexpected" not in lines[0].split("could not be read")[0] and "please report" not in err
+        kept = read_csv(target.with_name(target.name + ".partial"))
+        assert len(kept) >= 2 and kept["step"].tolist() == list(range(1, len(kept) + 1))
+
+
 def test_a_folder_removed_under_a_running_csv_says_so(tmp_path, module_model, regression_npz):
     folder = tmp_path / "out"
     folder.mkdir()

@@ -69,10 +69,11 @@ class NpzMember:
         with open(self.path, "rb", buffering=0) as handle:
             fd = handle.fileno()
             if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-                view.reshape(-1)[:] = np.frombuffer(_pread(fd, size * len(rows), self.offset + size * int(rows[0])), np.uint8)
+                view.reshape(-1)[:] = np.frombuffer(_pread(fd, size * len(rows), self.offset + size * int(rows[0]),
+                                                           self.path), np.uint8)
             else:
                 for k, row in enumerate(rows.tolist()):
-                    view[k] = np.frombuffer(_pread(fd, size, self.offset + size * row), np.uint8)
+                    view[k] = np.frombuffer(_pread(fd, size, self.offset + size * row, self.path), np.uint8)
         return out.astype(self.dtype, copy=False)
 
     def chunks(self):
@@ -85,12 +86,13 @@ class NpzMember:
         raise TypeError("a streamed array is read with .read(rows)")
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
+def _pread(fd: int, size: int, offset: int, path) -> bytes:
     data = os.pread(fd, size, offset)
     while len(data) < size:  # pread may return less; never past the end of a valid member
         more = os.pread(fd, size - len(data), offset + len(data))
         if not more:
-            raise DataError(f"unexpected end of file reading {size} bytes at {offset}; the .npz is truncated")
+            raise DataError(f"{path}: unexpected end of file reading {size} bytes at {offset}; the .npz is truncated "
+                            "(or was changed while the run read it)")
         data += more
     return data
 

@@ -656,7 +656,9 @@ class Trainer:
                                                     capture_at)  # no local name: _drop holds the only reference
                     except Exception as exc:
                         first = options.start_step + len(result.rows) + 1
-                        _raise_bad_id(exc, f"step {first}" if size == 1 else f"steps {first} to {first + size - 1}")
+                        where = f"step {first}" if size == 1 else f"steps {first} to {first + size - 1}"
+                        _raise_unread(exc, self.pipeline.guard.failed, where)
+                        _raise_bad_id(exc, where)
                         if not (self.xla and not result.rows and _xla_failed(exc)):
                             raise
                         if options.xla:  # asked for: say why, and what to do
@@ -775,6 +777,30 @@ def _position(iterations: int, start_step: int) -> str:
         return ""
     return (f"; its iteration count is {iterations} but the data starts at step {start_step + 1} (--start-step "
             f"{start_step}): give --start-step {iterations} to continue where it stopped")
+
+
+def _raise_unread(exc, failed, where: str) -> None:
+    """Data that could not be read while training (the file was cut short, changed or removed
+    under the run) is the data's fault, not an unexpected error: gradwatch's own error from the
+    pipeline's reader (``failed``), or TensorFlow's for a record stream's files."""
+    import tensorflow as tf
+
+    if failed is not None:
+        raise DataError(f"the data of {where} could not be read: {failed}") from None
+    if isinstance(exc, (tf.errors.DataLossError, tf.errors.NotFoundError)):
+        raise DataError(f"the data of {where} could not be read ({_op_reason(exc)}); was the file changed or removed "
+                        "while the run read it?") from None
+
+
+def _op_reason(exc) -> str:
+    """What a TensorFlow op error says happened: its first line that is not the frame around it
+    ("Graph execution error:", "Detected at node ...", stack lines, node names)."""
+    frame = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "File ", "[[")
+    for line in str(getattr(exc, "message", exc)).splitlines():
+        line = line.strip()
+        if line and not line.startswith(frame):
+            return line[:200]
+    return first_line(exc)
 
 
 def _raise_bad_id(exc, where: str) -> None:

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from ..errors import GradwatchError
 from ..load import data as data_mod
 from ..train import distribute
 
@@ -55,6 +56,9 @@ class _Guard:
         self.stop = threading.Event()
         self._live: list[threading.Event] = []
         self._lock = threading.Lock()
+        # gradwatch's own error met by a generator in tf.data's thread (a truncated .npz), which
+        # TensorFlow hands the step as an UnknownError: the loop raises this one instead
+        self.failed: GradwatchError | None = None
 
     def wrap(self, make):
         """``make()`` -> a generator; the stoppable generator function for from_generator."""
@@ -69,6 +73,9 @@ class _Guard:
                         item = next(items)
                     except StopIteration:
                         return
+                    except GradwatchError as exc:
+                        self.failed = exc
+                        raise
                     yield item
             finally:
                 ended.set()
