@@ -910,8 +910,8 @@ def suggest(
                 broken = sum(1 for r in base.rows if r["nonfinite"])
                 raise GradwatchError(
                     f"no threshold proposed: the unclipped probe broke down at step {early.first} (non-finite on "
-                    f"{broken} of {len(base.rows)} steps) and the probe clipped by AutoClip (p=10) at step "
-                    f"{again.first}, leaving {again.calm} calm steps, fewer than the {MIN_CALM} a proposal rests on; "
+                    f"{broken} of {len(base.rows)} steps) and so did the probe clipped by AutoClip (p=10), at step "
+                    f"{again.first}, leaving {counted(again.calm, 'calm step')}, fewer than the {MIN_CALM} a proposal rests on; "
                     "lower --lr and run suggest again, or compare thresholds directly with gradwatch compare "
                     "--thresholds none,1,5,10") from None
             info["probe_rows"] = clipped.rows

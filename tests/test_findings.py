@@ -227,7 +227,7 @@ def test_suggest_on_a_probe_that_diverges_says_so(cli, lab, tmp_path):
     # lr 5 breaks a probe clipped by AutoClip too: no proposal, and why, in one line
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"no threshold proposed: the unclipped probe broke down at step {first} (non-finite on {bad} of 40 steps)" in err
-    assert "the probe clipped by AutoClip (p=10) at step" in err and out == ""
+    assert " steps) and so did the probe clipped by AutoClip (p=10), at step " in err and out == ""
 
 
 def test_fail_on_exits_4_after_writing_every_output(cli, lab, tmp_path):

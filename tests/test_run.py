@@ -232,7 +232,8 @@ def test_format_writes_rows_to_stdout(cli, module_model, regression_npz, fmt):
         rows = pd.read_csv(io.StringIO(out))
     else:
         records = json.loads(out)["rows"]
-        assert json.loads(out)["findings"][0]["code"] in ("stable", "loss_spikes", "nonfinite", "diverged")
+        # 3 steps: too few for the spike rule to judge one (too_short), unless the run broke down
+        assert json.loads(out)["findings"][0]["code"] in ("too_short", "nonfinite", "diverged")
         assert records[0]["param"] == 0.5 and records[0]["threshold"] == 0.5  # numbers, not text
         assert records[0]["reg_loss"] is None  # NaN (unknown for a SavedModel) is null in JSON
         rows = pd.DataFrame(records)
