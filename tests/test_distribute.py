@@ -111,12 +111,18 @@ def test_mirrored_marks_a_nonfinite_input_row_in_the_second_replicas_share(tmp_p
     x = np.random.default_rng(5).normal(size=(64, 4)).astype(np.float32)
     x[9, 1], x[40, 0] = np.inf, np.nan
     tf.data.Dataset.from_tensor_slices((x, np.zeros((64, 1), np.float32))).save(str(tmp_path / "bad_tfdata"))
-    rows = {}
-    for label, extra in {"single": (), "mirrored": ("--strategy", "mirrored")}.items():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(label, extra):  # both processes at once, as run_both runs them
         csv = tmp_path / f"{label}.csv"
         gradwatch("run", regularized_mlp, "--data", tmp_path / "bad_tfdata", "--stream", "--allow-nonfinite-data",
                   "--no-shuffle", "--batch-size", 16, "--steps", 8, "--cpu-devices", 2, "--csv", csv, "-q", *extra)
-        rows[label] = read_csv(csv)
+        return read_csv(csv)
+
+    runs = {"single": (), "mirrored": ("--strategy", "mirrored")}
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {label: pool.submit(one, label, extra) for label, extra in runs.items()}
+    rows = {label: future.result() for label, future in futures.items()}
     assert rows["single"]["nonfinite_input"].tolist() == [True, False, True, False] * 2
     assert_same_rows(rows["single"], rows["mirrored"])
 
