@@ -142,7 +142,7 @@ def run_findings(variant, data=None) -> list[Finding]:
                             "spike_grad_norm_max": highest, "grad_norm_max": s["grad_norm_max"],
                             "grad_norm_median": s["grad_norm_median"]}))
     if not any(f.kind == "problem" or f.code == "loss_not_recorded" for f in trouble):
-        if s.get("judged_losses", 1) == 0:  # (a CSV read back without the count: judged as before)
+        if s["judged_losses"] == 0:
             history = s["spike_history"]
             out.insert(0, Finding("too_short", label, f"too short to say whether the loss is stable: the spike rule "
                                   f"judges a loss by the {counted(history, 'finite loss', 'finite losses')} before it, and "

@@ -104,10 +104,9 @@ def compare_decision(variants: list, found: list[Finding], data=None) -> list[Fi
             if data is not None:
                 rows = sorted({k for t in common for k in data.rows_of_step(t).tolist()})
                 steps["rows"] = rank_rows(data, rows)
-            out.append(recurring_finding("", steps, ("comes at the same step in every variant, clipped or not",
-                                                     "come at the same steps in every variant, clipped or not")))
-            same = "comes at the same step" if len(common) == 1 else "come at the same steps"
-            why = f"; {counted(len(common), 'loss spike')} {same} in all of them (spikes_from_data)"
+            same = ("comes at the same step", "come at the same steps")  # one spike, several
+            out.append(recurring_finding("", steps, tuple(f"{w} in every variant, clipped or not" for w in same)))
+            why = f"; {counted(len(common), 'loss spike')} {same[len(common) != 1]} in all of them (spikes_from_data)"
         counts = ", ".join(f"{who(v)} {instability(v.summary)}" for v in variants)
         out.append(Finding("no_variant_calm", "", f"no variant is calm: each has loss spikes, non-finite steps or "
                            f"diverged (loss spikes + non-finite steps: {counts}){why}", tuple(common),
