@@ -49,6 +49,11 @@ class SpikeRule:
         if not (math.isfinite(self.floor) and 0 <= self.floor < 1):
             raise GradwatchError(f"`--spike-floor` must be in [0, 1). Received: spike_floor={self.floor}")
 
+    @property
+    def history_needed(self) -> int:
+        """Finite values a value needs before it to be judged (the first ones never are)."""
+        return min(self.min_history, self.window)
+
     def detector(self) -> "SpikeDetector":
         return SpikeDetector(self)
 
@@ -71,7 +76,7 @@ class SpikeDetector:
         self.rule = rule
         self.history: deque[float] = deque(maxlen=rule.window)
         self._sorted: list[float] = []  # the history, in order of size
-        self._needed = min(rule.min_history, rule.window)
+        self._needed = rule.history_needed
         self.scale = 0.0  # the largest magnitude so far
         self.median = math.nan
 

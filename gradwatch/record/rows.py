@@ -172,8 +172,8 @@ def summarize(rows: list[dict], rule=None) -> dict:
         "largest_jump_step": jump_step,
         "loss_spikes": sum(loss_spike),
         # finite losses the spike rule could judge: each needs min_history finite ones before it
-        "judged_losses": max(0, int(np.isfinite(loss).sum()) - min(rule.min_history, rule.window)),
-        "spike_history": min(rule.min_history, rule.window),
+        "judged_losses": max(0, int(np.isfinite(loss).sum()) - rule.history_needed),
+        "spike_history": rule.history_needed,
         "spike_steps": [int(step) for step, spike in zip(col["step"], loss_spike) if spike],
         "spike_steps_clean": clean,
         # the largest rise onto one of those spikes (the run's largest rise may be at no spike)
