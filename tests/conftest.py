@@ -16,6 +16,9 @@ import pytest
 # A private sample cache for the whole test session (never the user's ~/.cache).
 _CACHE = tempfile.mkdtemp(prefix="gradwatch-test-cache-")
 os.environ["GRADWATCH_CACHE"] = _CACHE
+# The CLI takes COLUMNS as the user's terminal width, and piped output is otherwise as wide as its
+# content. pytest-xdist sets COLUMNS=80 in its workers; the tests that want a width set it themselves.
+os.environ.pop("COLUMNS", None)
 
 from gradwatch.cli import main  # noqa: E402
 
