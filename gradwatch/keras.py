@@ -208,7 +208,7 @@ class GradientWatch(keras.callbacks.Callback):
         seen = self._loss_seen.read_value()
         loss = tf.where(seen, self._loss.read_value(), tf.constant(float("nan")))
         judged = tf.where(seen, loss, tf.constant(0.0))
-        m = measured_step(watched, used_variables, self.impl, tf.constant(self.clipping.param or 0.0, tf.float32),
+        m = measured_step(watched, used_variables, self.impl, tf.constant(self.clipping.param or 0.0, tf.float64),
                           state, judged, self.sparse_norm)
         tf.nest.map_structure(lambda v, new: v.assign(new), self._state_vars, m.state)
         overflow, nonfinite = nonfinite_kinds(m.finite, m.grads_finite, judged, scale is not None)

@@ -377,6 +377,45 @@ def test_mixed_precision_unscales_before_clipping_and_marks_overflow(cli, mixed_
     assert "dynamic loss scaling" in err
 
 
+@pytest.fixture(scope="session")
+def float64_model(models_dir, data_dir):
+    """Every layer in float64 (a scientific user's model), float32 data in the file, SGD."""
+    import keras
+
+    keras.utils.set_random_seed(28)
+    model = keras.Sequential([
+        keras.Input((4,), dtype="float64"),
+        keras.layers.Dense(16, activation="tanh", dtype="float64"),
+        keras.layers.Dense(1, dtype="float64"),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    path = models_dir / "float64.keras"
+    model.save(path)
+    rng = np.random.default_rng(28)
+    x = rng.normal(size=(48, 4)).astype(np.float32)
+    y = (x.sum(axis=1, keepdims=True) * 3).astype(np.float32)
+    data = data_dir / "float64.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, x, y
+
+
+@pytest.mark.parametrize("clip", [("global", "global_clipnorm", 0.3), ("norm", "clipnorm", 0.3),
+                                  ("value", "clipvalue", 0.05)], ids=["global", "norm", "value"])
+def test_a_float64_model_is_clipped_in_float64_as_keras_clips_it(cli, float64_model, tmp_path, clip):
+    """The threshold meets float64 gradients in their own dtype (was: a float32 threshold against
+    them, "the model cannot compute the loss on this data" for every strategy but none)."""
+    path, data, x, y = float64_model
+    strategy, option, threshold = clip
+    flag = "--value" if strategy == "value" else "--norm"
+    rows, out, err = gradwatch_rows(cli, path, data, tmp_path, 8, 6, "--clip", strategy, flag, threshold)
+    want, _ = keras_losses(path, x, y, 8, 6, option, threshold)
+    np.testing.assert_allclose(rows["loss"], want, rtol=1e-6)
+    assert rows["clipped"].all()
+    assert (rows["threshold"] == threshold).all()  # 0.3 itself, not float32's 0.30000001192...
+    if strategy == "global":  # N / ‖g‖ times ‖g‖, in float64
+        np.testing.assert_allclose(rows["clipped_norm"], threshold, rtol=1e-12)
+
+
 def test_a_signature_with_several_keyword_inputs(cli, two_input_model, models_dir, tmp_path):
     """tf.saved_model.save(keras_model): serving_default takes one keyword per input; the npz names them."""
     import keras

@@ -7,8 +7,9 @@ transformations:
   stateless TensorFlow clippers);
 * ``apply(grads, param, variables, state) -> ClipResult`` returns the clipped gradients,
   a boolean "did this change anything", the new state, the threshold it used this step
-  (``param`` is the strategy's one parameter, a float32 tensor: N, V, λ, p or Z) and, for a
-  strategy that multiplies whole gradients by a factor, that factor (``scale``).
+  (``param`` is the strategy's one parameter, N, V, λ, p or Z, a tensor in the gradients' dtype:
+  float32 for most models) and, for a strategy that multiplies whole gradients by a factor, that
+  factor (``scale``).
 
 A strategy whose state should be sized to the run sets ``takes_steps = True``; its ``init``
 then also gets ``steps=`` (the run's length). Class attributes describe the parameter to the

@@ -283,7 +283,7 @@ class Trainer:
             iterator = iter(self._batches())
             try:
                 traced.get_concrete_function(
-                    iterator, tf.constant(1), tf.constant(0.0), state, tf.constant(False), tf.constant(-1)
+                    iterator, tf.constant(1), tf.constant(0.0, tf.float64), state, tf.constant(False), tf.constant(-1)
                 )
             finally:
                 self._drop(iterator)
@@ -607,7 +607,7 @@ class Trainer:
         block = self._block_for(clipping.impl)
         self.reset()
         tf.random.set_seed(options.seed)
-        param = tf.constant(clipping.param or 0.0, tf.float32)
+        param = tf.constant(clipping.param or 0.0, tf.float64)
         state = self._initial_state(clipping.impl)
         stop_on_nonfinite = tf.constant(options.on_nonfinite == "stop")
         detector = options.spike_rule.detector()

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..clip.base import map_values, norms, norms64, scaled_norms, summed
+from ..clip.base import map_values, norms, norms64, scaled_norms, summed, values_of
 
 SPARSE_NORMS = ("summed", "rows")
 ON_NONFINITE = ("skip", "apply", "stop")
@@ -69,8 +69,9 @@ def measured_step(grads, variables, strategy, param, state, loss, sparse_norm: s
     """The one measured step over the gradients of ``variables`` (dense tensors and raw
     ``tf.IndexedSlices``, already all-reduced under a strategy and unscaled under loss scaling).
 
-    ``strategy`` is a clipping strategy (:mod:`gradwatch.clip`), ``param`` its float32 parameter,
-    ``state`` its state; ``loss`` the step's loss (only its finiteness is read here).
+    ``strategy`` is a clipping strategy (:mod:`gradwatch.clip`), ``param`` its parameter (a
+    float64 tensor, cast here to the gradients' dtype), ``state`` its state; ``loss`` the step's
+    loss (only its finiteness is read here).
     """
     import tensorflow as tf
 
@@ -82,6 +83,9 @@ def measured_step(grads, variables, strategy, param, state, loss, sparse_norm: s
     sparse = any(p is not None for _, p in pairs)
     grad_norm_rows = norms(grads)[0] if sparse else grad_norm
     rows = sparse_norm == "rows"
+    # The parameter in the gradients' own dtype, as tf.clip_by_*(grads, 5.0) converts a Python
+    # float: float32 for nearly every model, float64 for a model built under a float64 policy.
+    param = tf.cast(param, values_of(true[0]).dtype)
     result = strategy.apply(list(grads) if rows else true, param, variables, state)
     if rows:
         applied = list(result.grads)
