@@ -171,8 +171,9 @@ def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: d
     return config, source
 
 
-def make_optimizer(config: dict):
-    """Build a Keras optimizer from a config; bad names and hyperparameters become OptionErrors."""
+def make_optimizer(config: dict, source: str = "--optimizer"):
+    """Build a Keras optimizer from a config (``source`` as :func:`optimizer_config` says it); bad
+    names and hyperparameters become OptionErrors."""
     import keras
 
     class_name = config["class_name"]
@@ -192,7 +193,9 @@ def make_optimizer(config: dict):
     except (ValueError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
-    refuse_hidden_options(optimizer, f"optimizer {class_name}")
+    compiled = source.startswith("the model's compiled optimizer")
+    refuse_hidden_options(optimizer, f"the model's compiled optimizer {class_name}" if compiled else f"optimizer {class_name}",
+                          "compile the model without it, or train with another: --optimizer NAME" if compiled else None)
     return optimizer
 
 
@@ -238,14 +241,14 @@ REFUSED_OPTIONS = {
 }
 
 
-def refuse_hidden_options(optimizer, where: str) -> None:
+def refuse_hidden_options(optimizer, where: str, fix: str | None = None) -> None:
     """A one-line error for an optimizer option that would make the recorded gradient not the
     applied one: the one rule for ``--optimizer``/``--opt``, a compiled optimizer and ``GradientWatch.wrap``."""
     inner = getattr(optimizer, "inner_optimizer", None) or optimizer
     for name, why in REFUSED_OPTIONS.items():
         value = getattr(inner, name, None)
         if value not in (None, False, 0):
-            raise OptionError(f"{where} has {name}={value}: {why}; gradwatch refuses it, drop {name}")
+            raise OptionError(f"{where} has {name}={value}: {why}; gradwatch refuses it: {fix or f'drop {name}'}")
 
 
 def has_schedule(optimizer) -> bool:

@@ -228,6 +228,23 @@ def test_optimizer_options_that_hide_the_applied_gradient_are_refused(cli, modul
         GradientWatch(clip="none").wrap(keras.optimizers.Adam(gradient_accumulation_steps=4))
 
 
+def test_a_compiled_optimizer_with_a_hidden_option_says_how_to_train_anyway(cli, regression_npz, tmp_path):
+    """The user cannot 'drop' an option of the optimizer saved in the file: the line says what they can do."""
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, gradient_accumulation_steps=2), loss="mse")
+    path = tmp_path / "accumulating.keras"
+    model.save(path)
+    code, out, err = cli("run", path, "--data", regression_npz, "--steps", 2, "-q")
+    assert code == 2 and out == "" and err.strip().splitlines() == [
+        "gradwatch: error: the model's compiled optimizer SGD has gradient_accumulation_steps=2: the optimizer would "
+        "apply the mean of several steps' gradients, not the one recorded; gradwatch refuses it: compile the model "
+        "without it, or train with another: --optimizer NAME"]
+    code, _, err = cli("run", path, "--data", regression_npz, "--steps", 2, "-q", "--optimizer", "sgd")
+    assert code == 0, err
+
+
 # --- embeddings: the raw rows go to the optimizer, as in fit -------------------------------
 
 
