@@ -136,6 +136,9 @@ def parse_opt_args(items: list[str] | None) -> dict:
     return args
 
 
+COMPILED = "the model's compiled optimizer"  # optimizer_config's source for a .keras file's own
+
+
 def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: dict | None) -> tuple[dict, str]:
     """The Keras config (``{"class_name", "config"}``) of the run's optimizer, and where it came from.
 
@@ -153,7 +156,7 @@ def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: d
         source = "--optimizer"
     elif compiled is not None:
         config = {"class_name": compiled["class_name"], "config": dict(compiled["config"])}
-        source = "the model's compiled optimizer"
+        source = COMPILED
     else:
         config = {"class_name": "SGD", "config": {}}
         source = "default"
@@ -193,8 +196,8 @@ def make_optimizer(config: dict, source: str = "--optimizer"):
     except (ValueError, TypeError) as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
-    compiled = source.startswith("the model's compiled optimizer")
-    refuse_hidden_options(optimizer, f"the model's compiled optimizer {class_name}" if compiled else f"optimizer {class_name}",
+    compiled = source.startswith(COMPILED)  # "... (its clipnorm=1 dropped ...)" may follow
+    refuse_hidden_options(optimizer, f"{COMPILED} {class_name}" if compiled else f"optimizer {class_name}",
                           "compile the model without it, or train with another: --optimizer NAME" if compiled else None)
     return optimizer
 
