@@ -174,9 +174,10 @@ def optimizer_config(name: str | None, lr: float | None, args: dict, compiled: d
     return config, source
 
 
-def make_optimizer(config: dict, source: str = "--optimizer"):
+def make_optimizer(config: dict, source: str = "--optimizer", typed=()):
     """Build a Keras optimizer from a config (``source`` as :func:`optimizer_config` says it); bad
-    names and hyperparameters become OptionErrors."""
+    names and hyperparameters become OptionErrors. ``typed``: the option names the user gave with
+    ``--opt``, so that a refusal of one of them says to drop it, not to recompile the model."""
     import keras
 
     class_name = config["class_name"]
@@ -197,8 +198,13 @@ def make_optimizer(config: dict, source: str = "--optimizer"):
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"optimizer {class_name}: {message}; check --opt NAME=VALUE") from None
     compiled = source.startswith(COMPILED)  # "... (its clipnorm=1 dropped ...)" may follow
-    refuse_hidden_options(optimizer, f"{COMPILED} {class_name}" if compiled else f"optimizer {class_name}",
-                          "compile the model without it, or train with another: --optimizer NAME" if compiled else None)
+
+    def fix(name: str) -> str:
+        if name in typed:
+            return f"drop --opt {name}"
+        return "compile the model without it, or train with another: --optimizer NAME" if compiled else f"drop {name}"
+
+    refuse_hidden_options(optimizer, f"{COMPILED} {class_name}" if compiled else f"optimizer {class_name}", fix)
     return optimizer
 
 
@@ -244,14 +250,15 @@ REFUSED_OPTIONS = {
 }
 
 
-def refuse_hidden_options(optimizer, where: str, fix: str | None = None) -> None:
+def refuse_hidden_options(optimizer, where: str, fix=None) -> None:
     """A one-line error for an optimizer option that would make the recorded gradient not the
-    applied one: the one rule for ``--optimizer``/``--opt``, a compiled optimizer and ``GradientWatch.wrap``."""
+    applied one: the one rule for ``--optimizer``/``--opt``, a compiled optimizer and ``GradientWatch.wrap``.
+    ``fix(name)`` says what the user can do about option ``name`` (default: drop it)."""
     inner = getattr(optimizer, "inner_optimizer", None) or optimizer
     for name, why in REFUSED_OPTIONS.items():
         value = getattr(inner, name, None)
         if value not in (None, False, 0):
-            raise OptionError(f"{where} has {name}={value}: {why}; gradwatch refuses it: {fix or f'drop {name}'}")
+            raise OptionError(f"{where} has {name}={value}: {why}; gradwatch refuses it: {fix(name) if fix else f'drop {name}'}")
 
 
 def has_schedule(optimizer) -> bool:

@@ -160,7 +160,7 @@ class Trainer:
         # Built for every trainable variable, so that no separate trace is needed to find the
         # ones the loss does not reach; those get no gradient and the optimizer never sees them.
         config, source = optimizer_config(options.optimizer, options.lr, options.optimizer_args, model.compiled_optimizer)
-        self.optimizer = make_optimizer(config, source)
+        self.optimizer = make_optimizer(config, source, typed=options.optimizer_args)
         self.optimizer_text = describe_optimizer(self.optimizer, source)
         self.scheduled = has_schedule(self.optimizer)  # its own schedule sets the lr of every step
         if self.scheduled and options.lr_decay is not None:
