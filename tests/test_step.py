@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+import gradwatch
+
 BATCH = 16
 
 
@@ -258,6 +260,51 @@ def test_a_hidden_option_typed_over_a_compiled_optimizer_is_the_one_to_drop(cli,
         "gradwatch: error: the model's compiled optimizer Adam has use_ema=True: the weights would be overwritten by "
         "their moving average behind the recorded updates; gradwatch refuses it: drop --opt use_ema"]
 
+
+
+def test_a_loss_the_data_cannot_feed_is_one_data_line(cli, tmp_path):
+    """CTC needs (batch, time, classes) predictions: Keras' complaint, traced, is the data's one line."""
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    path = tmp_path / "dense3.keras"
+    model.save(path)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.normal(size=(64, 4)).astype("float32"), y=rng.integers(0, 3, size=(64, 3)).astype("float32"))
+    code, out, err = cli("run", path, "--data", data, "--steps", 2, "-q", "--loss", "ctc")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith("gradwatch: error: the model cannot compute the loss on this data: Logits `y_pred` "
+                               "are expected to be a tensor of shape `(batch_size, max_length, num_classes)`"), err
+    assert lines[0].endswith("; check --loss, --target and the shapes"), err
+
+
+class _Broken:
+    """A strategy with a bug of its own (an error at trace time, after the loss was computed)."""
+
+    name, option, default, upper, summary = "broken", None, None, None, "raises while it is traced"
+
+    def init(self, variables):
+        return ()
+
+    def apply(self, grads, threshold, variables, state):
+        raise TypeError("a bug in the strategy, not in the data")
+
+
+def test_an_error_after_the_loss_is_not_blamed_on_the_data(cli, module_model, regression_npz, monkeypatch):
+    """Only the loss and its gradient are the data's to fail: a fault in the clipping (ours) says 'please report
+    it', not 'check --loss, --target and the shapes' (as a float64 model's threshold once did)."""
+    from gradwatch.clip import registry
+
+    monkeypatch.setitem(registry.STRATEGIES, "broken", _Broken())
+    code, out, err = cli("run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 2, "-q",
+                         "--clip", "broken")
+    assert code == 1 and err.strip().splitlines() == [
+        "gradwatch: error: unexpected TypeError: a bug in the strategy, not in the data (set GRADWATCH_DEBUG=1 for the "
+        "traceback, and please report it)"], err
+    with pytest.raises(TypeError, match="a bug in the strategy"):
+        gradwatch.run(module_model, regression_npz, loss="mse", steps=2, clip="broken")
 
 # --- embeddings: the raw rows go to the optimizer, as in fit -------------------------------
 

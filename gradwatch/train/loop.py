@@ -279,9 +279,10 @@ class Trainer:
         traced = tf.function(block, autograph=False)
         state = self._initial_state(strategy)
         tf.random.set_seed(self.options.seed)
-        with _loss_errors(), distribute.scope(self.distribution):
-            iterator = iter(self._batches())
-            try:
+        with distribute.scope(self.distribution):
+            with _loss_errors():
+                iterator = iter(self._batches())
+            try:  # the loss's own complaints are DataErrors (_loss_and_grads); the rest of the step is ours
                 traced.get_concrete_function(
                     iterator, tf.constant(1), tf.constant(0.0, tf.float64), state, tf.constant(False), tf.constant(-1)
                 )
@@ -534,12 +535,14 @@ class Trainer:
         import tensorflow as tf
 
         trainable = self.model.trainable
-        with tf.GradientTape() as tape:
-            loss, reg = self.objective(x, y)
-            target = loss * tf.cast(self._loss_scale, loss.dtype) if self.loss_scaling else loss
-        if loss.shape.rank not in (0, None):
-            raise ModelError(f"the loss must be a scalar, got shape {loss.shape}; reduce it to one number")
-        pairs = [(g, v) for g, v in zip(tape.gradient(target, trainable), trainable) if g is not None]
+        with _loss_errors():  # only here: an error in the clipping, the optimizer or the records is not the data's
+            with tf.GradientTape() as tape:
+                loss, reg = self.objective(x, y)
+                target = loss * tf.cast(self._loss_scale, loss.dtype) if self.loss_scaling else loss
+            if loss.shape.rank not in (0, None):
+                raise ModelError(f"the loss must be a scalar, got shape {loss.shape}; reduce it to one number")
+            gradients = tape.gradient(target, trainable)
+        pairs = [(g, v) for g, v in zip(gradients, trainable) if g is not None]
         if not pairs:
             raise ModelError(f"the loss of {self.model.path} does not depend on any trainable variable; check the endpoint")
         used = [v for _, v in pairs]
@@ -574,8 +577,7 @@ class Trainer:
             return self._loss_and_grads(x, y)[0]
 
         x0, y0 = self._batch_specs()
-        with _loss_errors():
-            tf.function(probe, autograph=False).get_concrete_function(x0, y0)
+        tf.function(probe, autograph=False).get_concrete_function(x0, y0)
 
     def _batch_specs(self):
         return self.pipeline.specs()
