@@ -1065,6 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with stop_signals_unwind():
         try:
+            _refuse_blank(args)
             result = app(args=args, prog_name="gradwatch", standalone_mode=False)
             from .record.sinks import stdout_errors
 
@@ -1107,6 +1108,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             _error(f"unexpected {type(exc).__name__}: {exc} (set GRADWATCH_DEBUG=1 for the traceback, and please report it)")
             return 1
+
+
+def _refuse_blank(args: list[str]) -> None:
+    """An empty or all-blank argument (``--csv "$OUT"`` with OUT unset) is a mistake, never a value:
+    as a path it would become '.' or a file named by spaces, as a name match nothing."""
+    for i, arg in enumerate(args):
+        option, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if arg.startswith("--") and not eq:
+            continue
+        if value.strip() == "":
+            what = f"the value of {option}" if option else f"the argument after {args[i - 1]}" if i else "the first argument"
+            blank = "empty" if value == "" else "only spaces"
+            raise GradwatchError(f"{what} is {blank} (an unset shell variable?); give it a value or leave it out")
 
 
 def _stopped_by(signum: int) -> int:

@@ -157,6 +157,24 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, module_model, regressio
         assert "unexpected" not in err and "please report" not in err
 
 
+def test_an_empty_argument_is_refused_before_it_becomes_a_path(cli, tmp_path, module_model, regression_npz,
+                                                                monkeypatch):
+    """`--csv "$OUT"` with OUT unset: '' would be the folder '.', '  ' a file named by spaces in the cwd."""
+    monkeypatch.chdir(tmp_path)
+    base = ["run", module_model, "--data", regression_npz, "--loss", "mse", "--steps", 2, "-q"]
+    for args, words in [
+        (base + ["--csv", ""], "the argument after --csv is empty (an unset shell variable?); give it a value or "
+                               "leave it out"),
+        (base + ["--csv", "   "], "the argument after --csv is only spaces (an unset shell variable?)"),
+        (base + ["--csv="], "the value of --csv is empty"),
+        (["run", "", "--data", regression_npz], "the argument after run is empty"),
+        (["compare", module_model, "--data", "", "--thresholds", "none,5"], "the argument after --data is empty"),
+    ]:
+        code, out, err = cli(*args)
+        assert code == 2 and out == "", (args, err)
+        one_line_error(err, words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
 def write_tfrecord(path, x, y) -> None:
     import tensorflow as tf
 
