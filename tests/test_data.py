@@ -103,6 +103,15 @@ def test_unknown_paths(tmp_path):
         data.load(str(tmp_path / "folder"), OPTS)
 
 
+def test_a_model_given_as_data_is_named_as_a_model(tmp_path, module_model, keras_file_model):
+    """`gradwatch run DATA --data MODEL` (or the model twice): the line says which is which."""
+    for model, kind in ((module_model, "a SavedModel folder"), (keras_file_model, "a .keras model file")):
+        with pytest.raises(DataError) as caught:
+            data.load(str(model), OPTS)
+        assert str(caught.value) == (f"--data {model} is {kind}, not data; give the model first and the data after "
+                                     "--data: gradwatch run MODEL --data DATA")
+
+
 def test_batch_order_without_and_with_shuffle():
     ds = data.Dataset(np.arange(10)[:, None], np.arange(10), "npz", "mem")
     got = [x[:, 0].tolist() for _, x, _ in data.batches(ds, 3, 5, shuffle=False, seed=0)]

@@ -421,9 +421,14 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
         return _of_stream(streams.load_tfrecord(p, options, _by_input, _by_output), p)
     if options.features:
         raise DataError("--features describes the records of a TFRecord file (.tfrecord); drop it for this data")
+    if p.suffix.lower() == ".keras" or (p.is_dir() and (p / "saved_model.pb").exists()):
+        kind = "a .keras model file" if p.suffix.lower() == ".keras" else "a SavedModel folder"
+        raise DataError(f"--data {p} is {kind}, not data; give the model first and the data after --data: "
+                        f"gradwatch run MODEL --data DATA")
     if p.is_dir():
         if not (p / "dataset_spec.pb").exists() and not any(p.glob("*.snapshot")):
-            raise DataError(f"{p} is a folder but not one written by tf.data.Dataset.save; give an .npz, .csv or .txt file")
+            raise DataError(f"{p} is a folder but not one written by tf.data.Dataset.save; give an .npz, .csv, .txt "
+                            "or .tfrecord file")
         if _streams(p, options):
             return _of_stream(streams.load_saved(p, options, _by_input, _by_output), p)
         return load_tf_data(p, options, model_assets)
@@ -434,7 +439,7 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
                         "drop --stream")
     loader = LOADERS.get(p.suffix.lower())
     if loader is None:
-        raise DataError(f"cannot tell the kind of {p}: use .npz, .csv, .txt or a tf.data.Dataset.save folder")
+        raise DataError(f"cannot tell the kind of {p}: use .npz, .csv, .txt, .tfrecord or a tf.data.Dataset.save folder")
     return loader(p, options, model_assets)
 
 
