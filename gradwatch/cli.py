@@ -1008,6 +1008,9 @@ def _print_suggestion(found, watch, checked, rows, line: str, meta: dict | None 
         console.print(table)
         console.print(escape(f"Rule: the threshold is the {found.rule}, to two significant digits "
                              "(candidates: half, once and twice that)."))
+        if found.first_spike is None and early is None:
+            console.print(escape(f"No spike and no non-finite step in the probe: these {len(rows)} steps need no "
+                                 "clipping; the proposal is a guard against bursts that come later."))
         for finding_line in verdict_lines(found.findings(rows, early))[1:]:
             console.print(escape(finding_line.strip()))
         if watch is not None:

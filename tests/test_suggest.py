@@ -60,6 +60,7 @@ def test_suggest_on_the_builtin_sample_probes_again_clipped_when_unclipped_break
     line = out.strip().splitlines()[-1]
     assert line == f"Try: gradwatch run --clip global --norm {expected:g}"
     assert "The norm is dominated by: embedding" in out
+    assert "need no clipping" not in out  # it burst at step 4
     code, _, err = cli(*shlex.split(line[len("Try: gradwatch "):]), "--steps", 3, "-q")
     assert code == 0, err
     # from the saved unclipped run there is no second probe: no proposal, and why, in one line
@@ -76,6 +77,22 @@ def test_suggest_keeps_the_users_options_and_verify_picks_the_calmest(cli, modul
     calmest = out.split("Calmest candidate: global ")[1].split(".\n")[0]
     assert out.strip().splitlines()[-1] == (f"Try: gradwatch run {module_model} --data {regression_npz} --loss mse "
                                             f"--batch-size 8 --no-shuffle --lr 0.3 --clip global --norm {calmest}")
+
+
+def test_a_calm_probe_says_it_needed_no_clipping(cli, module_model, regression_npz, tmp_path):
+    """Linear regression at a small learning rate: no spike, no non-finite step (by the CSV of the same
+    probe). The proposal stands, as a guard, and the line says the probe itself needed none."""
+    csv = tmp_path / "probe.csv"
+    args = [module_model, "--data", regression_npz, "--loss", "mse", "--steps", 24, "-q"]
+    assert cli("run", *args, "--csv", csv)[0] == 0
+    rows = read_csv(csv)
+    assert not (rows["loss_spike"].any() or rows["nonfinite"].any())
+    code, out, err = cli("suggest", *args)
+    assert code == 0, err
+    assert ("No spike and no non-finite step in the probe: these 24 steps need no clipping; the proposal is a guard "
+            "against bursts that come later.") in out
+    assert out.strip().splitlines()[-1].startswith("Try: gradwatch run")
+    assert "no spike" in out.splitlines()[0]
 
 
 def test_a_probe_too_short_for_a_proposal_asks_for_more_steps_not_a_lower_lr(cli, module_model, regression_npz,
