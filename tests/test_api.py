@@ -81,6 +81,9 @@ def test_in_memory_model_and_data_give_the_rows_of_the_files(keras_mlp, regressi
     numbers = [c for c in from_files.columns if c not in ("time_ms", "model", "data")]
     pd.testing.assert_frame_equal(from_objects[numbers], from_files[numbers])
     pd.testing.assert_frame_equal(from_dataset[numbers], from_files[numbers])
+    # [x] for a model of one input is that input, as fit reads it (was "holds 1 input arrays but the model takes 1")
+    from_list = gradwatch.run(model, ([x], y), clip="norm", norm=0.2, batch_size=8, steps=10, shuffle=False)
+    pd.testing.assert_frame_equal(from_list[numbers], from_files[numbers])
     assert from_objects["model"][0] == f"keras.Model {model.name}" and from_objects["data"][0] == f"arrays ({len(y)} rows)"
     assert from_dataset["data"][0] == "tf.data.Dataset"
     # the baseline's command for objects in memory is the API's, not a CLI line naming no file

@@ -254,6 +254,8 @@ def _by_input(x, options: DataOptions, path: Path):
                 "name the arrays after them, or pass --x-key a,b in input order"
             )
         return {n: x[n] for n in names} if names else dict(x)
+    if names is None and len(x) == 1:
+        return x[0]  # [x] for a model of one input: that input, as fit reads it
     if names is None or len(names) != len(x):
         raise DataError(f"{path} holds {len(x)} input arrays but the model takes {len(names or ()) or 1}; check the data")
     return dict(zip(names, x))
