@@ -175,6 +175,47 @@ def test_an_empty_argument_is_refused_before_it_becomes_a_path(cli, tmp_path, mo
         one_line_error(err, words)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
+def test_values_beyond_float32_are_refused_where_they_are_not_trained_as_inf(cli, tmp_path, module_model):
+    """float64 data cast to a float32 model: 1e39 would become inf (and train on NaN rows) although the
+    file holds a finite number; complex numbers would lose their imaginary part. A float64 model takes 1e39."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x, y, w = rng.normal(size=(64, 4)), rng.normal(size=(64, 1)), np.ones(64)
+    big_x = x.copy()
+    big_x[5, 2] = 1e39
+    big_w = w.copy()
+    big_w[9] = 1e40
+    np.savez(tmp_path / "big_x.npz", x=big_x, y=y)
+    np.savez(tmp_path / "big_w.npz", x=x, y=y, sample_weight=big_w)
+    np.savez(tmp_path / "complex.npz", x=(x + 1j * x).astype(np.complex64), y=y)
+    table = tmp_path / "big.csv"
+    rows = [",".join(str(float(v)) for v in (*x[i], y[i, 0])) for i in range(64)]
+    rows[40] = "1.0,1e39,3.0,4.0,1.0"
+    table.write_text("a,b,c,d,y\n" + "\n".join(rows) + "\n")
+    beyond = "is 1e+39, beyond float32's range (at most 3.403e+38), in which the model computes; scale the data"
+    base = ["--loss", "mse", "--steps", 2, "-q"]
+    for data, extra, words in [
+        (tmp_path / "big_x.npz", [], f"big_x.npz: x[5, 2] {beyond}"),
+        (tmp_path / "big_x.npz", ["--stream"], f"big_x.npz: x[5, 2] {beyond}"),
+        (tmp_path / "big_x.npz", ["--allow-nonfinite-data"], f"big_x.npz: x[5, 2] {beyond}"),
+        (tmp_path / "big_w.npz", ["--stream"], "big_w.npz: sample_weight[9] is 1e+40, beyond float32's range"),
+        (table, [], f"big.csv: line 42, column 'b' {beyond}"),
+        (tmp_path / "complex.npz", [], "complex.npz: x holds complex numbers but the model takes float32; store real "
+                                       "numbers"),
+    ]:
+        code, out, err = cli("run", module_model, "--data", data, *base, *extra)
+        assert code == 2 and out == "", (data, extra, err)
+        one_line_error(err, words)
+        assert "Warning" not in err
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,), dtype="float64"), keras.layers.Dense(1, dtype="float64")])
+    model.compile(optimizer="sgd", loss="mse")
+    model.save(tmp_path / "float64.keras")
+    code, _, err = cli("run", tmp_path / "float64.keras", "--data", tmp_path / "big_x.npz", *base, "--csv",
+                       tmp_path / "f64.csv")
+    assert code == 0, err  # float64 holds 1e39: trained as given
+
 def write_tfrecord(path, x, y) -> None:
     import tensorflow as tf
 

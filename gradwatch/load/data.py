@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, counted, first_line
-from . import targets
+from . import streams, targets
+from .casts import CastError, can_overflow, cast
 from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, first_bad_weight, is_batched
 from .targets import first_true, in_whole
 
@@ -177,8 +178,9 @@ def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
     text += [str(c) for c in kept if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:
         raise DataError(f"{path}: columns {', '.join(text)} are not numeric; encode them as numbers first")
-    w = frame[SAMPLE_WEIGHT].to_numpy(np.float32) if weighted else None
-    dataset = _checked(features.to_numpy(np.float32), frame[target].to_numpy(), "csv", path, w=w)
+    # float64 as parsed: a value beyond float32 is told where it is when it is cast (fit_to_model), not read as inf
+    w = frame[SAMPLE_WEIGHT].to_numpy(np.float64) if weighted else None
+    dataset = _checked(features.to_numpy(np.float64), frame[target].to_numpy(), "csv", path, w=w)
     dataset.columns = [str(c) for c in features.columns], str(target)
     return dataset
 
@@ -416,8 +418,6 @@ def load(path, options: DataOptions, model_assets: Path | None = None) -> Datase
     p = Path(path)
     if not p.exists():
         raise DataError(f"no such data file or folder: {p}")
-    from . import streams
-
     if p.suffix.lower() in streams.TFRECORD_SUFFIXES or (p.is_dir() and any(
             f.suffix in streams.TFRECORD_SUFFIXES for f in p.iterdir())):
         return _of_stream(streams.load_tfrecord(p, options, _by_input, _by_output), p)
@@ -550,7 +550,14 @@ def take(x, rows):
 
 def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
     """Check the data's shape against the model's input(s) (and its targets against a model's
-    several outputs) and cast it to the model's dtypes."""
+    several outputs) and cast it to the model's dtypes (:mod:`.casts`: nothing lost on the way)."""
+    try:
+        return _fit_to_model(dataset, model, target_spec)
+    except CastError as exc:
+        raise DataError(f"{dataset.path}: {exc.text(lambda name, index: _where(dataset, name, index))}") from None
+
+
+def _fit_to_model(dataset: Dataset, model, target_spec) -> Dataset:
     x, y = dataset.x, dataset.y
     outputs = getattr(model, "output_names", None)
     if outputs and not isinstance(y, dict):
@@ -570,22 +577,27 @@ def fit_to_model(dataset: Dataset, model, target_spec=None) -> Dataset:
     elif spec is not None:
         x = _fit_input(x, spec, "x")
     elif x.dtype == np.float64:
-        x = x.astype(np.float32)
+        x = cast(x, np.float32, "x")
     if target_spec is not None:
         y = _cast(y, target_spec.dtype, "y")
     else:  # Keras' own casting of a target: floats (and bools) as float32, integers as they are
-        y = {k: _float32_target(v) for k, v in y.items()} if isinstance(y, dict) else _float32_target(y)
-    w = None if dataset.w is None else dataset.w.astype(np.float32, copy=False)
-    return Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream, w=w)
+        y = {k: _float32_target(v, f"y[{k!r}]") for k, v in y.items()} if isinstance(y, dict) else _float32_target(y)
+    w = None if dataset.w is None else cast(dataset.w, np.float32, SAMPLE_WEIGHT)
+    fitted = Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream, w=w)
+    for name, array in fitted.inputs() + fitted.targets() + ([(SAMPLE_WEIGHT, w)] if w is not None else []):
+        if isinstance(array, streams.NpzMember) and can_overflow(array.stored, array.dtype):
+            for _ in array.chunks():  # a value beyond the model's dtype: said now, not in the middle of training
+                pass
+    return fitted
 
 
-def _float32_target(y):
-    return y.astype(np.float32) if y.dtype == np.float64 or y.dtype == np.bool_ else y
+def _float32_target(y, name: str = "y"):
+    return cast(y, np.float32, name) if y.dtype == np.float64 or y.dtype == np.bool_ else y
 
 
 def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
     if spec.shape.rank is None:
-        return array.astype(np.float32) if array.dtype == np.float64 else array
+        return cast(array, np.float32, name) if array.dtype == np.float64 else array
     wanted = spec.shape
     got = (None,) + tuple(array.shape[1:])
     if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
@@ -618,7 +630,7 @@ def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
     # bool is 0/1 for an integer input, as Keras casts it (keras-hub's padding_mask is bool)
     if np.issubdtype(target, np.integer) and not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
         raise DataError(f"the model expects integer {name} ({target}) but the data has {array.dtype}; store ids as integers")
-    return array.astype(target, copy=False)
+    return cast(array, target, name)
 
 
 def _shape(dims) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import DataError, counted, first_line
 from . import targets
+from .casts import cast
 
 SAMPLE_WEIGHT = "sample_weight"  # an .npz array, CSV column or TFRecord feature of this name weighs each row's loss, as fit's sample_weight
 AUTO_STREAM_BYTES = 256 * 2**20  # --stream auto: data on disk larger than this is streamed
@@ -74,7 +75,7 @@ class NpzMember:
             else:
                 for k, row in enumerate(rows.tolist()):
                     view[k] = np.frombuffer(_pread(fd, size, self.offset + size * row, self.path), np.uint8)
-        return out.astype(self.dtype, copy=False)
+        return cast(out, self.dtype, self.name, rows)
 
     def chunks(self):
         """(first row, rows) over the whole array, CHUNK_BYTES at a time."""
