@@ -136,6 +136,37 @@ def test_stream_errors_are_one_line(cli, tmp_path, four_ways, keras_export_model
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
+def test_a_record_stream_beyond_float32_and_a_dict_of_one_input(cli, tmp_path, keras_export_model):
+    """A tf.data folder of float64: 1e39 is refused where it is, streamed or in memory (the stream casts
+    inside its pipeline, so its counting pass keeps the first such value). x as {name: array} for a
+    one-input model trains as the array itself in memory; streamed, and with two names, one line says what to do."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)), rng.normal(size=(64, 1))
+    big = x.copy()
+    big[5, 2] = 1e39
+    tf.data.Dataset.from_tensor_slices((big, y)).save(str(tmp_path / "big"))
+    tf.data.Dataset.from_tensor_slices((x, y)).save(str(tmp_path / "plain"))
+    tf.data.Dataset.from_tensor_slices(({"a": x}, y)).save(str(tmp_path / "dict1"))
+    tf.data.Dataset.from_tensor_slices(({"a": x, "b": x}, y)).save(str(tmp_path / "dict2"))
+    run = ["run", keras_export_model, "--steps", 3, "--loss", "mse", "-q", "--no-shuffle"]
+    for stream in ("--no-stream", "--stream"):
+        code, out, err = cli(*run, "--data", tmp_path / "big", stream)
+        assert code == 2 and out == "" and err.strip().splitlines() == [
+            f"gradwatch: error: {tmp_path / 'big'}: x[5, 2] is 1e+39, beyond float32's range (at most 3.403e+38), in "
+            "which the model computes; scale the data"], (stream, err)
+    assert cli(*run, "--data", tmp_path / "plain", "--csv", tmp_path / "plain.csv")[0] == 0
+    assert cli(*run, "--data", tmp_path / "dict1", "--csv", tmp_path / "dict1.csv")[0] == 0
+    same_rows(read_csv(tmp_path / "dict1.csv"), read_csv(tmp_path / "plain.csv"))
+    for folder, stream, words in [
+        ("dict1", "--stream", "holds 1 input (a) in a dict, but the model takes one array; store x as the array itself, "
+                              "or read the data into memory (--no-stream)"),
+        ("dict2", "--no-stream", "holds 2 inputs (a, b) in a dict, but the model takes one array; keep one of them"),
+    ]:
+        code, out, err = cli(*run, "--data", tmp_path / folder, stream)
+        assert code == 2 and err.strip().splitlines() == [f"gradwatch: error: {tmp_path / folder} {words}"], err
+
 def test_streamed_nonfinite_rows_are_marked_when_allowed(cli, tmp_path, keras_export_model):
     """--allow-nonfinite-data on a streamed .npz marks the same steps as in memory; record streams
     (a tf.data folder, TFRecord) too, in file order the same rows as in memory, and shuffled the

@@ -3,9 +3,11 @@
 NumPy's ``astype`` turns a float64 value beyond float32's range (about 3.4e38) into inf, and a
 complex value into its real part, each with a warning on stderr and nothing else: the run would
 then train on inf (its rows NaN) although the file held finite numbers, or on half of what it
-held. Both are refused here with the first value and where it is; in-memory arrays before
-training, a streamed ``.npz`` member as its rows are read (and, for a cast that can overflow,
-in a pass before training: ``data.fit_to_model``).
+held. Both are refused here with the first value and where it is: in-memory arrays before
+training; a streamed ``.npz`` member as its rows are read (and, for a cast that can overflow,
+in a pass before training: ``data.fit_to_model``); a record stream, which TensorFlow casts
+inside its pipeline, from the first value beyond float32 that its counting pass kept
+(:func:`first_beyond`, ``streams.Column.beyond``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ def cast(array, target, name: str, rows=None):
         return array
     if array.dtype.kind == "c":
         raise CastError(name, target)
-    if not isinstance(array, np.ndarray) or not can_overflow(array.dtype, target):
+    if not isinstance(array, np.ndarray):  # a stream: an .npz member checks its reads, a record column its pass
+        found = getattr(array, "beyond", None)
+        if found is not None and can_overflow(array.dtype, target) and np.finfo(target).max <= np.finfo(np.float32).max:
+            raise CastError(name, target, *found)
+        return array.astype(target, copy=False)
+    if not can_overflow(array.dtype, target):
         return array.astype(target, copy=False)
     with np.errstate(over="ignore", invalid="ignore"):
         out = array.astype(target, copy=False)
@@ -63,3 +70,16 @@ def cast(array, target, name: str, rows=None):
         index = (int(rows[at[0]]),) + at[1:] if rows is not None else at
         raise CastError(name, target, tuple(int(i) for i in index), array[at])
     return out
+
+
+def first_beyond(array: np.ndarray, target, start: int = 0):
+    """``(index, value)`` of the first finite value of ``array`` (rows from ``start``) that
+    ``target`` cannot hold, or None: what a record stream's counting pass keeps for :func:`cast`."""
+    if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or not can_overflow(array.dtype, target):
+        return None
+    with np.errstate(invalid="ignore"):
+        over = np.isfinite(array) & (np.abs(array) > float(np.finfo(target).max))
+    if not over.any():
+        return None
+    at = first_true(over)
+    return (start + at[0],) + tuple(at[1:]), array[at]

@@ -572,11 +572,16 @@ def _fit_to_model(dataset: Dataset, model, target_spec) -> Dataset:
                 "give an .npz with one array per input (named after them, or --x-key a,b) or a tf.data folder of (dict, y)"
             )
         x = {name: _fit_input(x[name], input_spec, f"input {name!r}") for name, input_spec in spec.items()}
+    elif isinstance(x, dict) and len(x) == 1 and dataset.stream is None:
+        x = next(iter(x.values()))  # {name: array} for a model of one input: that input, as [x] is
     elif isinstance(x, dict):
-        raise DataError(f"{dataset.path} holds {len(x)} inputs ({', '.join(x)}) but the model takes one; pass --x-key NAME")
-    elif spec is not None:
+        fix = ("keep one of them" + (" (--x-key NAME picks it from an .npz)" if dataset.kind == "npz" else "")
+               if len(x) > 1 else "store x as the array itself, or read the data into memory (--no-stream)")
+        raise DataError(f"{dataset.path} holds {counted(len(x), 'input')} ({', '.join(sorted(map(str, x)))}) in a dict, but "
+                        f"the model takes one array; {fix}")
+    if not isinstance(x, dict) and spec is not None:
         x = _fit_input(x, spec, "x")
-    elif x.dtype == np.float64:
+    elif not isinstance(x, dict) and x.dtype == np.float64:
         x = cast(x, np.float32, "x")
     if target_spec is not None:
         y = _cast(y, target_spec.dtype, "y")

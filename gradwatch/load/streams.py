@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import DataError, counted, first_line
-from . import targets
+from . import casts, targets
 from .casts import cast
 
 SAMPLE_WEIGHT = "sample_weight"  # an .npz array, CSV column or TFRecord feature of this name weighs each row's loss, as fit's sample_weight
@@ -155,6 +155,7 @@ class Column:
 
     shape: tuple
     dtype: np.dtype
+    beyond: tuple | None = None  # (index, value): its first value beyond float32, as the counting pass found it
 
     @property
     def ndim(self) -> int:
@@ -324,9 +325,13 @@ def _stream(make, path, options, by_input, by_output, kind):
     weighted = len(spec) == 3
     checks = _target_checks(spec[1], options, path, by_output)
     rows, bad, first = 0, 0, None
+    beyond = [None] * len(tf.nest.flatten(spec))  # per stored tensor: the first value float32 cannot hold
     for element in examples.batch(4096).as_numpy_iterator():
         if weighted:
             _check_weights(path, element[2], rows)
+        for k, array in enumerate(tf.nest.flatten(element)):
+            if beyond[k] is None:
+                beyond[k] = casts.first_beyond(array, np.float32, rows)
         for name, array in _flat_named(element[0], "x") + _flat_named(element[1], "y"):
             if np.issubdtype(array.dtype, np.floating):
                 finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
@@ -345,10 +350,11 @@ def _stream(make, path, options, by_input, by_output, kind):
     for check in checks:
         check.finish()
 
-    saved_x, saved_y = (_columns(side, rows) for side in spec[:2])
+    found = iter(beyond)
+    saved_x, saved_y = (_columns(side, rows, found) for side in spec[:2])
     x = by_input(saved_x, options, path)
     y = by_output(saved_y, options, path)
-    w = _columns(spec[2], rows) if weighted else None
+    w = _columns(spec[2], rows, found) if weighted else None
     as_x, as_y = _follow(saved_x, x), _follow(saved_y, y)
 
     def make_training():
@@ -360,12 +366,14 @@ def _stream(make, path, options, by_input, by_output, kind):
     return Streamed(x, y, kind, RecordStream(make if as_saved else make_training, rows, options.shuffle_buffer), w)
 
 
-def _columns(side, rows: int):
+def _columns(side, rows: int, beyond=None):
     """The Columns of one side (x, y or the weights) of a stream's element_spec, ``rows`` long;
-    a tuple where it holds several (as ``by_input`` / ``by_output`` take them)."""
+    a tuple where it holds several (as ``by_input`` / ``by_output`` take them). ``beyond``: an
+    iterator over what the counting pass found beyond float32, in ``tf.nest.flatten`` order."""
     import tensorflow as tf
 
-    columns = tf.nest.map_structure(lambda s: Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype)), side)
+    columns = tf.nest.map_structure(lambda s: Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype),
+                                                     next(beyond) if beyond is not None else None), side)
     return tuple(columns) if isinstance(columns, list) else columns
 
 
