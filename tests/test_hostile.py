@@ -215,6 +215,16 @@ def test_values_beyond_float32_are_refused_where_they_are_not_trained_as_inf(cli
     code, _, err = cli("run", tmp_path / "float64.keras", "--data", tmp_path / "big_x.npz", *base, "--csv",
                        tmp_path / "f64.csv")
     assert code == 0, err  # float64 holds 1e39: trained as given
+    # a model of two inputs: the value is named as the non-finite check names it, x['a'][5, 2]
+    a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
+    two = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    two.compile(optimizer="sgd", loss="mse")
+    two.save(tmp_path / "two.keras")
+    np.savez(tmp_path / "two.npz", a=big_x, b=x[:, :2], y=y)
+    for stream in ("--no-stream", "--stream"):
+        code, out, err = cli("run", tmp_path / "two.keras", "--data", tmp_path / "two.npz", *base, stream)
+        assert code == 2, err
+        one_line_error(err, f"two.npz: x['a'][5, 2] {beyond}")
 
 def write_tfrecord(path, x, y) -> None:
     import tensorflow as tf

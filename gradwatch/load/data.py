@@ -571,7 +571,7 @@ def _fit_to_model(dataset: Dataset, model, target_spec) -> Dataset:
                 f"the model takes {len(spec)} inputs ({', '.join(spec)}) but {dataset.path} holds one; "
                 "give an .npz with one array per input (named after them, or --x-key a,b) or a tf.data folder of (dict, y)"
             )
-        x = {name: _fit_input(x[name], input_spec, f"input {name!r}") for name, input_spec in spec.items()}
+        x = {name: _fit_input(x[name], input_spec, f"input {name!r}", f"x[{name!r}]") for name, input_spec in spec.items()}
     elif isinstance(x, dict) and len(x) == 1 and dataset.stream is None:
         x = next(iter(x.values()))  # {name: array} for a model of one input: that input, as [x] is
     elif isinstance(x, dict):
@@ -591,8 +591,11 @@ def _fit_to_model(dataset: Dataset, model, target_spec) -> Dataset:
     fitted = Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream, w=w)
     for name, array in fitted.inputs() + fitted.targets() + ([(SAMPLE_WEIGHT, w)] if w is not None else []):
         if isinstance(array, streams.NpzMember) and can_overflow(array.stored, array.dtype):
-            for _ in array.chunks():  # a value beyond the model's dtype: said now, not in the middle of training
-                pass
+            try:
+                for _ in array.chunks():  # a value beyond the model's dtype: said now, not in the middle of training
+                    pass
+            except CastError as exc:  # named as the in-memory array is (x['ids'], not the .npz key)
+                raise CastError(name, exc.target, exc.index, exc.value) from None
     return fitted
 
 
@@ -600,9 +603,10 @@ def _float32_target(y, name: str = "y"):
     return cast(y, np.float32, name) if y.dtype == np.float64 or y.dtype == np.bool_ else y
 
 
-def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
+def _fit_input(array: np.ndarray, spec, name: str, key: str = "x") -> np.ndarray:
+    """``name`` words the input in a sentence ("input 'ids'"), ``key`` indexes it (``x['ids'][3, 1]``)."""
     if spec.shape.rank is None:
-        return cast(array, np.float32, name) if array.dtype == np.float64 else array
+        return cast(array, np.float32, key) if array.dtype == np.float64 else array
     wanted = spec.shape
     got = (None,) + tuple(array.shape[1:])
     if wanted.rank != len(got) or any(w is not None and w != g for w, g in zip(wanted.as_list()[1:], got[1:])):
@@ -611,7 +615,7 @@ def _fit_input(array: np.ndarray, spec, name: str) -> np.ndarray:
         if len(got) == 2 and wanted.rank == 2 and np.issubdtype(array.dtype, np.integer) and wanted[1] is not None:
             fix = f"for a text corpus, pass --num-steps {wanted[1]} (the model's window), or reshape the data"
         raise DataError(f"{where} has shape {_shape(got)} per batch but the model expects {_shape(wanted.as_list())}; {fix}")
-    return _cast(array, spec.dtype, name)
+    return _cast(array, spec.dtype, name, key)
 
 
 def is_text(array) -> bool:
@@ -621,7 +625,7 @@ def is_text(array) -> bool:
     return array.dtype.kind in "USO"
 
 
-def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
+def _cast(array: np.ndarray, dtype, name: str, key: str | None = None) -> np.ndarray:
     import tensorflow as tf
 
     if dtype == tf.string or is_text(array):
@@ -635,7 +639,7 @@ def _cast(array: np.ndarray, dtype, name: str) -> np.ndarray:
     # bool is 0/1 for an integer input, as Keras casts it (keras-hub's padding_mask is bool)
     if np.issubdtype(target, np.integer) and not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
         raise DataError(f"the model expects integer {name} ({target}) but the data has {array.dtype}; store ids as integers")
-    return cast(array, target, name)
+    return cast(array, target, key or name)
 
 
 def _shape(dims) -> str:
