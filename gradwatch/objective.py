@@ -230,9 +230,13 @@ def _check_numbers(cls, given: dict, class_name: str) -> None:
     for key, value in given.items():
         default = defaults.get(key)
         numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-        if numeric and isinstance(value, str):
-            raise OptionError(f"--opt {key}={value!r}: optimizer {class_name}'s {key} is a number "
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as typed: true, 'yes', 1
+        if numeric and isinstance(value, (str, bool)):  # momentum=true would train as momentum 1.0
+            raise OptionError(f"--opt {key}={shown}: optimizer {class_name}'s {key} is a number "
                               f"(default {default:g}); write e.g. --opt {key}={default:g}")
+        if isinstance(default, bool) and not isinstance(value, bool):  # nesterov=no is a true string
+            raise OptionError(f"--opt {key}={shown}: optimizer {class_name}'s {key} is true or false "
+                              f"(default {str(default).lower()}); write --opt {key}=true or --opt {key}=false")
 
 
 def _optimizer_class_name(name: str) -> str | None:

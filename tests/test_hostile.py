@@ -135,6 +135,12 @@ def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, module_model, regressio
         (["compare", *base[1:], "--variants", "none,global:-1"], "--variants item 'global:-1'"),
         (["compare", *base[1:], "--variants", "global"], "--variants item 'global': global needs a threshold"),
         (base + ["--optimizer", "adam", "--opt", "beta_1=abc"], "--opt beta_1='abc'"),
+        # a flag given as text would be a true string (nesterov=no trains Nesterov), a number as a flag 1.0
+        (base + ["--optimizer", "sgd", "--opt", "nesterov=no"], "--opt nesterov='no': optimizer sgd's nesterov is true "
+                                                                "or false (default false); write --opt nesterov=true or "
+                                                                "--opt nesterov=false"),
+        (base + ["--optimizer", "sgd", "--opt", "momentum=true"], "--opt momentum=true: optimizer sgd's momentum is a "
+                                                                  "number (default 0)"),
     ]
     (tmp_path / "afile").write_text("x")
     cases.append((base + ["--csv", tmp_path / "afile" / "run.csv"], "is a file, not a folder"))
