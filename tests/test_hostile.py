@@ -231,6 +231,19 @@ def test_values_beyond_float32_are_refused_where_they_are_not_trained_as_inf(cli
         code, out, err = cli("run", tmp_path / "two.keras", "--data", tmp_path / "two.npz", *base, stream)
         assert code == 2, err
         one_line_error(err, f"two.npz: x['a'][5, 2] {beyond}")
+    # int64 ids for an int32 input: 2**32 + 5 would wrap to the id 5 and train on a row nobody named
+    lookup = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(50, 4),
+                               keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
+    lookup.compile(optimizer="sgd", loss="mse")
+    lookup.save(tmp_path / "lookup.keras")
+    ids = rng.integers(0, 50, size=(64, 6))
+    ids[7, 3] = 2**32 + 5
+    np.savez(tmp_path / "ids.npz", x=ids, y=y)
+    for stream in ("--no-stream", "--stream"):
+        code, out, err = cli("run", tmp_path / "lookup.keras", "--data", tmp_path / "ids.npz", *base, stream)
+        assert code == 2, err
+        one_line_error(err, "ids.npz: x[7, 3] is 4294967301, beyond int32's range (-2147483648 to 2147483647), the "
+                            "model's input type; store values it holds")
 
 def write_tfrecord(path, x, y) -> None:
     import tensorflow as tf

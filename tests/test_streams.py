@@ -136,7 +136,7 @@ def test_stream_errors_are_one_line(cli, tmp_path, four_ways, keras_export_model
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
-def test_a_record_stream_beyond_float32_and_a_dict_of_one_input(cli, tmp_path, keras_export_model):
+def test_a_record_stream_beyond_float32_and_a_dict_of_one_input(cli, tmp_path, keras_export_model, keras_file_model):
     """A tf.data folder of float64: 1e39 is refused where it is, streamed or in memory (the stream casts
     inside its pipeline, so its counting pass keeps the first such value). x as {name: array} for a
     one-input model trains as the array itself in memory; streamed, and with two names, one line says what to do."""
@@ -156,6 +156,13 @@ def test_a_record_stream_beyond_float32_and_a_dict_of_one_input(cli, tmp_path, k
         assert code == 2 and out == "" and err.strip().splitlines() == [
             f"gradwatch: error: {tmp_path / 'big'}: x[5, 2] is 1e+39, beyond float32's range (at most 3.403e+38), in "
             "which the model computes; scale the data"], (stream, err)
+    ids = rng.integers(0, 20, size=(64, 6))
+    ids[7, 3] = 2**32 + 5  # int64 ids for an int32 input: it would wrap to the id 5
+    tf.data.Dataset.from_tensor_slices((ids, y)).save(str(tmp_path / "ids"))
+    code, out, err = cli("run", keras_file_model, "--data", tmp_path / "ids", "--stream", *run[2:])
+    assert code == 2 and err.strip().splitlines() == [
+        f"gradwatch: error: {tmp_path / 'ids'}: x[7, 3] is 4294967301, beyond int32's range (-2147483648 to "
+        "2147483647), the model's input type; store values it holds"], err
     assert cli(*run, "--data", tmp_path / "plain", "--csv", tmp_path / "plain.csv")[0] == 0
     assert cli(*run, "--data", tmp_path / "dict1", "--csv", tmp_path / "dict1.csv")[0] == 0
     same_rows(read_csv(tmp_path / "dict1.csv"), read_csv(tmp_path / "plain.csv"))

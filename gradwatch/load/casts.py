@@ -1,12 +1,12 @@
 """How stored numbers become the model's dtype: the one rule for every cast of the data.
 
-NumPy's ``astype`` turns a float64 value beyond float32's range (about 3.4e38) into inf, and a
-complex value into its real part, each with a warning on stderr and nothing else: the run would
-then train on inf (its rows NaN) although the file held finite numbers, or on half of what it
-held. Both are refused here with the first value and where it is: in-memory arrays before
+NumPy's ``astype`` turns a float64 value beyond float32's range (about 3.4e38) into inf, an
+int64 id beyond int32 into another id (it wraps), and a complex value into its real part, with
+at most a warning on stderr: the run would then train on inf (its rows NaN) although the file
+held finite numbers, on ids nobody wrote, or on half of what it held. Both are refused here with the first value and where it is: in-memory arrays before
 training; a streamed ``.npz`` member as its rows are read (and, for a cast that can overflow,
 in a pass before training: ``data.fit_to_model``); a record stream, which TensorFlow casts
-inside its pipeline, from the first value beyond float32 that its counting pass kept
+inside its pipeline, from the first value beyond float32 or int32 that its counting pass kept
 (:func:`first_beyond`, ``streams.Column.beyond``).
 """
 
@@ -30,20 +30,46 @@ class CastError(DataError):
         if self.index is None:
             return (f"{self.name} holds complex numbers but the model takes {self.target}; store real numbers (the "
                     "real and imaginary parts as features of their own, if both matter)")
-        return (f"{where(self.name, self.index)} is {self.value:g}, beyond {self.target}'s range (at most "
-                f"{float(np.finfo(self.target).max):.4g}), in which the model computes; scale the data")
+        low, high = _range(self.target)
+        if self.target.kind == "f":
+            return (f"{where(self.name, self.index)} is {self.value:g}, beyond {self.target}'s range (at most "
+                    f"{high:.4g}), in which the model computes; scale the data")
+        return (f"{where(self.name, self.index)} is {int(self.value)}, beyond {self.target}'s range ({int(low)} to "
+                f"{int(high)}), the model's input type; store values it holds")
+
+
+def _range(dtype) -> tuple:
+    dtype = np.dtype(dtype)
+    info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
+    return (float(info.min), float(info.max)) if dtype.kind == "f" else (int(info.min), int(info.max))
 
 
 def can_overflow(stored, target) -> bool:
-    """Could casting ``stored`` to ``target`` turn a finite value into inf (a float into a
-    narrower float, or a wide integer into float16)?"""
+    """Could casting ``stored`` to ``target`` change a finite value beyond recognition (a float
+    into a narrower float, a wide integer into a narrower integer or float16)?"""
     stored, target = np.dtype(stored), np.dtype(target)
-    if target.kind != "f" or stored.kind not in "fiu":
+    if target.kind not in "fiu" or stored.kind not in "fiu" or stored == target:
         return False
-    limit = float(np.finfo(target).max)
-    if stored.kind == "f":
-        return float(np.finfo(stored).max) > limit
-    return float(np.iinfo(stored).max) > limit
+    (low, high), (target_low, target_high) = _range(stored), _range(target)
+    return low < target_low or high > target_high
+
+
+def first_beyond(array: np.ndarray, target, rows=None, start: int = 0):
+    """``(index, value)`` of the first finite value of ``array`` that ``target`` cannot hold, or
+    None. ``rows``: the whole array's row of each of ``array``'s rows (a streamed read), else
+    ``start``: the row ``array`` begins at (a chunk of a record stream's counting pass)."""
+    if not isinstance(array, np.ndarray) or not can_overflow(array.dtype, target):
+        return None
+    low, high = _range(target)
+    with np.errstate(invalid="ignore"):
+        over = (array < low) | (array > high)
+    if array.dtype.kind == "f":
+        over &= np.isfinite(array)
+    if not over.any():
+        return None
+    at = first_true(over)
+    row = int(rows[at[0]]) if rows is not None else start + int(at[0])
+    return (row,) + tuple(int(i) for i in at[1:]), array[at]
 
 
 def cast(array, target, name: str, rows=None):
@@ -56,30 +82,18 @@ def cast(array, target, name: str, rows=None):
     if array.dtype.kind == "c":
         raise CastError(name, target)
     if not isinstance(array, np.ndarray):  # a stream: an .npz member checks its reads, a record column its pass
-        found = getattr(array, "beyond", None)
-        if found is not None and can_overflow(array.dtype, target) and np.finfo(target).max <= np.finfo(np.float32).max:
-            raise CastError(name, target, *found)
+        found = getattr(array, "beyond", None)  # (index, value, the reference it was beyond)
+        if found is not None and can_overflow(array.dtype, target) and not can_overflow(target, found[2]):
+            raise CastError(name, target, found[0], found[1])  # target holds no more than the reference
         return array.astype(target, copy=False)
-    if not can_overflow(array.dtype, target):
-        return array.astype(target, copy=False)
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = array.astype(target, copy=False)
-    lost = ~np.isfinite(out) & np.isfinite(array)
-    if lost.any():
-        at = first_true(lost)
-        index = (int(rows[at[0]]),) + at[1:] if rows is not None else at
-        raise CastError(name, target, tuple(int(i) for i in index), array[at])
-    return out
+    found = first_beyond(array, target, rows)
+    if found is not None:
+        raise CastError(name, target, *found)
+    return array.astype(target, copy=False)
 
 
-def first_beyond(array: np.ndarray, target, start: int = 0):
-    """``(index, value)`` of the first finite value of ``array`` (rows from ``start``) that
-    ``target`` cannot hold, or None: what a record stream's counting pass keeps for :func:`cast`."""
-    if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or not can_overflow(array.dtype, target):
-        return None
-    with np.errstate(invalid="ignore"):
-        over = np.isfinite(array) & (np.abs(array) > float(np.finfo(target).max))
-    if not over.any():
-        return None
-    at = first_true(over)
-    return (start + at[0],) + tuple(at[1:]), array[at]
+def reference(dtype):
+    """The type a record stream's counting pass checks a column against, not yet knowing the
+    model's: float32 for floats, int32 for integers (the usual narrowings)."""
+    kind = np.dtype(dtype).kind
+    return np.float32 if kind == "f" else np.int32 if kind in "iu" else None

@@ -155,7 +155,7 @@ class Column:
 
     shape: tuple
     dtype: np.dtype
-    beyond: tuple | None = None  # (index, value): its first value beyond float32, as the counting pass found it
+    beyond: tuple | None = None  # (index, value, float32 or int32): its first value beyond that, from the counting pass
 
     @property
     def ndim(self) -> int:
@@ -325,13 +325,15 @@ def _stream(make, path, options, by_input, by_output, kind):
     weighted = len(spec) == 3
     checks = _target_checks(spec[1], options, path, by_output)
     rows, bad, first = 0, 0, None
-    beyond = [None] * len(tf.nest.flatten(spec))  # per stored tensor: the first value float32 cannot hold
+    beyond = [None] * len(tf.nest.flatten(spec))  # per stored tensor: the first value float32 / int32 cannot hold
     for element in examples.batch(4096).as_numpy_iterator():
         if weighted:
             _check_weights(path, element[2], rows)
         for k, array in enumerate(tf.nest.flatten(element)):
-            if beyond[k] is None:
-                beyond[k] = casts.first_beyond(array, np.float32, rows)
+            against = casts.reference(array.dtype)
+            if beyond[k] is None and against is not None:
+                hit = casts.first_beyond(array, against, start=rows)
+                beyond[k] = None if hit is None else (*hit, np.dtype(against))
         for name, array in _flat_named(element[0], "x") + _flat_named(element[1], "y"):
             if np.issubdtype(array.dtype, np.floating):
                 finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
@@ -369,7 +371,7 @@ def _stream(make, path, options, by_input, by_output, kind):
 def _columns(side, rows: int, beyond=None):
     """The Columns of one side (x, y or the weights) of a stream's element_spec, ``rows`` long;
     a tuple where it holds several (as ``by_input`` / ``by_output`` take them). ``beyond``: an
-    iterator over what the counting pass found beyond float32, in ``tf.nest.flatten`` order."""
+    iterator over what the counting pass found beyond float32 / int32, in ``tf.nest.flatten`` order."""
     import tensorflow as tf
 
     columns = tf.nest.map_structure(lambda s: Column((rows,) + tuple(s.shape), np.dtype(s.dtype.as_numpy_dtype),
