@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -98,6 +99,15 @@ def test_other_samples_jump_unclipped_and_calm_when_clipped(cli, tmp_path, name,
     baseline, clipped = rows[rows["clip"] == "none"], rows[rows["clip"] == "global"]
     assert baseline["loss_spike"].sum() + baseline["nonfinite"].sum() > clipped["loss_spike"].sum()
     assert clipped["nonfinite"].sum() == 0
+    # what `gradwatch samples` says each one shows, against its rows
+    assert clipped["loss"].tail(10).mean() < clipped["loss"].iloc[0]  # clipped, it trains
+    if name == "deep-mlp":  # "diverges to NaN unclipped, trains when clipped"
+        assert not np.isfinite(baseline["loss"].tail(10)).any() and "[diverged]" in out
+    else:  # "gradient bursts over 60 steps make the loss spike"
+        assert baseline["loss_spike"].sum() > 0
+        burst = re.search(r"Unclipped: \d+ gradient spikes: the global norm before clipping jumped \(first at step "
+                          r"(\d+)\)", out)
+        assert burst and int(burst.group(1)) <= baseline["step"][baseline["loss_spike"]].min()  # the burst came first
 
 
 def test_wheel_ships_the_sample_builders_and_data(tmp_path):
