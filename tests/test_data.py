@@ -145,3 +145,37 @@ def test_a_bool_mask_feeds_an_integer_input_as_0_and_1_and_floats_are_refused(cl
     np.savez(tmp_path / "float.npz", x=ids.astype(np.float32) + 0.5, y=y)
     code, _, err = cli("run", keras_file_model, "--data", tmp_path / "float.npz", "--loss", "mse", "--steps", 1, stream)
     assert code == 2 and "expects integer x (int32) but the data has float32" in err, err
+
+
+@pytest.mark.parametrize("stored, target", [("float64", "float32"), ("float32", "float16"), ("int64", "int32"),
+                                            ("int64", "float16"), ("uint64", "int64")])
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_a_cast_refuses_exactly_the_first_value_numpy_would_lose(stored, target, chunk, monkeypatch):
+    """The reference is NumPy's own cast: inf from a finite float, or an integer that does not come back."""
+    import warnings
+
+    from gradwatch.load import casts
+
+    monkeypatch.setattr(casts, "CHUNK_VALUES", chunk)
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        array = rng.integers(0 if stored == "uint64" else -100, 100, size=(30, 4)).astype(stored)
+        big = {"float64": 1e39, "float32": 1e5, "int64": 2**40, "uint64": 2**63 + 3}[stored]
+        for _ in range(trial % 3):  # none, one or two values out of range, anywhere
+            array[rng.integers(30), rng.integers(4)] = big if trial % 2 or stored == "uint64" else -big
+        if stored.startswith("float") and trial % 4 == 0:
+            array[0, 0] = np.nan  # not a value a cast loses
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            out = array.astype(target)
+        if np.dtype(target).kind == "f":
+            lost = np.isinf(out) & np.isfinite(array)
+        else:  # compared as Python integers: a wrapped value is another number
+            lost = out.astype(object) != array.astype(object)
+        if not lost.any():
+            np.testing.assert_array_equal(casts.cast(array, target, "x"), out)
+            continue
+        first = tuple(int(i) for i in np.argwhere(lost)[0])
+        with pytest.raises(casts.CastError) as caught:
+            casts.cast(array, target, "x")
+        assert caught.value.index == first and caught.value.value == array[first]

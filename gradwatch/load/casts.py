@@ -38,6 +38,9 @@ class CastError(DataError):
                 f"{int(high)}), the model's input type; store values it holds")
 
 
+CHUNK_VALUES = 1 << 20  # first_beyond looks at this many values at a time
+
+
 def _range(dtype) -> tuple:
     dtype = np.dtype(dtype)
     info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
@@ -58,18 +61,22 @@ def first_beyond(array: np.ndarray, target, rows=None, start: int = 0):
     """``(index, value)`` of the first finite value of ``array`` that ``target`` cannot hold, or
     None. ``rows``: the whole array's row of each of ``array``'s rows (a streamed read), else
     ``start``: the row ``array`` begins at (a chunk of a record stream's counting pass)."""
-    if not isinstance(array, np.ndarray) or not can_overflow(array.dtype, target):
+    if not isinstance(array, np.ndarray) or not can_overflow(array.dtype, target) or array.size == 0:
         return None
     low, high = _range(target)
-    with np.errstate(invalid="ignore"):
-        over = (array < low) | (array > high)
-    if array.dtype.kind == "f":
-        over &= np.isfinite(array)
-    if not over.any():
-        return None
-    at = first_true(over)
-    row = int(rows[at[0]]) if rows is not None else start + int(at[0])
-    return (row,) + tuple(int(i) for i in at[1:]), array[at]
+    per = max(1, CHUNK_VALUES // max(1, array.size // len(array)))  # rows at a time: the masks stay small
+    for first in range(0, len(array), per):
+        chunk = array[first:first + per]
+        with np.errstate(invalid="ignore"):
+            over = (chunk < low) | (chunk > high)  # NaN compares False; inf is not a value a cast loses
+        if chunk.dtype.kind == "f":
+            over &= np.isfinite(chunk)
+        if over.any():
+            at = first_true(over)
+            row = first + int(at[0])
+            row = int(rows[row]) if rows is not None else start + row
+            return (row,) + tuple(int(i) for i in at[1:]), chunk[at]
+    return None
 
 
 def cast(array, target, name: str, rows=None):
