@@ -76,6 +76,12 @@ def test_csv_target_default_is_last_column(tmp_path):
     (tmp_path / "s.csv").write_text("a,b,y\nx,2,0\n")
     with pytest.raises(DataError, match="not numeric"):
         data.load(str(tmp_path / "s.csv"), OPTS)
+    for name, sep, word in (("semi.csv", ";", "semicolons"), ("tabs.csv", "\t", "tabs")):
+        (tmp_path / name).write_text(f"a{sep}b{sep}y\n1{sep}2{sep}0\n")
+        with pytest.raises(DataError) as caught:
+            data.load(str(tmp_path / name), OPTS)
+        assert str(caught.value).endswith(f"has 1 column(s); its header {f'a{sep}b{sep}y'!r} looks separated by "
+                                          f"{word}: gradwatch reads comma-separated files, so save it with commas")
 
 
 def test_tf_data_folder_batched_or_not(tmp_path):

@@ -161,7 +161,11 @@ def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a readable CSV ({str(exc).strip().splitlines()[0]}); check the file") from None
     if frame.shape[1] < 2:
-        raise DataError(f"{path} needs feature columns and a target column; it has {frame.shape[1]} column(s)")
+        header = str(frame.columns[0]) if frame.shape[1] else ""
+        other = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")) if sep in header), None)
+        hint = (f"; its header {header!r} looks separated by {other}: gradwatch reads comma-separated files, so save "
+                "it with commas") if other else ""
+        raise DataError(f"{path} needs feature columns and a target column; it has {frame.shape[1]} column(s){hint}")
     if len(frame) == 0:
         raise DataError(f"{path} has a header but no rows; give a CSV with one row per example")
     target = options.target if options.target is not None else frame.columns[-1]
