@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError
-from .targets import first_true
+from .targets import first_true, indexed
 
 
 class CastError(DataError):
@@ -24,7 +24,7 @@ class CastError(DataError):
 
     def __init__(self, name: str, target, index: tuple | None = None, value=None):
         self.name, self.target, self.index, self.value = name, np.dtype(target), index, value
-        super().__init__(self.text(lambda name, index: f"{name}[{', '.join(str(i) for i in index)}]"))
+        super().__init__(self.text(indexed))
 
     def text(self, where) -> str:
         if self.index is None:

@@ -28,7 +28,7 @@ from ..errors import DataError, counted, first_line
 from . import streams, targets
 from .casts import CastError, can_overflow, cast
 from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, first_bad_weight, is_batched
-from .targets import first_true, in_whole
+from .targets import first_true, in_whole, indexed
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -542,7 +542,7 @@ def _where(data: Dataset, name: str, index: tuple) -> str:
         features, target = data.columns
         column = target if name == "y" else SAMPLE_WEIGHT if name == SAMPLE_WEIGHT else features[index[1]]
         return f"line {index[0] + 2}, column {column!r}"
-    return f"{name}[{', '.join(str(int(i)) for i in index)}]"
+    return indexed(name, index)
 
 
 def take(x, rows):

@@ -430,8 +430,8 @@ def _check_weights(path, weights, start: int) -> None:
     """A batch of a stream's sample weights whose first row is row ``start`` of the stream."""
     at = first_bad_weight(weights)
     if at is not None:
-        where = ", ".join(str(i) for i in (start + at[0],) + at[1:])
-        raise DataError(f"{path}: {SAMPLE_WEIGHT}[{where}] is {np.asarray(weights)[at]:g}; {WEIGHTS_RULE}")
+        where = targets.indexed(SAMPLE_WEIGHT, targets.in_whole(start, at))
+        raise DataError(f"{path}: {where} is {np.asarray(weights)[at]:g}; {WEIGHTS_RULE}")
 
 
 def _flat_named(side, what: str):

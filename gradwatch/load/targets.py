@@ -42,6 +42,11 @@ def first_true(mask: np.ndarray) -> tuple:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask.reshape(-1))), mask.shape))
 
 
+def indexed(name: str, index: tuple) -> str:
+    """``x[5, 2]``: a value's place as the messages name it."""
+    return f"{name}[{', '.join(str(int(i)) for i in index)}]"
+
+
 def in_whole(start: int, at: tuple) -> tuple:
     """The index in the whole array of ``at``, an index in the chunk that begins at row ``start``."""
     return (start + int(at[0]),) + tuple(int(i) for i in at[1:])
