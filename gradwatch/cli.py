@@ -491,6 +491,10 @@ def _setup(spec, trainer, info: dict) -> None:
     info["rule"] = trainer.options.spike_rule
     info["data_view"] = trainer.data_view()
     info["setup"] = setup_text(info["meta"]) + (f"; {trainer.state_text}" if trainer.state_text else "")
+    columns = getattr(trainer.data, "columns", None)
+    if columns is not None and spec.target is None:  # the CSV's target was a default: say which column it is
+        info["setup"] += (f"; target: column {columns[1]!r} (by default the last but sample_weight; --target NAME "
+                          "picks another)")
     if trainer.loss_scaling:
         info["setup"] += "; float16 layers: dynamic loss scaling as LossScaleOptimizer"
     if trainer.distribution is not None:

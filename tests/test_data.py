@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradwatch.load import data
+from gradwatch.load import data, streams
 from gradwatch.errors import DataError
 
 OPTS = data.DataOptions()
@@ -73,6 +73,13 @@ def test_csv_target_default_is_last_column(tmp_path):
     np.testing.assert_array_equal(ds.y, [1, 3])
     with pytest.raises(DataError, match="no column 'z'"):
         data.load(str(path), data.DataOptions(target="z"))
+    weighted = tmp_path / "w.csv"  # a weight column at the end weighs the rows; the target is the last before it
+    weighted.write_text("a,b,y,sample_weight\n1,2,0,0.5\n3,4,1,2\n")
+    ds = data.load(str(weighted), OPTS)
+    np.testing.assert_array_equal(ds.y, [0, 1])
+    np.testing.assert_array_equal(ds.x, [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(ds.w, [0.5, 2])
+    assert streams.default_target(["x", "y", "sample_weight"]) == "y"  # a TFRecord's --features likewise
     (tmp_path / "s.csv").write_text("a,b,y\nx,2,0\n")
     with pytest.raises(DataError, match="not numeric"):
         data.load(str(tmp_path / "s.csv"), OPTS)
@@ -82,6 +89,16 @@ def test_csv_target_default_is_last_column(tmp_path):
             data.load(str(tmp_path / name), OPTS)
         assert str(caught.value).endswith(f"has 1 column(s); its header {f'a{sep}b{sep}y'!r} looks separated by "
                                           f"{word}: gradwatch reads comma-separated files, so save it with commas")
+
+
+def test_the_start_line_names_a_csv_target_it_chose(cli, keras_export_model, regression_csv):
+    args = ["run", keras_export_model, "--data", regression_csv, "--loss", "mse", "--steps", 1]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    assert "; target: column 'label' (by default the last but sample_weight; --target NAME picks another)" in \
+        err.splitlines()[0]
+    code, _, err = cli(*args, "--target", "label")
+    assert code == 0 and "target: column" not in err, err
 
 
 def test_tf_data_folder_batched_or_not(tmp_path):

@@ -3,7 +3,7 @@
 The kind of file is recognised from the path (see ``LOADERS``):
 
 * ``.npz``: arrays ``x`` and ``y`` (or ``--x-key`` / ``--y-key``), read with allow_pickle=False;
-* ``.csv``: numeric feature columns plus a target column (``--target``; default: the last column)
+* ``.csv``: numeric feature columns plus a target column (``--target``; default: the last column but ``sample_weight``)
   and, optionally, a ``sample_weight`` column;
 * a folder written by ``tf.data.Dataset.save`` whose elements are ``(x, y)`` pairs;
 * ``.txt``: a whitespace-tokenised corpus for word language models, cut into windows the way
@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import DataError, counted, first_line
 from . import streams, targets
 from .casts import CastError, can_overflow, cast
-from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, first_bad_weight, is_batched
+from .streams import SAMPLE_WEIGHT, WEIGHTS_RULE, check_elements, default_target, first_bad_weight, is_batched
 from .targets import first_true, in_whole, indexed
 
 UNK = "<unk>"
@@ -168,7 +168,7 @@ def load_csv(path: Path, options: DataOptions, model_assets: Path | None) -> Dat
         raise DataError(f"{path} needs feature columns and a target column; it has {frame.shape[1]} column(s){hint}")
     if len(frame) == 0:
         raise DataError(f"{path} has a header but no rows; give a CSV with one row per example")
-    target = options.target if options.target is not None else frame.columns[-1]
+    target = options.target if options.target is not None else default_target(list(frame.columns))
     if target not in frame.columns:
         raise DataError(
             f"{path} has no column {target!r} (columns: {', '.join(map(str, frame.columns))}); pass --target NAME"
@@ -593,6 +593,7 @@ def _fit_to_model(dataset: Dataset, model, target_spec) -> Dataset:
         y = {k: _float32_target(v, f"y[{k!r}]") for k, v in y.items()} if isinstance(y, dict) else _float32_target(y)
     w = None if dataset.w is None else cast(dataset.w, np.float32, SAMPLE_WEIGHT)
     fitted = Dataset(x, y, dataset.kind, dataset.path, stream=dataset.stream, w=w)
+    fitted.columns = dataset.columns  # a CSV's names, for its cells in errors and its target in the start line
     for name, array in fitted.inputs() + fitted.targets() + ([(SAMPLE_WEIGHT, w)] if w is not None else []):
         if isinstance(array, streams.NpzMember) and can_overflow(array.stored, array.dtype):
             try:

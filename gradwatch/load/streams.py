@@ -263,11 +263,18 @@ def parse_features(text: str, target: str | None):
         features[name] = tf.io.FixedLenFeature(shape, tf.as_dtype(dtype))
     if len(features) < 2:
         raise DataError("a TFRecord file needs --features naming its inputs and target, e.g. "
-                        "--features x:float32:20,y:int64 (the target is --target, else the last)")
-    target = target or list(features)[-1]
+                        "--features x:float32:20,y:int64 (the target is --target, else the last but sample_weight)")
+    target = target or default_target(list(features))
     if target not in features:
         raise DataError(f"--target {target!r} is not among --features ({', '.join(features)})")
     return features, [n for n in features if n != target], target
+
+
+def default_target(names: list) -> str:
+    """The target when --target is not given, of a CSV's columns or a TFRecord's features: the
+    last one that is not ``sample_weight`` (a weight column at the end weighs; it is not the target)."""
+    rest = [n for n in names if n != SAMPLE_WEIGHT]
+    return rest[-1] if rest else names[-1]
 
 
 def load_tfrecord(path, options, by_input, by_output):
