@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .errors import Interrupted, NonFiniteStop, OptionError
+from .errors import Interrupted, NonFiniteStop, OptionError, refuse_blank
 
 CLIP_OPTIONS = ("norm", "value", "factor", "percentile", "z")
 
@@ -59,6 +59,8 @@ def make_spec(model=None, data=None, sample=None, **options):
     from .session import RunSpec, resolve
 
     names = {f.name for f in fields(RunSpec)}
+    for name, value in {"model": model, "data": data, **options}.items():
+        refuse_blank(name, value)
     unknown = sorted(set(options) - names)
     if unknown:
         raise OptionError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "

@@ -19,6 +19,13 @@ class OptionError(GradwatchError):
     """An option value is out of range or inconsistent with the others."""
 
 
+def refuse_blank(name: str, value) -> None:
+    """A keyword given as empty or blank text is a mistake, never a value (the Python API and
+    GradientWatch; the CLI words the same rule for its arguments, cli._refuse_blank)."""
+    if isinstance(value, str) and not value.strip():
+        raise OptionError(f"`{name}` is {'empty' if value == '' else 'only spaces'}; give it a value or leave it out")
+
+
 class NonFiniteStop(GradwatchError):
     """`--on-nonfinite stop` met a non-finite loss or gradient."""
 

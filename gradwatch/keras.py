@@ -39,7 +39,7 @@ import tensorflow as tf
 from .api import Summary, clipping_of, summarize, typed
 from .train import distribute
 from .clip import map_values
-from .errors import GradwatchError, OptionError, counted
+from .errors import GradwatchError, OptionError, counted, refuse_blank
 from .objective import describe_optimizer, refuse_hidden_options, regularization
 from .train.step import ON_NONFINITE, SPARSE_NORMS, applies, forward_state, measured_step, nonfinite_kinds, unscale
 from .diagnose.spikes import SpikeRule
@@ -56,6 +56,8 @@ class GradientWatch(keras.callbacks.Callback):
                  csv=None, tensorboard=None, spike_factor: float = 2.0, spike_window: int = 20, spike_floor: float = 0.01, capacity: int = 1024,
                  on_nonfinite: str = "skip", sparse_norm: str = "summed"):
         super().__init__()
+        for name, given in (("clip", clip), ("csv", csv), ("tensorboard", tensorboard)):
+            refuse_blank(name, given)  # csv="" would be the folder '.', tensorboard=" " a folder named by a space
         self.clipping = clipping_of(clip, norm=norm, value=value, factor=factor, percentile=percentile, z=z)
         self.impl = self.clipping.impl
         if on_nonfinite not in ON_NONFINITE:

@@ -157,6 +157,17 @@ def test_a_keyword_of_the_wrong_type_is_named(module_model, regression_npz, give
     assert expected in str(info.value)
 
 
+def test_an_empty_keyword_is_refused_as_the_cli_refuses_an_empty_argument(module_model, regression_npz):
+    """loss="" was taken as no loss (the compiled one trained), target="" was ignored."""
+    for given, expected in [({"loss": ""}, "`loss` is empty; give it a value or leave it out"),
+                            ({"loss": "mse", "optimizer": "  "}, "`optimizer` is only spaces"),
+                            ({"loss": "mse", "target": ""}, "`target` is empty")]:
+        with pytest.raises(OptionError) as info:
+            gradwatch.run(str(module_model), str(regression_npz), steps=1, **given)
+        assert str(info.value).startswith(expected), info.value
+    with pytest.raises(OptionError, match="`data` is empty"):
+        gradwatch.run(str(module_model), "", loss="mse", steps=1)
+
 def test_numpy_scalars_are_welcome_where_numbers_are(module_model, regression_npz):
     rows = gradwatch.run(str(module_model), str(regression_npz), loss="mse", steps=np.int64(3),
                          batch_size=np.int32(16), lr=np.float32(0.01), clip="global", norm=np.float64(5))

@@ -121,7 +121,9 @@ def test_misuse_gets_a_clear_error():
     with pytest.raises(GradwatchError, match="no step recorded"):
         watch.summary()
     for given, expected in [({"norm": "1"}, "`norm` must be a number"), ({"spike_window": 2.5}, "`spike_window` must be an integer"),
-                            ({"capacity": 0}, "`capacity` must be >= 1")]:
+                            ({"capacity": 0}, "`capacity` must be >= 1"),
+                            ({"csv": ""}, "`csv` is empty; give it a value or leave it out"),
+                            ({"tensorboard": " "}, "`tensorboard` is only spaces")]:
         with pytest.raises(GradwatchError, match=expected):
             GradientWatch(clip="global", **{"norm": 1.0, **given})
 
