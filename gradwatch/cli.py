@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, counted, one_line
+from .errors import BrokenPipe, GradwatchError, Interrupted, OptionError, blank, counted, one_line
 from .signals import signal_name
 
 app = typer.Typer(
@@ -1124,10 +1124,9 @@ def _refuse_blank(args: list[str]) -> None:
         option, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
         if arg.startswith("--") and not eq:
             continue
-        if value.strip() == "":
+        if blank(value):
             what = f"the value of {option}" if option else f"the argument after {args[i - 1]}" if i else "the first argument"
-            blank = "empty" if value == "" else "only spaces"
-            raise GradwatchError(f"{what} is {blank} (an unset shell variable?); give it a value or leave it out")
+            raise GradwatchError(f"{what} is {blank(value)} (an unset shell variable?); give it a value or leave it out")
 
 
 def _stopped_by(signum: int) -> int:

@@ -19,11 +19,19 @@ class OptionError(GradwatchError):
     """An option value is out of range or inconsistent with the others."""
 
 
-def refuse_blank(name: str, value) -> None:
-    """A keyword given as empty or blank text is a mistake, never a value (the Python API and
-    GradientWatch; the CLI words the same rule for its arguments, cli._refuse_blank)."""
+def blank(value) -> str | None:
+    """The rule for text that says nothing: 'empty' or 'only spaces', else None. Such text is a
+    mistake, never a value (an unset shell variable, a stray pair of quotes)."""
     if isinstance(value, str) and not value.strip():
-        raise OptionError(f"`{name}` is {'empty' if value == '' else 'only spaces'}; give it a value or leave it out")
+        return "empty" if value == "" else "only spaces"
+    return None
+
+
+def refuse_blank(name: str, value) -> None:
+    """A keyword of the Python API or GradientWatch given as :func:`blank` text (the CLI words the
+    same rule for its arguments, cli._refuse_blank)."""
+    if blank(value):
+        raise OptionError(f"`{name}` is {blank(value)}; give it a value or leave it out")
 
 
 class NonFiniteStop(GradwatchError):
