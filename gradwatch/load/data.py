@@ -583,10 +583,8 @@ def _fit_to_model(dataset: Dataset, model, target_spec) -> Dataset:
                if len(x) > 1 else "store x as the array itself, or read the data into memory (--no-stream)")
         raise DataError(f"{dataset.path} holds {counted(len(x), 'input')} ({', '.join(sorted(map(str, x)))}) in a dict, but "
                         f"the model takes one array; {fix}")
-    if not isinstance(x, dict) and spec is not None:
-        x = _fit_input(x, spec, "x")
-    elif not isinstance(x, dict) and x.dtype == np.float64:
-        x = cast(x, np.float32, "x")
+    if not isinstance(x, dict):  # one array: to the model's input, or float64 to float32 where it names none
+        x = _fit_input(x, spec, "x") if spec is not None else cast(x, np.float32, "x") if x.dtype == np.float64 else x
     if target_spec is not None:
         y = _cast(y, target_spec.dtype, "y")
     else:  # Keras' own casting of a target: floats (and bools) as float32, integers as they are
